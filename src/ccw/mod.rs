@@ -1,0 +1,11 @@
+//! Channel programs: CCW formats 0 and 1, IDAWs, MIDAWs, and the translator that turns a
+//! guest channel program into one a channel can run.
+
+#[allow(clippy::module_inception)]
+mod ccw;
+mod idaw;
+mod midaw;
+
+pub use ccw::{command, Ccw0, Ccw1, CcwFlags, CommandKind, CCW_SIZE};
+pub use idaw::{Idaw, IdawFormat};
+pub use midaw::{Midaw, MidawFlags, MIDAW_SIZE};

@@ -1,0 +1,11 @@
+//! vccw: a user-space vfio-ccw mediated channel-I/O service.
+//!
+//! A guest's channel program (guest-physical addresses) is translated into one a channel can
+//! run, started on a subchannel backend, and its status returned as the guest expects.
+//! See `docs/architecture.md` for the I/O path.
+
+#![warn(missing_docs)]
+
+pub mod ccw;
+pub mod css;
+pub mod orb;
