@@ -9,3 +9,10 @@ mod midaw;
 pub use ccw::{command, Ccw0, Ccw1, CcwFlags, CommandKind, CCW_SIZE};
 pub use idaw::{Idaw, IdawFormat};
 pub use midaw::{Midaw, MidawFlags, MIDAW_SIZE};
+mod error;
+mod program;
+mod translate;
+
+pub use error::{ChannelStatus, TranslateError};
+pub use program::{HostProgram, PageRef, SegmentInfo};
+pub use translate::{translate, TranslateConfig};

@@ -1,0 +1,302 @@
+//! A translated (host) channel program: the bytes a channel runs, the pins that keep its data
+//! pages in place, and the map back to guest addresses.
+
+use std::fmt;
+
+use crate::ccw::{Ccw1, CCW_SIZE};
+use crate::css::{AccessFault, ChannelMemory};
+use crate::iommu_store::{PinnedPages, PAGE_SIZE};
+use crate::orb::{Orb, Scsw};
+
+/// One guest page this program may transfer data to or from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PageRef {
+    /// Process-virtual address of the page (what the host IDAWs hold).
+    pub host: u64,
+    /// Guest-physical address (IOVA) of the page.
+    pub iova: u64,
+    /// The page was pinned for input (the channel may store into it).
+    pub writable: bool,
+    /// The page's storage key (ACC in bits 0-3, fetch protection in bit 4).
+    pub key: u8,
+}
+
+/// Where a host CCW came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Origin {
+    /// Channel address of the host CCW.
+    pub host: u32,
+    /// Guest address of the CCW it stands for.
+    pub guest: u32,
+    /// Bytes of the same guest CCW carried by later host CCWs (MIDAW expansions), added to a
+    /// residual count reported for this one.
+    pub residual_extra: u32,
+}
+
+/// A host channel program built by [`crate::ccw::translate`].
+///
+/// Dropping it releases every page pin exactly once.
+pub struct HostProgram {
+    pub(crate) orb: Orb,
+    pub(crate) guest_orb: Orb,
+    pub(crate) base: u32,
+    pub(crate) image: Vec<u8>,
+    pub(crate) ccw_bytes: usize,
+    pub(crate) segments: Vec<SegmentInfo>,
+    pub(crate) origins: Vec<Origin>,
+    pub(crate) pages: Vec<PageRef>,
+    pub(crate) pins: Vec<PinnedPages>,
+}
+
+/// A chain segment of the host program and the guest segment it was copied from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SegmentInfo {
+    /// Guest address of the segment's first CCW.
+    pub guest: u64,
+    /// Channel address of its host copy.
+    pub host: u32,
+    /// Number of CCWs (including a trailing trap slot, if any).
+    pub len: usize,
+}
+
+impl HostProgram {
+    /// The ORB to start the host program with (format 1, format-2 IDAWs, no MIDAWs).
+    pub fn orb(&self) -> &Orb {
+        &self.orb
+    }
+
+    /// The guest's ORB this program was translated from.
+    pub fn guest_orb(&self) -> &Orb {
+        &self.guest_orb
+    }
+
+    /// Channel address of the first byte of [`HostProgram::image`].
+    pub fn base(&self) -> u32 {
+        self.base
+    }
+
+    /// The host program's bytes: format-1 CCWs, then format-2 IDALs, big-endian.
+    pub fn image(&self) -> &[u8] {
+        &self.image
+    }
+
+    /// The chain segments, in the order they were found.
+    pub fn segments(&self) -> &[SegmentInfo] {
+        &self.segments
+    }
+
+    /// Every host CCW with its channel address.
+    pub fn ccws(&self) -> impl Iterator<Item = (u32, Ccw1)> + '_ {
+        self.image[..self.ccw_bytes]
+            .chunks_exact(CCW_SIZE as usize)
+            .enumerate()
+            .map(move |(i, c)| {
+                let mut b = [0u8; 8];
+                b.copy_from_slice(c);
+                (
+                    self.base + (i as u32) * CCW_SIZE as u32,
+                    Ccw1::from_bytes(b),
+                )
+            })
+    }
+
+    /// Every format-2 IDAW with its channel address.
+    pub fn idaws(&self) -> impl Iterator<Item = (u32, u64)> + '_ {
+        self.image[self.ccw_bytes..]
+            .chunks_exact(8)
+            .enumerate()
+            .map(move |(i, c)| {
+                let mut b = [0u8; 8];
+                b.copy_from_slice(c);
+                (
+                    self.base + (self.ccw_bytes + i * 8) as u32,
+                    u64::from_be_bytes(b),
+                )
+            })
+    }
+
+    /// The pages pinned for this program, sorted by host address.
+    pub fn pages(&self) -> &[PageRef] {
+        &self.pages
+    }
+
+    /// Number of page pins held (a page pinned by two CCWs counts twice).
+    pub fn pin_count(&self) -> usize {
+        self.pins.iter().map(|p| p.pages().len()).sum()
+    }
+
+    /// The guest address a host data address stands for, if it is in a pinned page.
+    pub fn host_to_guest(&self, host: u64) -> Option<u64> {
+        self.page_of(host).map(|p| p.iova + (host - p.host))
+    }
+
+    /// The guest address of the CCW whose host copy is at `host`.
+    pub fn guest_ccw_address(&self, host: u32) -> Option<u32> {
+        self.origin(host).map(|o| o.guest)
+    }
+
+    /// Rewrites a status the channel stored for the host program into what the guest's
+    /// program would have stored: the CCW address back to guest storage (the address
+    /// designates the CCW after the last one executed, so "one past the end" of a segment
+    /// counts), and the residual count of a MIDAW CCW the translator split.
+    pub fn to_guest_scsw(&self, host: &Scsw) -> Scsw {
+        let mut s = *host;
+        if host.cpa == self.orb.cpa {
+            s.cpa = self.guest_orb.cpa;
+        } else if let Some(o) = host
+            .cpa
+            .checked_sub(CCW_SIZE as u32)
+            .and_then(|a| self.origin(a))
+        {
+            s.cpa = o.guest.wrapping_add(CCW_SIZE as u32);
+            s.count = (host.count as u32 + o.residual_extra).min(u16::MAX as u32) as u16;
+        }
+        s.flags = s
+            .flags
+            .with_format1(self.guest_orb.ctl.format1())
+            .with_key(self.guest_orb.ctl.key());
+        s
+    }
+
+    fn origin(&self, host: u32) -> Option<&Origin> {
+        self.origins
+            .binary_search_by_key(&host, |o| o.host)
+            .ok()
+            .map(|i| &self.origins[i])
+    }
+
+    fn page_of(&self, host: u64) -> Option<&PageRef> {
+        let i = self.pages.partition_point(|p| p.host <= host);
+        let p = self.pages.get(i.checked_sub(1)?)?;
+        (host - p.host < PAGE_SIZE).then_some(p)
+    }
+
+    /// Resolves `[addr, addr + len)` to pieces of pinned pages, checking access and key.
+    fn check_pages(&self, addr: u64, len: usize, key: u8, store: bool) -> Result<(), AccessFault> {
+        let mut a = addr;
+        let end = addr
+            .checked_add(len as u64)
+            .ok_or(AccessFault::Addressing(addr))?;
+        while a < end {
+            let p = self.page_of(a).ok_or(AccessFault::Addressing(a))?;
+            if store && !p.writable {
+                return Err(AccessFault::Addressing(a));
+            }
+            if !key_allows(key, p.key, store) {
+                return Err(AccessFault::Protection(a));
+            }
+            a = p.host + PAGE_SIZE;
+        }
+        Ok(())
+    }
+
+    fn arena_range(&self, addr: u64, len: usize) -> Option<std::ops::Range<usize>> {
+        let off = addr.checked_sub(self.base as u64)? as usize;
+        let end = off.checked_add(len)?;
+        (end <= self.image.len()).then_some(off..end)
+    }
+}
+
+/// Storage-key rule: key 0 matches everything; otherwise a store needs the access-control
+/// bits to match, and so does a fetch from a fetch-protected page.
+pub(crate) fn key_allows(orb_key: u8, storage_key: u8, store: bool) -> bool {
+    let acc = storage_key >> 4;
+    let fetch_protected = storage_key & 0x08 != 0;
+    orb_key == 0 || acc == orb_key || (!store && !fetch_protected)
+}
+
+impl ChannelMemory for HostProgram {
+    fn read(&self, addr: u64, buf: &mut [u8], key: u8) -> Result<(), AccessFault> {
+        if let Some(r) = self.arena_range(addr, buf.len()) {
+            buf.copy_from_slice(&self.image[r]);
+            return Ok(());
+        }
+        self.check_pages(addr, buf.len(), key, false)?;
+        // SAFETY: check_pages proved every byte of [addr, addr + len) lies in a page this
+        // program holds a pin on; a pin keeps the page's mapping alive until the program is
+        // dropped, and `buf` is ordinary memory of ours that cannot overlap a guest page.
+        unsafe { std::ptr::copy_nonoverlapping(addr as *const u8, buf.as_mut_ptr(), buf.len()) };
+        Ok(())
+    }
+
+    fn write(&self, addr: u64, data: &[u8], key: u8) -> Result<(), AccessFault> {
+        if self.arena_range(addr, data.len()).is_some() {
+            // The channel never stores into its own program.
+            return Err(AccessFault::Addressing(addr));
+        }
+        self.check_pages(addr, data.len(), key, true)?;
+        // SAFETY: as in `read`, and every page was pinned for writing (checked above).
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), addr as *mut u8, data.len()) };
+        Ok(())
+    }
+}
+
+impl fmt::Debug for HostProgram {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HostProgram")
+            .field("orb", &self.orb)
+            .field("segments", &self.segments)
+            .field("ccws", &(self.ccw_bytes / CCW_SIZE as usize))
+            .field("pins", &self.pin_count())
+            .finish()
+    }
+}
+
+impl fmt::Display for HostProgram {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let o = &self.orb;
+        writeln!(
+            f,
+            "host ORB: {:02x?}  (cpa={:#010x} fmt1={} c64={} i2k={} key={} lpm={:#04x})",
+            o.to_bytes(),
+            o.cpa,
+            o.ctl.format1() as u8,
+            o.ctl.format2_idaw() as u8,
+            o.ctl.idaw_2k() as u8,
+            o.ctl.key(),
+            o.ctl.lpm()
+        )?;
+        for s in &self.segments {
+            writeln!(
+                f,
+                "segment: guest {:#010x} -> host {:#010x}, {} CCWs",
+                s.guest, s.host, s.len
+            )?;
+        }
+        writeln!(f, "CCWs:")?;
+        for (addr, c) in self.ccws() {
+            let guest = self
+                .guest_ccw_address(addr)
+                .map(|g| format!("{g:#010x}"))
+                .unwrap_or_else(|| "-".into());
+            writeln!(
+                f,
+                "  {addr:#010x}  {:02x?}  cmd={:#04x} flags={:#04x} count={:<5} cda={:#010x}  (guest {guest})",
+                c.to_bytes(),
+                c.cmd,
+                c.flags.into_bits(),
+                c.count,
+                c.cda
+            )?;
+        }
+        writeln!(f, "IDAWs:")?;
+        for (addr, idaw) in self.idaws() {
+            let guest = self
+                .host_to_guest(idaw)
+                .map(|g| format!("{g:#x}"))
+                .unwrap_or_else(|| "-".into());
+            writeln!(f, "  {addr:#010x}  {idaw:#018x}  (guest {guest})")?;
+        }
+        writeln!(f, "pinned pages ({} pins):", self.pin_count())?;
+        for p in &self.pages {
+            writeln!(
+                f,
+                "  guest {:#x} -> host {:#x} {}",
+                p.iova,
+                p.host,
+                if p.writable { "rw" } else { "r" }
+            )?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,891 @@
+//! The translator: guest channel program (guest-physical addresses) -> host program.
+//!
+//! Three passes, none recursive and each bounded:
+//! 1. *Walk*: fetch the chain segments the program can reach (CC/CD chaining, TICs, and the
+//!    CCW a status-modifier skip can reach), validating each CCW as a channel would.
+//! 2. *Data*: for every data-transferring CCW, list the guest storage it touches (direct
+//!    address, format-1/2 IDAL, MIDAL), pin those pages and describe them as a host format-2
+//!    IDAL; a MIDAW list that no single IDAL can express becomes data-chained IDA CCWs placed
+//!    out of line behind a TIC, so every guest CCW keeps exactly one slot (status-modifier
+//!    skips and CCW addresses stay right).
+//! 3. *Layout*: place segments, expansions and IDALs in the arena and encode them.
+//!
+//! CCWs a status modifier could reach but that are invalid become *trap* slots (command code
+//! 0): a channel that reaches one presents a program check, as it would for the guest's CCW.
+
+use std::collections::VecDeque;
+
+use crate::ccw::error::TranslateError as E;
+use crate::ccw::program::{HostProgram, Origin, PageRef, SegmentInfo};
+use crate::ccw::{
+    command, Ccw0, Ccw1, CcwFlags, CommandKind, Idaw, IdawFormat, Midaw, CCW_SIZE, MIDAW_SIZE,
+};
+use crate::iommu_store::{IommuStore, Perm, PinnedPages, StoreError, PAGE_SIZE};
+use crate::orb::Orb;
+
+/// Limits of the translation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TranslateConfig {
+    /// CCWs in one chain segment (Linux: 256).
+    pub max_segment_ccws: usize,
+    /// Chain segments in one program (Linux, 2026: 16).
+    pub max_segments: usize,
+    /// Channel address of the arena the host program is placed in (below 2 GiB).
+    pub arena_base: u32,
+    /// Largest host program, in bytes.
+    pub arena_size: u32,
+}
+
+impl Default for TranslateConfig {
+    fn default() -> Self {
+        TranslateConfig {
+            max_segment_ccws: 256,
+            max_segments: 16,
+            arena_base: 0x7000_0000,
+            arena_size: 16 << 20,
+        }
+    }
+}
+
+/// Consecutive CCWs without data transfer a channel accepts (QEMU and Hercules).
+const MAX_NO_DATA_CCWS: usize = 255;
+
+/// One guest CCW as fetched, converted to format 1.
+#[derive(Debug, Clone, Copy)]
+struct GuestCcw {
+    addr: u64,
+    ccw: Ccw1,
+    /// The command in effect: the CCW's own, or for data chaining the command it continues.
+    cmd: u8,
+    /// Reached by data chaining (its command field is ignored unless it is a TIC).
+    data_chained: bool,
+    /// Reached only through a status-modifier skip: problems make it a trap, not an error.
+    speculative: bool,
+    /// Invalid but only speculatively reachable: becomes a trap slot.
+    trap: bool,
+}
+
+struct Segment {
+    head: u64,
+    ccws: Vec<GuestCcw>,
+}
+
+/// What the host CCW's data address designates, resolved at layout.
+#[derive(Debug, Clone, Copy)]
+enum Cda {
+    Fixed(u32),
+    /// Index of the first IDAW in the IDAL area.
+    Idal(usize),
+    /// Index of a host CCW.
+    Ccw(usize),
+    /// The guest slot with this index, entered as a channel would: through the TIC there
+    /// (TIC to TIC is a program check), else the slot itself.
+    Slot(usize),
+}
+
+#[derive(Debug, Clone, Copy)]
+struct HostCcw {
+    ccw: Ccw1,
+    cda: Cda,
+    guest: u64,
+    residual_extra: u32,
+}
+
+/// A run of guest storage in transfer order: `addr` is the first byte transferred (for read
+/// backward the highest one, bytes going downward).
+#[derive(Debug, Clone, Copy)]
+struct Piece {
+    addr: u64,
+    len: u32,
+    skip: bool,
+}
+
+/// Translates the guest program an ORB designates into a host program.
+///
+/// Guest storage is read (unpinned) through `store` for CCWs and lists; every page a data
+/// transfer touches is pinned. On error everything pinned so far is released.
+///
+/// ```
+/// use vccw::ccw::{translate, Ccw1, CcwFlags, TranslateConfig};
+/// use vccw::iommu_store::{Backing, IommuStore, Perm, StoreConfig};
+/// use vccw::orb::{Orb, OrbControls};
+///
+/// let store = IommuStore::new(StoreConfig::default());
+/// store.map_dma(0x10000, 0x10000, Perm::READ_WRITE, Backing::Anonymous).unwrap();
+/// // SENSE ID, 32 bytes into 0x11000.
+/// let ccw = Ccw1 { cmd: 0xE4, flags: CcwFlags::new().with_sli(true), count: 32, cda: 0x11000 };
+/// store.write(0x10000, &ccw.to_bytes()).unwrap();
+/// let orb = Orb { intparm: 1, ctl: OrbControls::new().with_format1(true), cpa: 0x10000 };
+/// let prog = translate(&orb, &store, &TranslateConfig::default()).unwrap();
+/// assert_eq!(prog.pin_count(), 1);
+/// assert!(prog.orb().ctl.format2_idaw());
+/// ```
+pub fn translate(orb: &Orb, store: &IommuStore, cfg: &TranslateConfig) -> Result<HostProgram, E> {
+    let ctl = &orb.ctl;
+    if ctl.transport_mode() {
+        return Err(E::TransportMode);
+    }
+    if ctl.reserved() != 0 {
+        return Err(E::InvalidOrb("reserved bits 26-30 set"));
+    }
+    let fmt1 = ctl.format1();
+    check_ccw_address(orb.cpa as u64, fmt1)?;
+
+    let segments = walk(orb, store, cfg)?;
+    // 2K guest IDAWs can only be carried by 2K host IDAWs; everything else goes in 4K ones.
+    let guest_fmt = IdawFormat::from_orb(ctl.format2_idaw(), ctl.idaw_2k());
+    let uses_2k = guest_fmt.block_size() == 2048
+        && segments
+            .iter()
+            .flat_map(|s| &s.ccws)
+            .any(|g| !g.trap && !g.ccw.is_tic() && g.ccw.flags.ida());
+    Builder::new(
+        orb,
+        store,
+        cfg,
+        guest_fmt,
+        if uses_2k { 2048 } else { 4096 },
+    )
+    .build(segments)
+}
+
+fn ccw_address_ok(addr: u64, fmt1: bool) -> bool {
+    let mask: u64 = if fmt1 {
+        0xffff_ffff_8000_0007
+    } else {
+        0xffff_ffff_ff00_0007
+    };
+    addr != 0 && addr & mask == 0
+}
+
+fn check_ccw_address(addr: u64, fmt1: bool) -> Result<(), E> {
+    if ccw_address_ok(addr, fmt1) {
+        Ok(())
+    } else {
+        Err(E::CcwAddress(addr))
+    }
+}
+
+fn unmapped(addr: u64) -> impl Fn(StoreError) -> E {
+    move |_| E::Unmapped(addr)
+}
+
+/// Reads CCWs from `addr` up to the end of its page (one store lookup for many CCWs).
+fn fetch_ccws(store: &IommuStore, addr: u64, max: usize, buf: &mut Vec<u8>) -> Result<(), E> {
+    let in_page = ((PAGE_SIZE - (addr % PAGE_SIZE)) / CCW_SIZE) as usize;
+    let n = in_page.min(max).max(1);
+    buf.resize(n * CCW_SIZE as usize, 0);
+    store.read(addr, buf).map_err(unmapped(addr))
+}
+
+fn decode(raw: &[u8], fmt1: bool) -> Ccw1 {
+    let mut b = [0u8; 8];
+    b.copy_from_slice(raw);
+    if fmt1 {
+        Ccw1::from_bytes(b)
+    } else {
+        Ccw0::from_bytes(b).to_format1()
+    }
+}
+
+/// Validates one CCW as a channel would on fetching it (`data_chained`: reached by data
+/// chaining, where only a TIC's command code counts).
+fn validate(c: &Ccw1, addr: u64, orb: &Orb, data_chained: bool) -> Result<(), E> {
+    let ctl = &orb.ctl;
+    let fmt1 = ctl.format1();
+    if c.is_tic() {
+        if fmt1 && (c.flags.into_bits() != 0 || c.count != 0) {
+            return Err(E::TicFlags(addr));
+        }
+        return check_ccw_address(c.cda as u64, fmt1);
+    }
+    if !data_chained && c.kind() == CommandKind::Invalid {
+        return Err(E::InvalidCommand {
+            at: addr,
+            cmd: c.cmd,
+        });
+    }
+    if !fmt1 && c.count == 0 {
+        return Err(E::ZeroCount(addr));
+    }
+    if c.count == 0 && (c.flags.cd() || data_chained) {
+        return Err(E::ZeroCountDataChain(addr));
+    }
+    if c.flags.mida() && (!ctl.midaw() || c.flags.ida()) {
+        return Err(E::MidaNotAllowed(addr));
+    }
+    if c.flags.s() && !ctl.suspend() {
+        return Err(E::SuspendNotAllowed(addr));
+    }
+    Ok(())
+}
+
+/// Pass 1: find and validate the reachable chain segments.
+fn walk(orb: &Orb, store: &IommuStore, cfg: &TranslateConfig) -> Result<Vec<Segment>, E> {
+    let fmt1 = orb.ctl.format1();
+    let mut segments: Vec<Segment> = Vec::new();
+    // (guest address, reached only speculatively, command continued by data chaining)
+    let mut queue: VecDeque<(u64, bool, Option<u8>)> =
+        VecDeque::from([(orb.cpa as u64, false, None)]);
+    let mut raw = Vec::with_capacity(PAGE_SIZE as usize);
+
+    while let Some((head, spec_head, dc_head)) = queue.pop_front() {
+        if find_in(&segments, head).is_some() {
+            continue;
+        }
+        if segments.len() == cfg.max_segments {
+            if spec_head {
+                continue; // the TIC that leads here becomes a trap
+            }
+            return Err(E::TooManySegments(cfg.max_segments));
+        }
+        let mut ccws: Vec<GuestCcw> = Vec::new();
+        let mut speculative = spec_head;
+        let mut dc_cmd = dc_head;
+        let mut no_data_run = 0usize;
+        let mut raw_at = 0u64;
+        raw.clear();
+        loop {
+            let addr = head + CCW_SIZE * ccws.len() as u64;
+            let step = (|| {
+                if ccws.len() == cfg.max_segment_ccws {
+                    return Err(E::SegmentTooLong(head, cfg.max_segment_ccws));
+                }
+                let off = addr.wrapping_sub(raw_at) as usize;
+                if raw.is_empty() || off + CCW_SIZE as usize > raw.len() {
+                    check_ccw_address(addr, fmt1)?;
+                    fetch_ccws(store, addr, cfg.max_segment_ccws - ccws.len(), &mut raw)?;
+                    raw_at = addr;
+                }
+                let off = (addr - raw_at) as usize;
+                let ccw = decode(&raw[off..off + CCW_SIZE as usize], fmt1);
+                validate(&ccw, addr, orb, dc_cmd.is_some())?;
+                let transfers = !ccw.is_tic() && ccw.count != 0 && ccw.cmd != command::NOOP;
+                no_data_run = if transfers { 0 } else { no_data_run + 1 };
+                if no_data_run > MAX_NO_DATA_CCWS {
+                    return Err(E::NoDataLoop(addr));
+                }
+                Ok(ccw)
+            })();
+            let ccw = match step {
+                Ok(c) => c,
+                Err(_) if speculative => {
+                    ccws.push(GuestCcw {
+                        addr,
+                        ccw: Ccw1::default(),
+                        cmd: 0,
+                        data_chained: false,
+                        speculative: true,
+                        trap: true,
+                    });
+                    break;
+                }
+                Err(e) => return Err(e),
+            };
+            let is_tic = ccw.is_tic();
+            let cmd = match (is_tic, dc_cmd) {
+                (false, Some(c)) => c,
+                _ => ccw.cmd,
+            };
+            ccws.push(GuestCcw {
+                addr,
+                ccw,
+                cmd,
+                data_chained: dc_cmd.is_some() && !is_tic,
+                speculative,
+                trap: false,
+            });
+            if is_tic {
+                // Data chaining carries through a TIC to its target.
+                queue.push_back((ccw.cda as u64, speculative, dc_cmd));
+            } else if ccw.flags.cd() {
+                dc_cmd = Some(cmd);
+                continue;
+            } else if ccw.flags.cc() {
+                dc_cmd = None;
+                continue;
+            }
+            // The chain ends here, unless a status-modifier skip from the CCW before (when it
+            // command-chains) reaches the next slot: the CKD "Search; TIC *-8; Read" idiom.
+            // Such a skip is possible, never certain, so what follows is speculative.
+            let n = ccws.len();
+            let prev_cc = n >= 2 && {
+                let p = &ccws[n - 2].ccw;
+                !p.is_tic() && p.flags.cc() && !p.flags.cd()
+            };
+            if !prev_cc {
+                break;
+            }
+            speculative = true;
+            dc_cmd = None;
+        }
+        segments.push(Segment { head, ccws });
+    }
+    Ok(segments)
+}
+
+fn find_in(segments: &[Segment], addr: u64) -> Option<(usize, usize)> {
+    segments.iter().enumerate().find_map(|(i, s)| {
+        let off = addr.checked_sub(s.head)?;
+        (off % CCW_SIZE == 0 && ((off / CCW_SIZE) as usize) < s.ccws.len())
+            .then_some((i, (off / CCW_SIZE) as usize))
+    })
+}
+
+/// Passes 2 and 3.
+struct Builder<'a> {
+    orb: &'a Orb,
+    store: &'a IommuStore,
+    cfg: &'a TranslateConfig,
+    guest_fmt: IdawFormat,
+    host_block: u64,
+    ccws: Vec<HostCcw>,
+    expansions: Vec<HostCcw>,
+    idaws: Vec<u64>,
+    pins: Vec<PinnedPages>,
+    /// Pages pinned for the CCW being built.
+    cur_pages: Vec<PageRef>,
+    /// Every page pinned, writable when pinned for input.
+    all_pages: Vec<PageRef>,
+}
+
+impl<'a> Builder<'a> {
+    fn new(
+        orb: &'a Orb,
+        store: &'a IommuStore,
+        cfg: &'a TranslateConfig,
+        guest_fmt: IdawFormat,
+        host_block: u64,
+    ) -> Self {
+        Builder {
+            orb,
+            store,
+            cfg,
+            guest_fmt,
+            host_block,
+            ccws: Vec::new(),
+            expansions: Vec::new(),
+            idaws: Vec::new(),
+            pins: Vec::new(),
+            cur_pages: Vec::new(),
+            all_pages: Vec::new(),
+        }
+    }
+
+    fn build(mut self, segments: Vec<Segment>) -> Result<HostProgram, E> {
+        let total: usize = segments.iter().map(|s| s.ccws.len()).sum();
+        self.ccws.reserve(total);
+        // Host index of each segment's head: segments are laid out in order.
+        let mut heads = Vec::with_capacity(segments.len());
+        let mut n = 0;
+        for s in &segments {
+            heads.push(n);
+            n += s.ccws.len();
+        }
+        for (si, seg) in segments.iter().enumerate() {
+            let seg_end = heads[si] + seg.ccws.len();
+            for g in &seg.ccws {
+                let host = if g.trap {
+                    Ok(trap_ccw(g.addr))
+                } else if g.ccw.is_tic() {
+                    self.tic(g, &segments, &heads)
+                } else {
+                    let slot = self.ccws.len();
+                    self.data_ccw(g, slot, seg_end, total)
+                };
+                let host = match host {
+                    Ok(h) => h,
+                    Err(_) if g.speculative => trap_ccw(g.addr),
+                    Err(e) => return Err(e),
+                };
+                self.ccws.push(host);
+            }
+        }
+        self.layout(segments, heads)
+    }
+
+    /// A TIC: its target is a slot of some segment (the walk fetched it).
+    fn tic(&self, g: &GuestCcw, segments: &[Segment], heads: &[usize]) -> Result<HostCcw, E> {
+        let target = g.ccw.cda as u64;
+        let (si, ci) = find_in(segments, target).ok_or(E::CcwAddress(target))?;
+        let t = &segments[si].ccws[ci];
+        if !t.trap && t.ccw.is_tic() {
+            return Err(E::TicToTic(g.addr));
+        }
+        Ok(HostCcw {
+            ccw: Ccw1 {
+                cmd: command::TIC,
+                flags: CcwFlags::new(),
+                count: 0,
+                cda: 0,
+            },
+            cda: Cda::Ccw(heads[si] + ci),
+            guest: g.addr,
+            residual_extra: 0,
+        })
+    }
+
+    /// A command CCW (or a data-chained continuation): pins and describes its data.
+    /// `slot` is this CCW's host index, `seg_end` the end of its segment's slots and `total`
+    /// the number of slots (expansions follow them).
+    fn data_ccw(
+        &mut self,
+        g: &GuestCcw,
+        slot: usize,
+        seg_end: usize,
+        total: usize,
+    ) -> Result<HostCcw, E> {
+        let c = g.ccw;
+        let cmd = g.cmd;
+        let kind = CommandKind::of(cmd);
+        let input = kind.is_input();
+        let mut flags = c.flags.with_ida(false).with_mida(false);
+        let no_data = c.count == 0
+            || (cmd == command::NOOP && !g.data_chained && !c.flags.cd())
+            || (input && c.flags.skp());
+        if no_data {
+            return Ok(HostCcw {
+                ccw: Ccw1 {
+                    cmd: c.cmd,
+                    flags,
+                    count: c.count,
+                    cda: 0,
+                },
+                cda: Cda::Fixed(0),
+                guest: g.addr,
+                residual_extra: 0,
+            });
+        }
+        let backward = kind == CommandKind::ReadBackward;
+        let pieces = self.pieces(g, backward)?;
+        let perm = if input { Perm::WRITE } else { Perm::READ };
+        // Group pieces into runs a single IDAL can express.
+        let runs = split_runs(&pieces, self.host_block, backward, input);
+        if runs.len() == 1 {
+            let (skip, ps) = &runs[0];
+            let cda = if *skip {
+                flags = flags.with_skp(true);
+                Cda::Fixed(0)
+            } else {
+                flags = flags.with_ida(true);
+                Cda::Idal(self.idal(ps, backward, perm, g.addr)?)
+            };
+            return Ok(HostCcw {
+                ccw: Ccw1 {
+                    cmd: c.cmd,
+                    flags,
+                    count: c.count,
+                    cda: 0,
+                },
+                cda,
+                guest: g.addr,
+                residual_extra: 0,
+            });
+        }
+        // Out of line: slot = TIC to data-chained IDA CCWs (+ TIC back when chaining on).
+        let first_exp = total + self.expansions.len();
+        let counts: Vec<u32> = runs
+            .iter()
+            .map(|(_, ps)| ps.iter().map(|p| p.len).sum())
+            .collect();
+        let mut rest: u32 = counts.iter().sum();
+        for (i, (skip, ps)) in runs.iter().enumerate() {
+            let last = i + 1 == runs.len();
+            rest -= counts[i];
+            let mut f = c
+                .flags
+                .with_ida(false)
+                .with_mida(false)
+                .with_skp(*skip)
+                .with_cd(!last || c.flags.cd())
+                .with_cc(last && c.flags.cc());
+            if i > 0 {
+                f = f.with_pci(false).with_s(false);
+            }
+            let cda = if *skip && input {
+                Cda::Fixed(0)
+            } else {
+                f = f.with_ida(true);
+                Cda::Idal(self.idal(ps, backward, perm, g.addr)?)
+            };
+            self.expansions.push(HostCcw {
+                ccw: Ccw1 {
+                    cmd: c.cmd,
+                    flags: f,
+                    count: counts[i] as u16,
+                    cda: 0,
+                },
+                cda,
+                guest: g.addr,
+                residual_extra: rest,
+            });
+        }
+        if c.flags.cc() || c.flags.cd() {
+            // Back to the next slot; and, for a status-modifier skip from the expanded
+            // command, a second TIC to the slot after that.
+            let tic = |cda| HostCcw {
+                ccw: Ccw1 {
+                    cmd: command::TIC,
+                    ..Default::default()
+                },
+                cda,
+                guest: g.addr,
+                residual_extra: 0,
+            };
+            self.expansions.push(tic(Cda::Slot(slot + 1)));
+            if c.flags.cc() && !c.flags.cd() && slot + 2 < seg_end {
+                self.expansions.push(tic(Cda::Slot(slot + 2)));
+            }
+        }
+        Ok(HostCcw {
+            ccw: Ccw1 {
+                cmd: command::TIC,
+                flags: CcwFlags::new(),
+                count: 0,
+                cda: 0,
+            },
+            cda: Cda::Ccw(first_exp),
+            guest: g.addr,
+            residual_extra: 0,
+        })
+    }
+
+    /// The guest storage a data CCW designates, in transfer order.
+    fn pieces(&self, g: &GuestCcw, backward: bool) -> Result<Vec<Piece>, E> {
+        let c = g.ccw;
+        let count = c.count as u64;
+        let fmt1 = self.orb.ctl.format1();
+        if c.flags.mida() {
+            return self.midaw_pieces(g, backward);
+        }
+        if !c.flags.ida() {
+            let limit: u64 = if fmt1 { 0x7fff_ffff } else { 0x00ff_ffff };
+            let a = c.cda as u64;
+            let ok = if backward {
+                a <= limit && a + 1 >= count
+            } else {
+                a <= limit && a + count - 1 <= limit
+            };
+            if !ok {
+                return Err(E::DataAddress(g.addr));
+            }
+            return Ok(vec![Piece {
+                addr: a,
+                len: c.count as u32,
+                skip: false,
+            }]);
+        }
+        // IDA: the IDAL address is 31-bit and aligned to the IDAW size.
+        let fmt = self.guest_fmt;
+        let list = c.cda as u64;
+        if list & (fmt.idaw_size() - 1) != 0 || list > 0x7fff_ffff || (!fmt1 && list > 0xff_ffff) {
+            return Err(E::ListAddress(g.addr));
+        }
+        let bs = fmt.block_size();
+        let first_len = |a: u64| {
+            if backward {
+                (a % bs) + 1
+            } else {
+                bs - (a % bs)
+            }
+        };
+        let mut rest = count;
+        let mut pieces = Vec::new();
+        let mut raw = [0u8; 8];
+        let mut i = 0u64;
+        while rest > 0 {
+            let at = list + i * fmt.idaw_size();
+            let buf = &mut raw[..fmt.idaw_size() as usize];
+            self.store.read(at, buf).map_err(unmapped(at))?;
+            // Each IDAW is read exactly once; the value used is the value checked.
+            let idaw = fmt.decode(buf);
+            if !idaw.is_valid(fmt) {
+                return Err(E::Idaw(g.addr, idaw.0));
+            }
+            let boundary_ok = if backward {
+                idaw.0 % bs == bs - 1
+            } else {
+                idaw.0 % bs == 0
+            };
+            if i > 0 && !boundary_ok {
+                return Err(E::Idaw(g.addr, idaw.0));
+            }
+            let len = first_len(idaw.0).min(rest);
+            pieces.push(Piece {
+                addr: idaw.0,
+                len: len as u32,
+                skip: false,
+            });
+            rest -= len;
+            i += 1;
+        }
+        Ok(pieces)
+    }
+
+    fn midaw_pieces(&self, g: &GuestCcw, backward: bool) -> Result<Vec<Piece>, E> {
+        let list = g.ccw.cda as u64;
+        if list % MIDAW_SIZE != 0 || list > 0x7fff_ffff {
+            return Err(E::ListAddress(g.addr));
+        }
+        let count = g.ccw.count as u64;
+        let mut sum = 0u64;
+        let mut pieces = Vec::new();
+        let mut raw = [0u8; 16];
+        let mut at = list;
+        loop {
+            self.store.read(at, &mut raw).map_err(unmapped(at))?;
+            let m = Midaw::from_bytes(raw);
+            if !m.reserved_ok() {
+                return Err(E::Midaw(g.addr, "reserved bits set"));
+            }
+            if m.count == 0 {
+                return Err(E::Midaw(g.addr, "count zero"));
+            }
+            let len = m.count as u64;
+            let crosses = if backward {
+                m.data % PAGE_SIZE + 1 < len
+            } else {
+                m.data % PAGE_SIZE + len > PAGE_SIZE
+            };
+            if crosses {
+                return Err(E::Midaw(g.addr, "crosses a page boundary"));
+            }
+            sum += len;
+            if sum > count {
+                return Err(E::Midaw(g.addr, "counts exceed the CCW count"));
+            }
+            pieces.push(Piece {
+                addr: m.data,
+                len: m.count as u32,
+                skip: m.flags.skip(),
+            });
+            if m.flags.last() {
+                break;
+            }
+            if sum == count {
+                return Err(E::Midaw(
+                    g.addr,
+                    "CCW count exhausted before the last MIDAW",
+                ));
+            }
+            at += MIDAW_SIZE;
+        }
+        if sum != count {
+            return Err(E::Midaw(g.addr, "counts short of the CCW count"));
+        }
+        Ok(pieces)
+    }
+
+    /// Pins the pages of `pieces` and appends the host IDAL; returns its first IDAW index.
+    fn idal(&mut self, pieces: &[Piece], backward: bool, perm: Perm, at: u64) -> Result<usize, E> {
+        self.pin_pieces(pieces, backward, perm, at)?;
+        let first = self.idaws.len();
+        let bs = self.host_block;
+        for p in pieces {
+            let mut a = p.addr;
+            let mut left = p.len as u64;
+            while left > 0 {
+                // One IDAW per block touched: its first byte in transfer order.
+                let in_block = if backward { a % bs + 1 } else { bs - a % bs }.min(left);
+                self.idaws.push(self.host_of(a));
+                left -= in_block;
+                if left > 0 {
+                    a = if backward { a - in_block } else { a + in_block };
+                }
+            }
+        }
+        Ok(first)
+    }
+
+    fn host_of(&self, gpa: u64) -> u64 {
+        let page = gpa & !(PAGE_SIZE - 1);
+        let p = self
+            .cur_pages
+            .iter()
+            .find(|p| p.iova == page)
+            .expect("every piece's pages were pinned just before");
+        p.host + (gpa - page)
+    }
+
+    fn pin_pieces(
+        &mut self,
+        pieces: &[Piece],
+        backward: bool,
+        perm: Perm,
+        at: u64,
+    ) -> Result<(), E> {
+        self.cur_pages.clear();
+        let mut pages: Vec<u64> = Vec::new();
+        for p in pieces {
+            let (lo, hi) = if backward {
+                (p.addr + 1 - p.len as u64, p.addr)
+            } else {
+                (p.addr, p.addr + p.len as u64 - 1)
+            };
+            let mut pg = lo & !(PAGE_SIZE - 1);
+            while pg <= hi {
+                pages.push(pg);
+                pg += PAGE_SIZE;
+            }
+        }
+        pages.sort_unstable();
+        pages.dedup();
+        let mut i = 0;
+        while i < pages.len() {
+            let mut j = i + 1;
+            while j < pages.len() && pages[j] == pages[j - 1] + PAGE_SIZE && j - i < 512 {
+                j += 1;
+            }
+            let pinned = self
+                .store
+                .pin(pages[i], j - i, perm)
+                .map_err(|e| pin_error(e, pages[i], at))?;
+            for p in pinned.pages() {
+                self.cur_pages.push(PageRef {
+                    host: p.host_addr,
+                    iova: p.iova,
+                    writable: perm.write,
+                    key: p.storage_key,
+                });
+            }
+            self.all_pages
+                .extend_from_slice(&self.cur_pages[self.cur_pages.len() - pinned.pages().len()..]);
+            self.pins.push(pinned);
+            i = j;
+        }
+        Ok(())
+    }
+
+    fn layout(self, segments: Vec<Segment>, heads: Vec<usize>) -> Result<HostProgram, E> {
+        let Builder {
+            orb,
+            cfg,
+            host_block,
+            mut ccws,
+            expansions,
+            idaws,
+            pins,
+            mut all_pages,
+            ..
+        } = self;
+        let nslots = ccws.len();
+        ccws.extend(expansions);
+        let ccw_bytes = ccws.len() * CCW_SIZE as usize;
+        let size = ccw_bytes + idaws.len() * 8;
+        if size as u64 > cfg.arena_size as u64 {
+            return Err(E::ArenaFull);
+        }
+        let base = cfg.arena_base;
+        let ccw_addr = |i: usize| base + (i * CCW_SIZE as usize) as u32;
+        let idaw_addr = |i: usize| base + (ccw_bytes + i * 8) as u32;
+        let mut image = Vec::with_capacity(size);
+        let mut origins = Vec::with_capacity(ccws.len());
+        for (i, h) in ccws.iter().enumerate() {
+            let mut c = h.ccw;
+            c.cda = match h.cda {
+                Cda::Fixed(a) => a,
+                Cda::Idal(k) => idaw_addr(k),
+                Cda::Ccw(k) => ccw_addr(k),
+                Cda::Slot(k) => match ccws[..nslots].get(k) {
+                    Some(HostCcw {
+                        ccw,
+                        cda: Cda::Ccw(t),
+                        ..
+                    }) if ccw.is_tic() => ccw_addr(*t),
+                    _ => ccw_addr(k),
+                },
+            };
+            image.extend_from_slice(&c.to_bytes());
+            origins.push(Origin {
+                host: ccw_addr(i),
+                guest: h.guest as u32,
+                residual_extra: h.residual_extra,
+            });
+        }
+        for w in &idaws {
+            image.extend_from_slice(&Idaw(*w).to_format2_bytes());
+        }
+        // One entry per page; writable if any CCW pinned it for input.
+        all_pages.sort_unstable_by_key(|p| (p.host, !p.writable));
+        all_pages.dedup_by_key(|p| p.host);
+        let pages = all_pages;
+        let host_orb = Orb {
+            intparm: orb.intparm,
+            ctl: orb
+                .ctl
+                .with_format1(true)
+                .with_format2_idaw(true)
+                .with_idaw_2k(host_block == 2048)
+                .with_midaw(false)
+                .with_orb_extension(false)
+                .with_lpm(if orb.ctl.lpm() == 0 {
+                    0xff
+                } else {
+                    orb.ctl.lpm()
+                }),
+            cpa: ccw_addr(heads[0]),
+        };
+        let seg_info = segments
+            .iter()
+            .zip(&heads)
+            .map(|(s, &h)| SegmentInfo {
+                guest: s.head,
+                host: ccw_addr(h),
+                len: s.ccws.len(),
+            })
+            .collect();
+        Ok(HostProgram {
+            orb: host_orb,
+            guest_orb: *orb,
+            base,
+            image,
+            ccw_bytes,
+            segments: seg_info,
+            origins,
+            pages,
+            pins,
+        })
+    }
+}
+
+fn trap_ccw(addr: u64) -> HostCcw {
+    HostCcw {
+        ccw: Ccw1::default(),
+        cda: Cda::Fixed(0),
+        guest: addr,
+        residual_extra: 0,
+    }
+}
+
+fn pin_error(e: StoreError, page: u64, _at: u64) -> E {
+    match e.errno() {
+        libc::EPERM => E::Protection(page),
+        libc::EBUSY => E::Busy(page),
+        _ => E::Unmapped(page),
+    }
+}
+
+/// Splits pieces into runs that one IDAL with `bs`-byte blocks can describe (and that share
+/// a skip flag, which only matters for input).
+fn split_runs(pieces: &[Piece], bs: u64, backward: bool, input: bool) -> Vec<(bool, Vec<Piece>)> {
+    let mut runs: Vec<(bool, Vec<Piece>)> = Vec::new();
+    for p in pieces {
+        let skip = input && p.skip;
+        if let Some((rskip, rp)) = runs.last_mut() {
+            let prev = rp.last().expect("runs are never empty");
+            let joins = if backward {
+                let prev_low = prev.addr + 1 - prev.len as u64;
+                p.addr + 1 == prev_low || (prev_low % bs == 0 && p.addr % bs == bs - 1)
+            } else {
+                let prev_end = prev.addr + prev.len as u64;
+                p.addr == prev_end || (prev_end % bs == 0 && p.addr % bs == 0)
+            };
+            if *rskip == skip && joins {
+                rp.push(*p);
+                continue;
+            }
+        }
+        runs.push((skip, vec![*p]));
+    }
+    runs
+}
