@@ -8,4 +8,5 @@
 
 pub mod ccw;
 pub mod css;
+pub mod driver;
 pub mod orb;
