@@ -382,4 +382,18 @@ mod tests {
         // An empty queue reads as all zeros.
         assert_eq!(CcwCrwRegion::default().to_bytes(), [0; 8]);
     }
+
+    proptest::proptest! {
+        #[test]
+        fn any_io_image_round_trips(v in proptest::collection::vec(proptest::prelude::any::<u8>(), CCW_IO_REGION_SIZE)) {
+            let b: [u8; CCW_IO_REGION_SIZE] = v.try_into().unwrap();
+            proptest::prop_assert_eq!(CcwIoRegion::from_bytes(&b).to_bytes(), b);
+        }
+
+        #[test]
+        fn any_small_region_round_trips(b in proptest::prelude::any::<[u8; 8]>()) {
+            proptest::prop_assert_eq!(CcwCmdRegion::from_bytes(&b).to_bytes(), b);
+            proptest::prop_assert_eq!(CcwCrwRegion::from_bytes(&b).to_bytes(), b);
+        }
+    }
 }

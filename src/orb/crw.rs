@@ -159,4 +159,11 @@ mod tests {
             [0x03, 0x3F, 0x00, 0x01]
         );
     }
+
+    proptest::proptest! {
+        #[test]
+        fn any_image_round_trips(b in proptest::prelude::any::<[u8; CRW_SIZE]>()) {
+            proptest::prop_assert_eq!(Crw::from_bytes(&b).to_bytes(), b);
+        }
+    }
 }

@@ -188,4 +188,12 @@ mod tests {
         assert_eq!(irb.ecw[31], b[63]);
         assert_eq!(irb.to_bytes(), b);
     }
+
+    proptest::proptest! {
+        #[test]
+        fn any_image_round_trips(v in proptest::collection::vec(proptest::prelude::any::<u8>(), IRB_SIZE)) {
+            let b: [u8; IRB_SIZE] = v.try_into().unwrap();
+            proptest::prop_assert_eq!(Irb::from_bytes(&b).to_bytes(), b);
+        }
+    }
 }

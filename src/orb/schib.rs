@@ -324,4 +324,12 @@ mod tests {
         assert_eq!(d.measurement_block_address(), 0xD7D6_D5D4_D3D2_D1D0);
         assert_eq!(d.to_bytes(), s);
     }
+
+    proptest::proptest! {
+        #[test]
+        fn any_image_round_trips(v in proptest::collection::vec(proptest::prelude::any::<u8>(), SCHIB_SIZE)) {
+            let b: [u8; SCHIB_SIZE] = v.try_into().unwrap();
+            proptest::prop_assert_eq!(Schib::from_bytes(&b).to_bytes(), b);
+        }
+    }
 }
