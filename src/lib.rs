@@ -8,5 +8,6 @@
 
 pub mod ccw;
 pub mod css;
+pub mod driver;
 pub mod iommu_store;
 pub mod orb;

@@ -184,6 +184,57 @@ mod tests {
     }
 
     #[test]
+    fn every_flag_bit() {
+        // Bit n (PoP numbering) of word 0 is 1 << (31 - n).
+        let bit = |n: u32| 1u32 << (31 - n);
+        let cases: [(ScswFlags, u32); 16] = [
+            (ScswFlags::new().with_key(0xF), 0xF000_0000),
+            (ScswFlags::new().with_suspend(true), bit(4)),
+            (ScswFlags::new().with_esw_format(true), bit(5)),
+            (ScswFlags::new().with_deferred_cc(3), 0x0300_0000),
+            (ScswFlags::new().with_format1(true), bit(8)),
+            (ScswFlags::new().with_prefetch(true), bit(9)),
+            (
+                ScswFlags::new().with_initial_status_interrupt(true),
+                bit(10),
+            ),
+            (ScswFlags::new().with_address_limit_checking(true), bit(11)),
+            (
+                ScswFlags::new().with_suppress_suspended_interrupt(true),
+                bit(12),
+            ),
+            (ScswFlags::new().with_zero_cc(true), bit(13)),
+            (ScswFlags::new().with_extended_control(true), bit(14)),
+            (ScswFlags::new().with_path_not_operational(true), bit(15)),
+            (ScswFlags::new().with_reserved(true), bit(16)),
+            (ScswFlags::new().with_fctl(0x7), 0x0000_7000),
+            (ScswFlags::new().with_actl(0x7f), 0x0000_0FE0),
+            (ScswFlags::new().with_stctl(0x1f), 0x0000_001F),
+        ];
+        for (f, v) in cases {
+            assert_eq!(f.into_bits(), v, "{f:?}");
+        }
+        // The named control values sit where QEMU's masks put them.
+        let w = |f: ScswFlags| f.into_bits() & 0xFFFF;
+        assert_eq!(w(ScswFlags::new().with_fctl(fctl::HALT)), 0x2000);
+        assert_eq!(w(ScswFlags::new().with_actl(actl::SUSPENDED)), 0x0020);
+        assert_eq!(w(ScswFlags::new().with_actl(actl::RESUME_PENDING)), 0x0800);
+        assert_eq!(w(ScswFlags::new().with_stctl(stctl::ALERT)), 0x0010);
+    }
+
+    #[test]
+    fn every_field_position() {
+        let b = [
+            0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07, 0x08, 0x09, 0x0A, 0x0B, 0x0C,
+        ];
+        let s = Scsw::from_bytes(&b);
+        assert_eq!(s.flags.into_bits(), 0x0102_0304);
+        assert_eq!(s.cpa, 0x0506_0708);
+        assert_eq!((s.dstat, s.cstat, s.count), (0x09, 0x0A, 0x0B0C));
+        assert_eq!(s.to_bytes(), b);
+    }
+
+    #[test]
     fn final_status_bytes() {
         // The reference probe's result: CE+DE, residual 0, CPA 0x00200010, start function,
         // primary+secondary+status pending, format 1 and prefetch.
