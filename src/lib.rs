@@ -7,6 +7,7 @@
 #![warn(missing_docs)]
 
 pub mod ccw;
+pub mod ccwfile;
 pub mod css;
 pub mod driver;
 pub mod iommu_store;

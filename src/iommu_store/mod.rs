@@ -75,7 +75,9 @@ impl Drop for PinnedPages {
         *self.pins.lock().unwrap() -= self.pages.len() as u64;
     }
 }
-pub trait UnmapListener: Send + Sync { fn unmap_pinned(&self, iova: u64, size: u64); }
+pub trait UnmapListener: Send + Sync {
+    fn unmap_pinned(&self, iova: u64, size: u64);
+}
 pub struct StoreStats {
     pub mappings: usize,
     pub pinned_pages: u64,
@@ -146,7 +148,18 @@ impl IommuStore {
         })
     }
     pub fn register_unmap_listener(&self, _l: std::sync::Weak<dyn UnmapListener>) {}
-    pub fn unmap_dma(&self, iova: u64, _size: u64, _all: bool) -> Result<u64, StoreError> { Ok(self.maps.lock().unwrap().remove(&iova).map(|m| m.size).unwrap_or(0)) }
+    pub fn unmap_dma(&self, iova: u64, _size: u64, _all: bool) -> Result<u64, StoreError> {
+        Ok(self
+            .maps
+            .lock()
+            .unwrap()
+            .remove(&iova)
+            .map(|m| m.size)
+            .unwrap_or(0))
+    }
+    pub fn set_storage_key(&self, _iova: u64, _key: u8) -> Result<(), StoreError> {
+        Ok(())
+    }
     pub fn stats(&self) -> StoreStats {
         StoreStats {
             mappings: self.maps.lock().unwrap().len(),
