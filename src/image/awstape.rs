@@ -142,7 +142,9 @@ pub enum AwsError {
         len: u16,
     },
     /// The previous-length field disagrees with the previous segment (EINVAL).
-    #[error("length chain broken at offset {offset}: previous length {found}, expected {expected}")]
+    #[error(
+        "length chain broken at offset {offset}: previous length {found}, expected {expected}"
+    )]
     ChainMismatch {
         /// Offset of the header holding the bad field.
         offset: u64,
@@ -265,6 +267,9 @@ pub struct AwsTape {
     chunk_len: u16,
     sync_writes: bool,
 }
+
+/// A segment: header offset and data length.
+type Seg = (u64, u16);
 
 /// Result of walking one block forward without committing the position.
 struct Walk {
@@ -402,7 +407,8 @@ impl AwsTape {
     }
 
     fn read_header(&self, offset: u64) -> Result<SegmentHeader, AwsError> {
-        let fits = matches!(offset.checked_add(HEADER_LEN as u64), Some(end) if end <= self.file_len);
+        let fits =
+            matches!(offset.checked_add(HEADER_LEN as u64), Some(end) if end <= self.file_len);
         if !fits {
             return Err(AwsError::TruncatedHeader { offset });
         }
@@ -494,7 +500,10 @@ impl AwsTape {
             off = data_off + len as u64;
             if h.flags1 & FLAG1_ENDREC != 0 {
                 return Ok(Walk {
-                    record: Record::Block { len: total, segments },
+                    record: Record::Block {
+                        len: total,
+                        segments,
+                    },
                     end: off,
                     last: Some((seg_off, h.cur_len)),
                 });
@@ -504,7 +513,7 @@ impl AwsTape {
 
     /// Finds the start of the block or tape mark ending at the position; returns its
     /// offset and the segment before it. Does not move the position.
-    fn walk_backward(&self) -> Result<Option<(u64, Option<(u64, u16)>)>, AwsError> {
+    fn walk_backward(&self) -> Result<Option<(u64, Option<Seg>)>, AwsError> {
         let Some((mut off, mut len)) = self.prev_seg else {
             return Ok(None);
         };
@@ -800,7 +809,6 @@ impl AwsTape {
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -851,7 +859,10 @@ mod tests {
         assert_eq!(&f[..6], &[0xFF, 0xFF, 0x00, 0x00, 0x80, 0x00]);
         let second = 6 + 65535;
         // 70000 - 65535 = 4465 = 0x1171
-        assert_eq!(&f[second..second + 6], &[0x71, 0x11, 0xFF, 0xFF, 0x20, 0x00]);
+        assert_eq!(
+            &f[second..second + 6],
+            &[0x71, 0x11, 0xFF, 0xFF, 0x20, 0x00]
+        );
         assert_eq!(f.len(), 70000 + 12);
         t.rewind();
         let mut buf = Vec::new();

@@ -97,9 +97,7 @@ impl Condition {
         let ce_de_uc = CHANNEL_END | DEVICE_END | UNIT_CHECK;
         match self {
             Condition::NotLoaded => (SNS0_INTVREQ, era::DRIVE_NOT_READY, FMT_20, UNIT_CHECK),
-            Condition::UnloadComplete => {
-                (SNS0_INTVREQ, era::ENVIRONMENTAL_DATA, FMT_22, ce_de_uc)
-            }
+            Condition::UnloadComplete => (SNS0_INTVREQ, era::ENVIRONMENTAL_DATA, FMT_22, ce_de_uc),
             Condition::ReadFail => (SNS0_DATACHK, era::READ_DATA_CHECK, FMT_20, ce_de_uc),
             Condition::WriteFail => (
                 SNS0_EQUIPCHK,
@@ -111,14 +109,10 @@ impl Condition {
             Condition::WriteProtect => (SNS0_CMDREJ, era::WRITE_PROTECTED, FMT_20, ce_de_uc),
             Condition::TapeVoid => (SNS0_DATACHK, era::TAPE_VOID, FMT_20, ce_de_uc),
             Condition::BlockShort => (SNS0_EQUIPCHK, era::END_OF_DATA, FMT_20, ce_de_uc),
-            Condition::PhysicalEnd => {
-                (SNS0_EQUIPCHK, era::PHYSICAL_END_OF_TAPE, FMT_20, ce_de_uc)
-            }
+            Condition::PhysicalEnd => (SNS0_EQUIPCHK, era::PHYSICAL_END_OF_TAPE, FMT_20, ce_de_uc),
             Condition::BackwardAtBot => (0, era::BACKWARD_AT_BOT, FMT_20, ce_de_uc),
             Condition::LocateFail => (SNS0_EQUIPCHK, era::LOCATE_FAILED, FMT_20, ce_de_uc),
-            Condition::BlockTooLong => {
-                (SNS0_CMDREJ, era::MAX_BLOCKSIZE_EXCEEDED, FMT_20, ce_de_uc)
-            }
+            Condition::BlockTooLong => (SNS0_CMDREJ, era::MAX_BLOCKSIZE_EXCEEDED, FMT_20, ce_de_uc),
             Condition::Unsolicited => (0, era::UNSOLICITED, FMT_20, CHANNEL_END | DEVICE_END),
         }
     }

@@ -44,7 +44,9 @@ fn sense(d: &mut Tape3490) -> Vec<u8> {
 }
 
 fn pattern(len: usize, seed: u8) -> Vec<u8> {
-    (0..len).map(|i| (i as u8).wrapping_mul(13) ^ seed).collect()
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(13) ^ seed)
+        .collect()
 }
 
 struct Fixture {
@@ -363,7 +365,12 @@ fn rewind_unload_then_not_ready() {
     assert_eq!(s[7], 0x22);
     assert!(d.tape().is_none());
     // Commands needing a tape: unit check alone, intervention required, ERA 0x43.
-    for code in [cmd::READ_FORWARD, cmd::NOP, cmd::REWIND, cmd::FORWARD_SPACE_FILE] {
+    for code in [
+        cmd::READ_FORWARD,
+        cmd::NOP,
+        cmd::REWIND,
+        cmd::FORWARD_SPACE_FILE,
+    ] {
         let o = ctl(d, code);
         assert_eq!(o.status, UNIT_CHECK, "code {code:#x}");
         let s = sense(d);
@@ -482,7 +489,10 @@ fn malformed_block_is_data_check() {
     ctl(&mut f.dev, cmd::REWIND);
     // Damage the header's flags behind the device's back.
     use std::os::unix::fs::FileExt;
-    let file = std::fs::OpenOptions::new().write(true).open(&f.path).unwrap();
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&f.path)
+        .unwrap();
     file.write_all_at(&[0xA3], 4).unwrap();
     let (o, _) = inp(&mut f.dev, cmd::READ_FORWARD, 10);
     assert_eq!(o.status, CE_DE_UC);
