@@ -9,6 +9,8 @@
 pub mod ccw;
 pub mod ccwfile;
 pub mod css;
+pub mod devices;
 pub mod driver;
+pub mod image;
 pub mod iommu_store;
 pub mod orb;

@@ -1,0 +1,3 @@
+//! Device models driven by the emulated channel.
+
+pub mod tape3490;

@@ -1,0 +1,3 @@
+//! On-disk image formats (no device logic).
+
+pub mod awstape;
