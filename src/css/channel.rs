@@ -14,10 +14,12 @@
 //! The channel walks a whole data chain before it starts the device, resolving every CCW's
 //! storage (direct, IDA, MIDA) into pieces, so the device sees one buffer (`css::device`). An
 //! error found in that walk (a bad data-chained CCW, IDAW or MIDAW, or a storage fault while
-//! fetching output data) truncates what is offered to the device at the error's byte offset;
-//! it is reported only if the device goes on to need that byte (it used every byte offered
-//! and reported `more`). Input is scattered after the device ran; a storage fault there stops
-//! the scatter and is reported with the residual count at the faulting piece.
+//! fetching output data) sits at a byte offset of the command's data; it is reported only if
+//! the device needs that byte (it transfers past it, or up to it with `more`), as on a channel
+//! that finds the error when the transfer reaches it. An error at offset 0 ends the program
+//! before the device is started. Input is scattered after the device ran; a storage fault
+//! there stops the scatter (bytes before the faulting piece stay stored) and is reported with
+//! the residual count at the faulting piece.
 //!
 //! # Example
 //! ```
@@ -48,10 +50,12 @@ use crate::css::device::{Command, DeviceModel};
 use crate::css::memory::{AccessFault, ChannelMemory};
 use crate::orb::{actl, cstat, dstat, fctl, stctl, Orb, Scsw, ScswFlags};
 
-/// Consecutive CCWs (TICs included) the channel fetches without any data transfer before it
-/// ends the program with a program check. QEMU's css.c rule ("more than 255 CCWs without
-/// data transfer"), chosen over Hercules' backward-TIC counter because it also bounds
-/// forward loops of NOOPs.
+/// Consecutive CCWs (TICs and data-chained CCWs included) the channel fetches without any
+/// data transfer before it ends the program with a program check: QEMU's css.c rule ("more
+/// than 255 CCWs without data transfer"), chosen over Hercules' backward-TIC counter because
+/// it also bounds forward loops of NOOPs. Data moves when the device executes a command, so a
+/// single data chain is bounded to 255 CCWs too (the kernel's translator refuses longer
+/// chain segments anyway).
 pub const MAX_CCWS_WITHOUT_DATA: u32 = 255;
 
 /// Most bytes one data chain may offer a device (an emulation bound, not architecture: a
@@ -813,22 +817,32 @@ impl ChannelRun {
             }
         }
 
+        // With an error in the chain, the device is offered the count it would see up to the
+        // end of the faulty CCW (at least one byte past the valid ones), so its own decision
+        // tells whether it needs the byte at the error; bytes past `valid` are zeros on
+        // output and dropped on input.
+        let valid = offered;
+        let offer = match err {
+            Some(e) => (e.start + e.count as usize).max(valid + 1),
+            None => valid,
+        };
+        data.resize(offer, 0);
         let cmd = Command {
             code: ccw.cmd,
             kind,
-            count: offered,
+            count: offer,
             chained: self.chained,
             prev_code: self.prev_code,
             seq: self.seq,
         };
         let zero_cc = std::mem::take(&mut self.initial_due);
         let outcome = dev.execute(&cmd, &mut data);
-        let t = outcome.transferred.min(offered);
+        let t = outcome.transferred.min(offer);
         if self.trace {
             tracing::trace!(
                 ccw = at,
                 code = ccw.cmd,
-                count = offered,
+                count = offer,
                 transferred = t,
                 status = outcome.status,
                 more = outcome.more,
@@ -844,10 +858,11 @@ impl ChannelRun {
         if input {
             let mut pos = 0usize;
             for p in &pieces {
-                if pos >= t {
+                let end = t.min(valid);
+                if pos >= end {
                     break;
                 }
-                let n = p.len.min(t - pos);
+                let n = p.len.min(end - pos);
                 if !p.skip {
                     let (lo, res) = if back {
                         // Transfer order runs downward from the piece's top byte.
@@ -875,9 +890,9 @@ impl ChannelRun {
         }
         if fail.is_none() {
             if let Some(e) = err {
-                // The device used every byte offered and wanted more: it reached the error.
-                if t == offered && outcome.more {
-                    fail = Some((offered, e));
+                // The device needed the byte at the error: it reached it.
+                if t > valid || (t == valid && outcome.more) {
+                    fail = Some((valid, e));
                 }
             }
         }

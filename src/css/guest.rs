@@ -178,12 +178,15 @@ mod tests {
         );
         m.read(0x2000, &mut b, 3).unwrap();
         // A range spanning pages faults at the first protected page; nothing stored.
+        m.set_key(0x3000, 0x40);
         assert_eq!(
-            m.write(0xff0, &[7; 32], 5),
-            Err(AccessFault::Protection(0x1000))
+            m.write(0x2ff0, &[7; 32], 3),
+            Err(AccessFault::Protection(0x3000))
         );
         let mut b = [0u8; 16];
-        m.read(0xff0, &mut b, 0).unwrap();
+        m.read(0x2ff0, &mut b, 0).unwrap();
         assert_eq!(b, [0; 16]);
+        // Unset pages have key 0: only key 0 may store there.
+        assert_eq!(m.write(0, &[1], 3), Err(AccessFault::Protection(0)));
     }
 }
