@@ -313,11 +313,11 @@ impl ChannelRun {
         }
         if let Some(last) = self.transfers.last_mut() {
             if last.input == input {
-                if last.addr + last.len as u64 == addr {
+                if last.addr.checked_add(last.len as u64) == Some(addr) {
                     last.len += len;
                     return;
                 }
-                if addr + len as u64 == last.addr {
+                if addr.checked_add(len as u64) == Some(last.addr) {
                     last.addr = addr;
                     last.len += len;
                     return;
