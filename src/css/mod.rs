@@ -1,8 +1,14 @@
 //! The emulated channel subsystem: a channel that runs translated programs against device
 //! models, touching storage only through [`ChannelMemory`].
 
+pub mod channel;
 pub mod device;
+pub mod guest;
 pub mod memory;
+pub mod testdev;
 
+pub use channel::{run_to_completion, ChannelRun, ResumeError, Step, Transfer};
 pub use device::{Command, DeviceIdentity, DeviceModel, Outcome};
+pub use guest::GuestChannelMemory;
 pub use memory::{AccessFault, ChannelMemory};
+pub use testdev::LoopbackDevice;

@@ -1,0 +1,1060 @@
+//! The channel engine: an interpreter for command-mode channel programs.
+//!
+//! [`ChannelRun`] executes one started channel program (per its [`Orb`]) over storage
+//! ([`ChannelMemory`]) and a device ([`DeviceModel`]), one command at a time, and produces the
+//! SCSWs a channel presents: intermediate status for PCI and initial status, suspended
+//! status, and final status. Stepping lets the subchannel thread honour halt and clear between
+//! CCWs and resume a suspended program.
+//!
+//! Semantics follow the z/Architecture Principles of Operation (SA22-7832, "Input/Output
+//! Instructions", "Basic I/O Functions"); where the PoP leaves the channel a choice, Hercules'
+//! `channel.c` is followed and the choice is named in the comment at that spot.
+//!
+//! # Data chaining
+//! The channel walks a whole data chain before it starts the device, resolving every CCW's
+//! storage (direct, IDA, MIDA) into pieces, so the device sees one buffer (`css::device`). An
+//! error found in that walk (a bad data-chained CCW, IDAW or MIDAW, or a storage fault while
+//! fetching output data) sits at a byte offset of the command's data; it is reported only if
+//! the device needs that byte (it transfers past it, or up to it with `more`), as on a channel
+//! that finds the error when the transfer reaches it. An error at offset 0 ends the program
+//! before the device is started. Input is scattered after the device ran; a storage fault
+//! there stops the scatter (bytes before the faulting piece stay stored) and is reported with
+//! the residual count at the faulting piece.
+//!
+//! # Example
+//! ```
+//! use vccw::css::{ChannelRun, GuestChannelMemory, LoopbackDevice, Step};
+//! use vccw::ccw::{Ccw1, CcwFlags};
+//! use vccw::orb::{dstat, Orb, OrbControls};
+//! use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+//!
+//! let gm = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+//! // One WRITE of 4 bytes at 0x2000, program at 0x1000.
+//! let ccw = Ccw1 { cmd: 0x01, flags: CcwFlags::new(), count: 4, cda: 0x2000 };
+//! gm.write_slice(&ccw.to_bytes(), GuestAddress(0x1000)).unwrap();
+//! gm.write_slice(b"abcd", GuestAddress(0x2000)).unwrap();
+//! let mem = GuestChannelMemory::new(gm);
+//! let mut dev = LoopbackDevice::new();
+//! let orb = Orb { intparm: 1, ctl: OrbControls::new().with_format1(true), cpa: 0x1000 };
+//! let mut run = ChannelRun::new(&orb);
+//! let Step::Done(scsw) = run.step(&mem, &mut dev) else { panic!() };
+//! assert_eq!(scsw.dstat, dstat::CHANNEL_END | dstat::DEVICE_END);
+//! assert_eq!(scsw.cpa, 0x1008);
+//! assert_eq!(dev.written(), b"abcd");
+//! ```
+
+use thiserror::Error;
+
+use crate::ccw::{command, Ccw0, Ccw1, CcwFlags, CommandKind, IdawFormat, Midaw, CCW_SIZE};
+use crate::css::device::{Command, DeviceModel};
+use crate::css::memory::{AccessFault, ChannelMemory};
+use crate::orb::{actl, cstat, dstat, fctl, stctl, Orb, Scsw, ScswFlags};
+
+/// Consecutive CCWs (TICs and data-chained CCWs included) the channel fetches without any
+/// data transfer before it ends the program with a program check: QEMU's css.c rule ("more
+/// than 255 CCWs without data transfer"), chosen over Hercules' backward-TIC counter because
+/// it also bounds forward loops of NOOPs. Data moves when the device executes a command, so a
+/// single data chain is bounded to 255 CCWs too (the kernel's translator refuses longer
+/// chain segments anyway).
+pub const MAX_CCWS_WITHOUT_DATA: u32 = 255;
+
+/// Most bytes one data chain may offer a device (an emulation bound, not architecture: a
+/// TIC loop of data-chained CCWs would otherwise gather without end). Exceeding it is a
+/// program check. 16 MiB covers 256 CCWs of the largest count.
+pub const MAX_DATA_CHAIN_BYTES: usize = 16 << 20;
+
+/// Status-control bits of a suspended SCSW. The PoP has alert status set with intermediate
+/// and status pending (Hercules notes it and deliberately presents 0x29 without alert for old
+/// operating systems); vccw follows the PoP.
+pub const SUSPENDED_STCTL: u8 = stctl::ALERT | stctl::INTERMEDIATE | stctl::STATUS_PENDING;
+
+/// One data transfer between storage and the channel: only data bytes (never CCW, IDAW or
+/// MIDAW fetches, never skipped bytes). Adjacent transfers in the same direction are merged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Transfer {
+    /// Lowest storage address of the bytes moved.
+    pub addr: u64,
+    /// Number of bytes.
+    pub len: usize,
+    /// Stored into storage (read, read backward, sense) rather than fetched from it.
+    pub input: bool,
+}
+
+/// What one [`ChannelRun::step`] produced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// A command completed and the program goes on; nothing to present.
+    Continue,
+    /// Intermediate status is pending (PCI, initial status); the program goes on.
+    Intermediate(Scsw),
+    /// The program is suspended (`None` if the ORB suppresses the suspended interruption).
+    /// Stepping a suspended run returns `Suspended(None)` until [`ChannelRun::resume`].
+    Suspended(Option<Scsw>),
+    /// The program ended with this final status (returned again by later steps).
+    Done(Scsw),
+}
+
+/// Why a resume was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
+pub enum ResumeError {
+    /// The run is not suspended (RESUME SUBCHANNEL would set condition code 1 or 2).
+    #[error("channel program is not suspended")]
+    NotSuspended,
+}
+
+impl ResumeError {
+    /// The errno the vfio-ccw uAPI uses for it: `EBUSY` (cc 1/2).
+    pub fn errno(&self) -> i32 {
+        libc::EBUSY
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Running,
+    Suspended { ccw: u32 },
+    Finished(Scsw),
+}
+
+/// A check that ends the program: subchannel status, CCW address and residual count.
+#[derive(Debug, Clone, Copy)]
+struct Check {
+    cstat: u8,
+    cpa: u32,
+    count: u16,
+}
+
+/// An error inside a data chain, located at a byte offset of the command's data.
+#[derive(Debug, Clone, Copy)]
+struct ChainErr {
+    cstat: u8,
+    cpa: u32,
+    /// Offset of the faulty CCW's first byte in the command's data.
+    start: usize,
+    /// Count of the faulty CCW (0 if it could not be fetched).
+    count: u16,
+}
+
+/// One CCW of a data chain.
+#[derive(Debug, Clone, Copy)]
+struct Seg {
+    ccw: u32,
+    flags: CcwFlags,
+    count: u16,
+    start: usize,
+}
+
+/// A contiguous storage area of a command's data, in transfer order. For read backward the
+/// bytes go from `lo + len - 1` downward.
+#[derive(Debug, Clone, Copy)]
+struct Piece {
+    lo: u64,
+    len: usize,
+    skip: bool,
+}
+
+fn fault_status(f: AccessFault) -> u8 {
+    match f {
+        AccessFault::Addressing(_) => cstat::PROGRAM_CHECK,
+        AccessFault::Protection(_) => cstat::PROTECTION_CHECK,
+    }
+}
+
+/// One started channel program.
+#[derive(Debug, Clone)]
+pub struct ChannelRun {
+    orb: Orb,
+    idaw: IdawFormat,
+    /// Address of the next CCW to fetch.
+    next: u32,
+    /// Address of the last CCW executed (for the halt CPA).
+    last_ccw: Option<u32>,
+    chained: bool,
+    prev_code: Option<u8>,
+    seq: u32,
+    no_data: u32,
+    started: bool,
+    initial_due: bool,
+    state: State,
+    trace: bool,
+    transfers: Vec<Transfer>,
+}
+
+impl ChannelRun {
+    /// Prepares the program the ORB designates; nothing is fetched until [`Self::step`].
+    pub fn new(orb: &Orb) -> Self {
+        ChannelRun {
+            orb: *orb,
+            idaw: IdawFormat::from_orb(orb.ctl.format2_idaw(), orb.ctl.idaw_2k()),
+            next: orb.cpa,
+            last_ccw: None,
+            chained: false,
+            prev_code: None,
+            seq: 0,
+            no_data: 0,
+            started: false,
+            initial_due: orb.ctl.initial_status_interrupt(),
+            state: State::Running,
+            trace: false,
+            transfers: Vec::new(),
+        }
+    }
+
+    /// The ORB this program was started with.
+    pub fn orb(&self) -> &Orb {
+        &self.orb
+    }
+
+    /// Whether the program has ended (final status, halt or clear).
+    pub fn is_finished(&self) -> bool {
+        matches!(self.state, State::Finished(_))
+    }
+
+    /// Whether the program is suspended.
+    pub fn is_suspended(&self) -> bool {
+        matches!(self.state, State::Suspended { .. })
+    }
+
+    /// Turns recording of [`Transfer`]s (and `tracing` events per command) on or off.
+    pub fn set_trace(&mut self, on: bool) {
+        self.trace = on;
+    }
+
+    /// The data transfers recorded while tracing was on, in order.
+    pub fn transfers(&self) -> &[Transfer] {
+        &self.transfers
+    }
+
+    fn fmt1(&self) -> bool {
+        self.orb.ctl.format1()
+    }
+
+    fn key(&self) -> u8 {
+        self.orb.ctl.key()
+    }
+
+    /// Highest address a CCW, IDAL, MIDAL or direct data address may reach.
+    fn limit(&self) -> u64 {
+        if self.fmt1() {
+            0x7fff_ffff
+        } else {
+            0x00ff_ffff
+        }
+    }
+
+    /// SCSW word 0 bits the channel copies from the ORB.
+    fn base_flags(&self) -> ScswFlags {
+        let c = self.orb.ctl;
+        ScswFlags::new()
+            .with_key(c.key())
+            .with_suspend(c.suspend())
+            .with_format1(c.format1())
+            .with_prefetch(c.prefetch())
+            .with_initial_status_interrupt(c.initial_status_interrupt())
+            .with_address_limit_checking(c.address_limit_checking())
+            .with_suppress_suspended_interrupt(c.suppress_suspended_interrupt())
+    }
+
+    fn final_scsw(&self, cpa: u32, ds: u8, cs: u8, count: u16, zero_cc: bool) -> Scsw {
+        let mut st = stctl::PRIMARY | stctl::SECONDARY | stctl::STATUS_PENDING;
+        // Alert: any check or unusual device status (status modifier is normal ending).
+        if cs & !cstat::PCI != 0
+            || ds & !dstat::STATUS_MODIFIER != dstat::CHANNEL_END | dstat::DEVICE_END
+        {
+            st |= stctl::ALERT;
+        }
+        Scsw {
+            flags: self
+                .base_flags()
+                .with_zero_cc(zero_cc)
+                .with_fctl(fctl::START)
+                .with_stctl(st),
+            cpa,
+            dstat: ds,
+            cstat: cs,
+            count,
+        }
+    }
+
+    fn intermediate_scsw(&self, cpa: u32, pci: bool, zero_cc: bool) -> Scsw {
+        Scsw {
+            flags: self
+                .base_flags()
+                .with_zero_cc(zero_cc)
+                .with_fctl(fctl::START)
+                .with_actl(actl::SUBCHANNEL_ACTIVE | actl::DEVICE_ACTIVE)
+                .with_stctl(stctl::INTERMEDIATE | stctl::STATUS_PENDING),
+            cpa,
+            dstat: 0,
+            cstat: if pci { cstat::PCI } else { 0 },
+            count: 0,
+        }
+    }
+
+    fn finish(&mut self, s: Scsw) -> Step {
+        self.state = State::Finished(s);
+        Step::Done(s)
+    }
+
+    fn finish_check(&mut self, c: Check, ds: u8, pci: bool) -> Step {
+        let s = self.final_scsw(
+            c.cpa,
+            ds,
+            c.cstat | if pci { cstat::PCI } else { 0 },
+            c.count,
+            false,
+        );
+        self.finish(s)
+    }
+
+    fn record(&mut self, addr: u64, len: usize, input: bool) {
+        if !self.trace || len == 0 {
+            return;
+        }
+        if let Some(last) = self.transfers.last_mut() {
+            if last.input == input {
+                if last.addr.checked_add(last.len as u64) == Some(addr) {
+                    last.len += len;
+                    return;
+                }
+                if addr.checked_add(len as u64) == Some(last.addr) {
+                    last.addr = addr;
+                    last.len += len;
+                    return;
+                }
+            }
+        }
+        self.transfers.push(Transfer { addr, len, input });
+    }
+
+    /// Fetches the CCW at `at` (alignment and addressing limit checked).
+    fn fetch_ccw(&self, mem: &dyn ChannelMemory, at: u32) -> Result<Ccw1, u8> {
+        if at & 7 != 0 || at as u64 > self.limit() {
+            return Err(cstat::PROGRAM_CHECK);
+        }
+        let mut b = [0u8; 8];
+        mem.read(at as u64, &mut b, self.key())
+            .map_err(fault_status)?;
+        Ok(if self.fmt1() {
+            Ccw1::from_bytes(b)
+        } else {
+            Ccw0::from_bytes(b).to_format1()
+        })
+    }
+
+    /// Fetches the CCW at `at`, following TICs; returns the address of the non-TIC CCW.
+    fn fetch_following(&mut self, mem: &dyn ChannelMemory, at: u32) -> Result<(u32, Ccw1), Check> {
+        let mut at = at;
+        let mut tic: Option<u32> = None;
+        loop {
+            self.no_data += 1;
+            let cpa = at.wrapping_add(CCW_SIZE as u32);
+            if self.no_data > MAX_CCWS_WITHOUT_DATA {
+                return Err(Check {
+                    cstat: cstat::PROGRAM_CHECK,
+                    cpa,
+                    count: 0,
+                });
+            }
+            let ccw = match self.fetch_ccw(mem, at) {
+                Ok(c) => c,
+                Err(cs) => {
+                    // Hercules: an invalid CCW address reached by a TIC reports TIC + 8.
+                    let cpa = match tic {
+                        Some(t) if cs == cstat::PROGRAM_CHECK => t.wrapping_add(8),
+                        _ => cpa,
+                    };
+                    return Err(Check {
+                        cstat: cs,
+                        cpa,
+                        count: 0,
+                    });
+                }
+            };
+            // Format 1: only 0x08 is a TIC; other xxxx1000 codes are invalid (Hercules).
+            if ccw.cmd == command::TIC {
+                let pc = Check {
+                    cstat: cstat::PROGRAM_CHECK,
+                    cpa,
+                    count: 0,
+                };
+                // TIC to TIC, misaligned target, and (format 1) flags or count set: PoP
+                // "Transfer in Channel" with Hercules' format-1 reading.
+                if tic.is_some()
+                    || ccw.cda & 7 != 0
+                    || (self.fmt1() && (ccw.flags.into_bits() != 0 || ccw.count != 0))
+                {
+                    return Err(pc);
+                }
+                tic = Some(at);
+                at = ccw.cda;
+                continue;
+            }
+            return Ok((at, ccw));
+        }
+    }
+
+    /// Checks a CCW's data address (PoP "Designation of Storage Area"; Hercules' checks).
+    fn check_data_address(&self, ccw: &Ccw1, kind: CommandKind) -> Result<(), u8> {
+        let count = ccw.count as u64;
+        if count == 0 || (ccw.flags.skp() && kind.is_input()) {
+            return Ok(());
+        }
+        let a = ccw.cda as u64;
+        let bad = if ccw.flags.ida() {
+            a & (self.idaw.idaw_size() - 1) != 0 || a > self.limit()
+        } else if ccw.flags.mida() {
+            a & 0xf != 0 || a > self.limit()
+        } else if kind == CommandKind::ReadBackward {
+            a > self.limit() || a + 1 < count
+        } else {
+            a + count - 1 > self.limit()
+        };
+        if bad {
+            Err(cstat::PROGRAM_CHECK)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Flag checks every CCW of a command (first or data chained) must pass.
+    fn check_flags(&self, ccw: &Ccw1, data_chained: bool) -> Result<(), u8> {
+        let f = ccw.flags;
+        let pc = Err(cstat::PROGRAM_CHECK);
+        if f.cd() && f.s() {
+            return pc;
+        }
+        if f.mida() && (!self.orb.ctl.midaw() || f.ida() || f.skp()) {
+            return pc;
+        }
+        if data_chained && f.s() {
+            return pc;
+        }
+        Ok(())
+    }
+
+    /// Count checks (PoP: format-0 count 0 is a program check; Hercules: format-1 count 0
+    /// with data chaining, on either side of the chain).
+    fn check_count(&self, ccw: &Ccw1, data_chained: bool) -> Result<(), u8> {
+        if ccw.count == 0 && (!self.fmt1() || ccw.flags.cd() || data_chained) {
+            return Err(cstat::PROGRAM_CHECK);
+        }
+        Ok(())
+    }
+
+    /// Resolves one CCW's data area into pieces. Pieces before an error stay valid.
+    fn resolve(
+        &self,
+        mem: &dyn ChannelMemory,
+        ccw: &Ccw1,
+        kind: CommandKind,
+        out: &mut Vec<Piece>,
+    ) -> Result<(), u8> {
+        let count = ccw.count as usize;
+        if count == 0 {
+            return Ok(());
+        }
+        let input = kind.is_input();
+        let back = kind == CommandKind::ReadBackward;
+        if ccw.flags.skp() && input {
+            // Skip: count consumed, no storage touched (not even IDAWs, as Hercules).
+            out.push(Piece {
+                lo: 0,
+                len: count,
+                skip: true,
+            });
+            return Ok(());
+        }
+        let a = ccw.cda as u64;
+        if ccw.flags.ida() {
+            self.resolve_ida(mem, a, count, back, out)
+        } else if ccw.flags.mida() {
+            self.resolve_mida(mem, a, count, input, back, out)
+        } else {
+            // Direct: split at 4 KiB so a fault keeps page granularity.
+            let mut left = count;
+            let mut cur = a;
+            while left > 0 {
+                let n = if back {
+                    ((cur & 0xfff) + 1).min(left as u64) as usize
+                } else {
+                    (0x1000 - (cur & 0xfff)).min(left as u64) as usize
+                };
+                if back {
+                    out.push(Piece {
+                        lo: cur + 1 - n as u64,
+                        len: n,
+                        skip: false,
+                    });
+                    cur = cur.wrapping_sub(n as u64);
+                } else {
+                    out.push(Piece {
+                        lo: cur,
+                        len: n,
+                        skip: false,
+                    });
+                    cur += n as u64;
+                }
+                left -= n;
+            }
+            Ok(())
+        }
+    }
+
+    fn resolve_ida(
+        &self,
+        mem: &dyn ChannelMemory,
+        idal: u64,
+        count: usize,
+        back: bool,
+        out: &mut Vec<Piece>,
+    ) -> Result<(), u8> {
+        let size = self.idaw.idaw_size();
+        let mask = self.idaw.block_size() - 1;
+        let mut left = count;
+        let mut at = idal;
+        let mut first = true;
+        while left > 0 {
+            if at > self.limit() {
+                return Err(cstat::PROGRAM_CHECK);
+            }
+            let mut b = [0u8; 8];
+            mem.read(at, &mut b[..size as usize], self.key())
+                .map_err(fault_status)?;
+            let idaw = self.idaw.decode(&b);
+            if !idaw.is_valid(self.idaw) {
+                return Err(cstat::PROGRAM_CHECK);
+            }
+            let d = idaw.0;
+            // Later IDAWs must designate a block boundary (the block's last byte when
+            // reading backward).
+            let n = if back {
+                if !first && d.wrapping_add(1) & mask != 0 {
+                    return Err(cstat::PROGRAM_CHECK);
+                }
+                (d & mask) + 1
+            } else {
+                if !first && d & mask != 0 {
+                    return Err(cstat::PROGRAM_CHECK);
+                }
+                mask + 1 - (d & mask)
+            };
+            let n = n.min(left as u64) as usize;
+            let lo = if back { d + 1 - n as u64 } else { d };
+            out.push(Piece {
+                lo,
+                len: n,
+                skip: false,
+            });
+            left -= n;
+            at += size;
+            first = false;
+        }
+        Ok(())
+    }
+
+    /// MIDA per Hercules' fetch_midaw: MIDAW quadword aligned, a MIDAL may not run onto a
+    /// new 4 KiB page, reserved bits and the data-transfer-interruption flag are program
+    /// checks, count 0 is a program check, a MIDAW whose data moves may not cross 4 KiB, the
+    /// MIDAW counts may not exceed the CCW count, and a last MIDAW leaving count unused is a
+    /// program check (reaching the CCW count without a last flag is accepted).
+    fn resolve_mida(
+        &self,
+        mem: &dyn ChannelMemory,
+        midal: u64,
+        count: usize,
+        input: bool,
+        back: bool,
+        out: &mut Vec<Piece>,
+    ) -> Result<(), u8> {
+        let mut left = count;
+        let mut at = midal;
+        let mut first = true;
+        let pc = Err(cstat::PROGRAM_CHECK);
+        while left > 0 {
+            if at > self.limit() || (!first && at & 0xfff == 0) {
+                return pc;
+            }
+            let mut b = [0u8; 16];
+            mem.read(at, &mut b, self.key()).map_err(fault_status)?;
+            let m = Midaw::from_bytes(b);
+            if !m.reserved_ok() || m.flags.dtic() || m.count == 0 {
+                return pc;
+            }
+            let n = m.count as usize;
+            if n > left {
+                return pc;
+            }
+            // Skip is honoured on input only; output fetches the data (vccw: the skip flag
+            // of a CCW is ignored for output, and a MIDAW's likewise).
+            let skip = m.flags.skip() && input;
+            let room = if back {
+                (m.data & 0xfff) + 1
+            } else {
+                0x1000 - (m.data & 0xfff)
+            };
+            if !skip && n as u64 > room {
+                return pc;
+            }
+            let lo = if back {
+                m.data.wrapping_sub(n as u64 - 1)
+            } else {
+                m.data
+            };
+            out.push(Piece { lo, len: n, skip });
+            left -= n;
+            at += 16;
+            first = false;
+            if m.flags.last() {
+                break;
+            }
+        }
+        if left > 0 {
+            return pc;
+        }
+        Ok(())
+    }
+
+    /// Runs the program up to the end of one command (with its data-chained CCWs).
+    pub fn step(&mut self, mem: &dyn ChannelMemory, dev: &mut dyn DeviceModel) -> Step {
+        match self.state {
+            State::Finished(s) => return Step::Done(s),
+            State::Suspended { .. } => return Step::Suspended(None),
+            State::Running => {}
+        }
+        if !self.started {
+            self.started = true;
+            dev.start_program();
+        }
+        let (at, ccw) = match self.fetch_following(mem, self.next) {
+            Ok(v) => v,
+            Err(c) => return self.finish_check(c, 0, false),
+        };
+        let cpa = at.wrapping_add(8);
+        let pc = |count| Check {
+            cstat: cstat::PROGRAM_CHECK,
+            cpa,
+            count,
+        };
+        let kind = ccw.kind();
+        if kind == CommandKind::Invalid || kind == CommandKind::Tic {
+            return self.finish_check(pc(ccw.count), 0, ccw.flags.pci());
+        }
+        if let Err(cs) = self.check_flags(&ccw, false) {
+            let c = Check {
+                cstat: cs,
+                ..pc(ccw.count)
+            };
+            return self.finish_check(c, 0, ccw.flags.pci());
+        }
+        if ccw.flags.s() {
+            if !self.orb.ctl.suspend() {
+                return self.finish_check(pc(ccw.count), 0, ccw.flags.pci());
+            }
+            return self.suspend(at, &ccw);
+        }
+        if let Err(cs) = self
+            .check_count(&ccw, false)
+            .and_then(|_| self.check_data_address(&ccw, kind))
+        {
+            let c = Check {
+                cstat: cs,
+                ..pc(ccw.count)
+            };
+            return self.finish_check(c, 0, ccw.flags.pci());
+        }
+        self.execute(mem, dev, at, ccw)
+    }
+
+    fn suspend(&mut self, at: u32, ccw: &Ccw1) -> Step {
+        self.state = State::Suspended { ccw: at };
+        self.last_ccw = None;
+        let pci = ccw.flags.pci();
+        // PCI forces the interruption even when the ORB suppresses it (Hercules).
+        if self.orb.ctl.suppress_suspended_interrupt() && !pci {
+            return Step::Suspended(None);
+        }
+        Step::Suspended(Some(Scsw {
+            flags: self
+                .base_flags()
+                .with_fctl(fctl::START)
+                .with_actl(actl::SUSPENDED)
+                .with_stctl(SUSPENDED_STCTL),
+            cpa: at.wrapping_add(8),
+            dstat: 0,
+            cstat: if pci { cstat::PCI } else { 0 },
+            count: ccw.count,
+        }))
+    }
+
+    /// Walks the data chain from the validated first CCW.
+    fn walk(
+        &mut self,
+        mem: &dyn ChannelMemory,
+        first_at: u32,
+        first: Ccw1,
+        kind: CommandKind,
+    ) -> (Vec<Seg>, Vec<Piece>, usize, Option<ChainErr>) {
+        let mut segs = Vec::new();
+        let mut pieces = Vec::new();
+        let mut offered = 0usize;
+        let (mut at, mut ccw) = (first_at, first);
+        let mut data_chained = false;
+        loop {
+            let cpa = at.wrapping_add(8);
+            let err = |cs, start| ChainErr {
+                cstat: cs,
+                cpa,
+                start,
+                count: ccw.count,
+            };
+            if data_chained {
+                if let Err(cs) = self
+                    .check_flags(&ccw, true)
+                    .and_then(|_| self.check_count(&ccw, true))
+                    .and_then(|_| self.check_data_address(&ccw, kind))
+                {
+                    return (segs, pieces, offered, Some(err(cs, offered)));
+                }
+            }
+            if offered + ccw.count as usize > MAX_DATA_CHAIN_BYTES {
+                return (
+                    segs,
+                    pieces,
+                    offered,
+                    Some(err(cstat::PROGRAM_CHECK, offered)),
+                );
+            }
+            let start = offered;
+            segs.push(Seg {
+                ccw: at,
+                flags: ccw.flags,
+                count: ccw.count,
+                start,
+            });
+            let before = pieces.len();
+            if let Err(cs) = self.resolve(mem, &ccw, kind, &mut pieces) {
+                offered += pieces[before..].iter().map(|p| p.len).sum::<usize>();
+                return (segs, pieces, offered, Some(err(cs, start)));
+            }
+            offered += ccw.count as usize;
+            if !ccw.flags.cd() {
+                return (segs, pieces, offered, None);
+            }
+            match self.fetch_following(mem, at.wrapping_add(8)) {
+                Ok((a, c)) => {
+                    at = a;
+                    ccw = c;
+                    data_chained = true;
+                }
+                Err(c) => {
+                    let e = ChainErr {
+                        cstat: c.cstat,
+                        cpa: c.cpa,
+                        start: offered,
+                        count: 0,
+                    };
+                    return (segs, pieces, offered, Some(e));
+                }
+            }
+        }
+    }
+
+    fn seg_at(segs: &[Seg], off: usize) -> usize {
+        segs.iter()
+            .position(|s| off < s.start + s.count as usize)
+            .unwrap_or(segs.len().saturating_sub(1))
+    }
+
+    fn execute(
+        &mut self,
+        mem: &dyn ChannelMemory,
+        dev: &mut dyn DeviceModel,
+        at: u32,
+        ccw: Ccw1,
+    ) -> Step {
+        let kind = ccw.kind();
+        let input = kind.is_input();
+        let back = kind == CommandKind::ReadBackward;
+        let (segs, pieces, mut offered, mut err) = self.walk(mem, at, ccw, kind);
+
+        // Output: gather; a fault truncates the offer at that piece.
+        let mut data = vec![0u8; offered];
+        if !input {
+            let mut pos = 0usize;
+            for p in &pieces {
+                if pos >= offered {
+                    break;
+                }
+                let n = p.len.min(offered - pos);
+                if let Err(f) = mem.read(p.lo, &mut data[pos..pos + n], self.key()) {
+                    let k = Self::seg_at(&segs, pos);
+                    err = Some(ChainErr {
+                        cstat: fault_status(f),
+                        cpa: segs[k].ccw.wrapping_add(8),
+                        start: segs[k].start,
+                        count: segs[k].count,
+                    });
+                    offered = pos;
+                    data.truncate(pos);
+                    break;
+                }
+                self.record(p.lo, n, false);
+                pos += n;
+            }
+        }
+
+        // An error before the first byte: the device is never started.
+        if let Some(e) = err {
+            if offered == 0 {
+                let pci = segs.first().is_some_and(|s| s.flags.pci());
+                let c = Check {
+                    cstat: e.cstat,
+                    cpa: e.cpa,
+                    count: e.count,
+                };
+                return self.finish_check(c, 0, pci);
+            }
+        }
+
+        // With an error in the chain, the device is offered the count it would see up to the
+        // end of the faulty CCW (at least one byte past the valid ones), so its own decision
+        // tells whether it needs the byte at the error; bytes past `valid` are zeros on
+        // output and dropped on input.
+        let valid = offered;
+        let offer = match err {
+            Some(e) => (e.start + e.count as usize).max(valid + 1),
+            None => valid,
+        };
+        data.resize(offer, 0);
+        let cmd = Command {
+            code: ccw.cmd,
+            kind,
+            count: offer,
+            chained: self.chained,
+            prev_code: self.prev_code,
+            seq: self.seq,
+        };
+        let zero_cc = std::mem::take(&mut self.initial_due);
+        let outcome = dev.execute(&cmd, &mut data);
+        let t = outcome.transferred.min(offer);
+        if self.trace {
+            tracing::trace!(
+                ccw = at,
+                code = ccw.cmd,
+                count = offer,
+                transferred = t,
+                status = outcome.status,
+                more = outcome.more,
+                "channel command"
+            );
+        }
+        if t > 0 {
+            self.no_data = 0;
+        }
+
+        // Input: scatter what the device produced.
+        let mut fail: Option<(usize, ChainErr)> = None;
+        if input {
+            let mut pos = 0usize;
+            for p in &pieces {
+                let end = t.min(valid);
+                if pos >= end {
+                    break;
+                }
+                let n = p.len.min(end - pos);
+                if !p.skip {
+                    let (lo, res) = if back {
+                        // Transfer order runs downward from the piece's top byte.
+                        let lo = p.lo + (p.len - n) as u64;
+                        let rev: Vec<u8> = data[pos..pos + n].iter().rev().copied().collect();
+                        (lo, mem.write(lo, &rev, self.key()))
+                    } else {
+                        (p.lo, mem.write(p.lo, &data[pos..pos + n], self.key()))
+                    };
+                    if let Err(f) = res {
+                        let k = Self::seg_at(&segs, pos);
+                        let e = ChainErr {
+                            cstat: fault_status(f),
+                            cpa: segs[k].ccw.wrapping_add(8),
+                            start: segs[k].start,
+                            count: segs[k].count,
+                        };
+                        fail = Some((pos, e));
+                        break;
+                    }
+                    self.record(lo, n, true);
+                }
+                pos += n;
+            }
+        }
+        if fail.is_none() {
+            if let Some(e) = err {
+                // The device needed the byte at the error: it reached it.
+                if t > valid || (t == valid && outcome.more) {
+                    fail = Some((valid, e));
+                }
+            }
+        }
+
+        if let Some((done, e)) = fail {
+            let k = segs
+                .iter()
+                .rposition(|s| s.start <= done)
+                .unwrap_or_default();
+            let pci = segs[..=k.min(segs.len().saturating_sub(1))]
+                .iter()
+                .any(|s| s.flags.pci());
+            self.last_ccw = Some(e.cpa.wrapping_sub(8));
+            let count = (e.start + e.count as usize).saturating_sub(done) as u16;
+            let s = self.final_scsw(
+                e.cpa,
+                outcome.status,
+                e.cstat | if pci { cstat::PCI } else { 0 },
+                count,
+                zero_cc,
+            );
+            return self.finish(s);
+        }
+
+        // Normal end of the command: the last CCW reached holds the residual count.
+        let k = segs
+            .iter()
+            .position(|s| s.start + s.count as usize >= t)
+            .unwrap_or(segs.len() - 1);
+        let seg = segs[k];
+        let residual = (seg.start + seg.count as usize).saturating_sub(t);
+        let mut cs = 0u8;
+        if residual > 0 || outcome.more {
+            // SLI does not apply while data chaining is in effect (Hercules); the ORB's
+            // incorrect-length-suppression mode covers immediate operations (PoP).
+            let sli = seg.flags.sli() && !seg.flags.cd();
+            let immediate = t == 0 && !outcome.more;
+            let ils = self.fmt1() && self.orb.ctl.incorrect_length_suppression() && immediate;
+            if !sli && !ils {
+                cs |= cstat::INCORRECT_LENGTH;
+            }
+        }
+        let pci_seg = segs[..=k].iter().rev().find(|s| s.flags.pci()).copied();
+        self.last_ccw = Some(seg.ccw);
+        let ds = outcome.status;
+        let normal = ds & !dstat::STATUS_MODIFIER == dstat::CHANNEL_END | dstat::DEVICE_END;
+        let chain = cs == 0 && normal && seg.flags.cc() && !seg.flags.cd();
+        if chain {
+            // Status modifier: skip one CCW (PoP "Command Chaining").
+            let skip = if ds & dstat::STATUS_MODIFIER != 0 {
+                16
+            } else {
+                8
+            };
+            self.next = seg.ccw.wrapping_add(skip);
+            self.chained = true;
+            self.prev_code = Some(ccw.cmd);
+            self.seq += 1;
+            return match (pci_seg, zero_cc) {
+                (None, false) => Step::Continue,
+                (p, z) => {
+                    let cpa = p.map_or(seg.ccw, |s| s.ccw).wrapping_add(8);
+                    Step::Intermediate(self.intermediate_scsw(cpa, p.is_some(), z))
+                }
+            };
+        }
+        if pci_seg.is_some() {
+            cs |= cstat::PCI;
+        }
+        let s = self.final_scsw(seg.ccw.wrapping_add(8), ds, cs, residual as u16, zero_cc);
+        self.finish(s)
+    }
+
+    /// RESUME SUBCHANNEL: a suspended program continues by refetching the suspended CCW
+    /// (which suspends again if its S flag is still one).
+    pub fn resume(&mut self) -> Result<(), ResumeError> {
+        match self.state {
+            State::Suspended { ccw } => {
+                self.next = ccw;
+                self.chained = false;
+                self.prev_code = None;
+                self.no_data = 0;
+                self.initial_due = self.orb.ctl.initial_status_interrupt();
+                self.state = State::Running;
+                Ok(())
+            }
+            _ => Err(ResumeError::NotSuspended),
+        }
+    }
+
+    /// HALT SUBCHANNEL between CCWs: the device is signalled and the program ends.
+    ///
+    /// Status (as QEMU's css.c presents it): start and halt function, status pending alone,
+    /// device end when the device was active, CCW address = last CCW executed + 8 (the
+    /// suspended CCW + 8 when suspended), no subchannel status, count 0.
+    pub fn halt(&mut self, dev: &mut dyn DeviceModel) -> Scsw {
+        let (ds, cpa) = match self.state {
+            State::Running if self.started => {
+                dev.reset_operation();
+                (
+                    dstat::DEVICE_END,
+                    self.last_ccw.map_or(0, |a| a.wrapping_add(8)),
+                )
+            }
+            State::Running => (0, 0),
+            State::Suspended { ccw } => (0, ccw.wrapping_add(8)),
+            State::Finished(s) => (0, s.cpa),
+        };
+        let s = Scsw {
+            flags: self
+                .base_flags()
+                .with_fctl(fctl::START | fctl::HALT)
+                .with_stctl(stctl::STATUS_PENDING),
+            cpa,
+            dstat: ds,
+            cstat: 0,
+            count: 0,
+        };
+        self.state = State::Finished(s);
+        s
+    }
+
+    /// CLEAR SUBCHANNEL: the device is reset and the program ends; the SCSW holds only the
+    /// clear function and status pending (PoP "Clear Function").
+    pub fn clear(&mut self, dev: &mut dyn DeviceModel) -> Scsw {
+        if self.state == State::Running && self.started {
+            dev.reset_operation();
+        }
+        let s = Scsw {
+            flags: ScswFlags::new()
+                .with_fctl(fctl::CLEAR)
+                .with_stctl(stctl::STATUS_PENDING),
+            ..Default::default()
+        };
+        self.state = State::Finished(s);
+        s
+    }
+}
+
+/// Runs a program until it ends or suspends, or `max_steps` steps pass, and returns every
+/// status it presented (intermediate, suspended, final) in order.
+pub fn run_to_completion(
+    orb: &Orb,
+    mem: &dyn ChannelMemory,
+    dev: &mut dyn DeviceModel,
+    max_steps: usize,
+) -> Vec<Scsw> {
+    let mut run = ChannelRun::new(orb);
+    let mut out = Vec::new();
+    for _ in 0..max_steps {
+        match run.step(mem, dev) {
+            Step::Continue => {}
+            Step::Intermediate(s) => out.push(s),
+            Step::Suspended(s) => {
+                out.extend(s);
+                break;
+            }
+            Step::Done(s) => {
+                out.push(s);
+                break;
+            }
+        }
+    }
+    out
+}
