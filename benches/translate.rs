@@ -58,7 +58,9 @@ fn store(mappings: usize) -> IommuStore {
 }
 
 fn program(s: &IommuStore, kind: Kind, n: usize) -> Orb {
-    let mut ctl = OrbControls::new().with_format1(true).with_format2_idaw(true);
+    let mut ctl = OrbControls::new()
+        .with_format1(true)
+        .with_format2_idaw(true);
     for i in 0..n as u64 {
         let data = DATA + i * 4096;
         let flags = CcwFlags::new().with_cc(i + 1 < n as u64);
@@ -91,7 +93,8 @@ fn program(s: &IommuStore, kind: Kind, n: usize) -> Orb {
                     data: d,
                 };
                 s.write(list, &m(data + 2048, false).to_bytes()).unwrap();
-                s.write(list + 16, &m(data + 4096, true).to_bytes()).unwrap();
+                s.write(list + 16, &m(data + 4096, true).to_bytes())
+                    .unwrap();
                 Ccw1 {
                     cmd: 0x02,
                     flags: flags.with_mida(true),
