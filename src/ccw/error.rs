@@ -59,7 +59,7 @@ pub enum TranslateError {
     /// A MIDAW is invalid (count zero, reserved bits, page crossing, counts not matching).
     #[error("CCW at {0:#x}: invalid MIDAW list: {1}")]
     Midaw(GuestAddr, &'static str),
-    /// A CCW has the MIDA flag while the ORB does not allow MIDAWs, or both IDA and MIDA.
+    /// A CCW has the MIDA flag while the ORB does not allow MIDAWs, or MIDA with IDA or SKP.
     #[error("CCW at {0:#x}: MIDA flag not allowed here")]
     MidaNotAllowed(GuestAddr),
     /// A CCW has the suspend flag while the ORB does not allow suspension.

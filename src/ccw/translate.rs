@@ -211,7 +211,8 @@ fn validate(c: &Ccw1, addr: u64, orb: &Orb, data_chained: bool) -> Result<(), E>
     if c.count == 0 && (c.flags.cd() || data_chained) {
         return Err(E::ZeroCountDataChain(addr));
     }
-    if c.flags.mida() && (!ctl.midaw() || c.flags.ida()) {
+    // MIDAWs carry their own skip flags: MIDA with IDA or SKP is a program check (Hercules).
+    if c.flags.mida() && (!ctl.midaw() || c.flags.ida() || c.flags.skp()) {
         return Err(E::MidaNotAllowed(addr));
     }
     if c.flags.s() && !ctl.suspend() {
@@ -419,7 +420,8 @@ impl<'a> Builder<'a> {
                 count: 0,
                 cda: 0,
             },
-            cda: Cda::Ccw(heads[si] + ci),
+            // Through the slot: if it was expanded out of line, straight to the expansion.
+            cda: Cda::Slot(heads[si] + ci),
             guest: g.addr,
             residual_extra: 0,
         })
@@ -669,6 +671,10 @@ impl<'a> Builder<'a> {
                 ));
             }
             at += MIDAW_SIZE;
+            // A MIDAL may not run into another page after its first MIDAW (Hercules).
+            if at % PAGE_SIZE == 0 {
+                return Err(E::Midaw(g.addr, "list crosses a page boundary"));
+            }
         }
         if sum != count {
             return Err(E::Midaw(g.addr, "counts short of the CCW count"));

@@ -799,14 +799,15 @@ impl ChannelRun {
                     data.truncate(pos);
                     break;
                 }
-                self.record(p.lo, n, false);
                 pos += n;
             }
         }
 
-        // An error before the first byte: the device is never started.
+        // An error in the command's own CCW before any byte: the device is never started.
+        // A data fault at the first byte is different: the channel fetches output data only
+        // as the device asks for it, so a command that moves nothing (NOOP) never faults.
         if let Some(e) = err {
-            if offered == 0 {
+            if offered == 0 && (segs.is_empty() || e.count == 0) {
                 let pci = segs.first().is_some_and(|s| s.flags.pci());
                 let c = Check {
                     cstat: e.cstat,
@@ -851,6 +852,19 @@ impl ChannelRun {
         }
         if t > 0 {
             self.no_data = 0;
+        }
+        if !input {
+            // Output moved only what the device consumed (prefetched bytes are not "moved").
+            let mut pos = 0usize;
+            for p in &pieces {
+                let end = t.min(valid);
+                if pos >= end {
+                    break;
+                }
+                let n = p.len.min(end - pos);
+                self.record(p.lo, n, false);
+                pos += n;
+            }
         }
 
         // Input: scatter what the device produced.

@@ -48,6 +48,7 @@ struct M {
     size: u64,
     perm: Perm,
     mem: Box<[u8]>,
+    base: usize,
 }
 #[derive(Clone, Default)]
 pub struct IommuStore {
@@ -92,7 +93,8 @@ impl IommuStore {
             M {
                 size,
                 perm,
-                mem: vec![0u8; size as usize].into_boxed_slice(),
+                base: 0,
+                mem: vec![0u8; size as usize + 4096].into_boxed_slice(),
             },
         );
         Ok(())
@@ -111,7 +113,8 @@ impl IommuStore {
         if iova - b + len > m.size {
             return Err(StoreError::Invalid);
         }
-        let off = (iova - b) as usize;
+        let base = (4096 - (m.mem.as_ptr() as usize % 4096)) % 4096;
+        let off = (iova - b) as usize + base + m.base;
         Ok(f(m, off))
     }
     pub fn read(&self, iova: u64, buf: &mut [u8]) -> Result<(), StoreError> {
