@@ -8,4 +8,5 @@
 
 pub mod ccw;
 pub mod css;
+pub mod iommu_store;
 pub mod orb;
