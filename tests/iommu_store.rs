@@ -732,3 +732,95 @@ fn store_and_pins_are_send_sync() {
     send_sync::<IommuStore>();
     send::<PinnedPages>();
 }
+
+// ---------------------------------------------------------------- MODEL CHECK
+
+mod model {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// The type1 rules written the naive way: a list of (iova, size).
+    #[derive(Default)]
+    struct Model(Vec<(u64, u64)>);
+
+    impl Model {
+        fn map(&mut self, iova: u64, size: u64, limit: usize) -> Result<(), i32> {
+            if size == 0 || iova % P != 0 || size % P != 0 {
+                return Err(libc::EINVAL);
+            }
+            let last = iova.checked_add(size - 1).ok_or(libc::EINVAL)?;
+            if self
+                .0
+                .iter()
+                .any(|&(i, s)| i <= last && iova <= i + (s - 1))
+            {
+                return Err(libc::EEXIST);
+            }
+            if self.0.len() >= limit {
+                return Err(libc::ENOSPC);
+            }
+            self.0.push((iova, size));
+            Ok(())
+        }
+
+        fn unmap(&mut self, iova: u64, size: u64) -> Result<u64, i32> {
+            if size == 0 || iova % P != 0 || size % P != 0 {
+                return Err(libc::EINVAL);
+            }
+            let last = iova.checked_add(size - 1).ok_or(libc::EINVAL)?;
+            for &(i, s) in &self.0 {
+                let l = i + (s - 1);
+                if (i < iova && iova <= l) || (i <= last && last < l) {
+                    return Err(libc::EINVAL);
+                }
+            }
+            let before: u64 = self.0.iter().map(|m| m.1).sum();
+            self.0.retain(|&(i, _)| !(iova <= i && i <= last));
+            Ok(before - self.0.iter().map(|m| m.1).sum::<u64>())
+        }
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Map(u64, u64),
+        Unmap(u64, u64),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        // Small page numbers so ranges collide often; occasional unaligned values.
+        let addr = prop_oneof![9 => (0u64..24).prop_map(|p| p * P), 1 => 0u64..0x18000];
+        let size = prop_oneof![9 => (0u64..6).prop_map(|p| p * P), 1 => 0u64..0x6000];
+        prop_oneof![
+            (addr.clone(), size.clone()).prop_map(|(a, s)| Op::Map(a, s)),
+            (addr, size).prop_map(|(a, s)| Op::Unmap(a, s)),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(200))]
+        #[test]
+        fn store_matches_naive_model(ops in proptest::collection::vec(op(), 1..40)) {
+            let limit = 6usize;
+            let s = IommuStore::new(StoreConfig { dma_entry_limit: limit as u32 });
+            let mut m = Model::default();
+            for op in ops {
+                match op {
+                    Op::Map(i, sz) => {
+                        let got = s.map_dma(i, sz, Perm::READ, Backing::Anonymous).map_err(|e| e.errno());
+                        prop_assert_eq!(got, m.map(i, sz, limit), "map {:#x}+{:#x}", i, sz);
+                    }
+                    Op::Unmap(i, sz) => {
+                        let got = s.unmap_dma(i, sz, false).map_err(|e| e.errno());
+                        prop_assert_eq!(got, m.unmap(i, sz), "unmap {:#x}+{:#x}", i, sz);
+                    }
+                }
+                prop_assert_eq!(s.stats().mappings, m.0.len());
+                // Every page the model maps is readable, others are not.
+                for p in 0..30u64 {
+                    let mapped = m.0.iter().any(|&(i, sz)| i <= p * P && p * P < i + sz);
+                    prop_assert_eq!(s.read(p * P, &mut [0u8; 1]).is_ok(), mapped);
+                }
+            }
+        }
+    }
+}

@@ -202,12 +202,12 @@ impl IommuStore {
             perm,
             Arc::clone(&self.inner.globals),
         ));
-        table.insert(Arc::new(StoreRegion(Arc::new(Backed {
+        table.insert(Arc::new(StoreRegion::new(Backed {
             shared,
             mem,
             _keepalive: keepalive,
             valid: AtomicBool::new(true),
-        }))));
+        })));
         self.mark_stale();
         Ok(())
     }
@@ -258,7 +258,7 @@ impl IommuStore {
             valid: AtomicBool::new(true),
         };
         dirty::carry_over(&old.0, &new);
-        table.replace(Arc::new(StoreRegion(Arc::new(new))));
+        table.replace(Arc::new(StoreRegion::new(new)));
         self.mark_stale();
         Ok(())
     }

@@ -16,7 +16,8 @@ impl IommuStore {
     /// them fail with EINVAL), every live [`UnmapListener`] is told with no store lock held,
     /// and the unmap waits up to the unmap timeout (see [`IommuStore::set_unmap_timeout`])
     /// for the pins to be dropped. If they are not, it fails with EBUSY and leaves every
-    /// mapping of the range in place (pins possible again).
+    /// mapping of the range in place (pins possible again). (Two unmaps racing over the same
+    /// pinned mapping: the one that times out revives it even if the other still waits.)
     ///
     /// Errors: `all` with a non-zero `iova` or `size`; without `all`, a zero size, bad
     /// alignment, a wrapping range, or a range that bisects a mapping: EINVAL.
