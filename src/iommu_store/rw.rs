@@ -1,0 +1,85 @@
+//! Unpinned copies to and from mapped memory (CCW and IDAW fetches, DMA_READ/DMA_WRITE).
+
+use std::sync::atomic::Ordering;
+
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
+
+use super::error::StoreError;
+use super::region::StoreRegion;
+use super::types::Perm;
+use super::IommuStore;
+
+impl IommuStore {
+    /// Copies `buf.len()` bytes from `iova` (may span mappings). Every byte must be mapped
+    /// with READ permission; the whole range is checked before any byte moves.
+    ///
+    /// Errors: range wraps or a byte is unmapped: EINVAL; a mapping without READ: EPERM; an
+    /// invalidated vaddr: EBUSY.
+    pub fn read(&self, iova: u64, buf: &mut [u8]) -> Result<(), StoreError> {
+        self.access(iova, buf.len(), Perm::READ, |r, off, start, n| {
+            let s = r
+                .get_slice(MemoryRegionAddress(off), n)
+                .map_err(|_| StoreError::NotMapped(iova))?;
+            s.copy_to(&mut buf[start..start + n]);
+            Ok(())
+        })
+    }
+
+    /// Copies `data` to `iova` (may span mappings). Every byte must be mapped with WRITE
+    /// permission; the whole range is checked before any byte moves. The stores mark the
+    /// mapping's vm-memory dirty bitmap.
+    ///
+    /// Errors: as [`IommuStore::read`], with WRITE in place of READ.
+    pub fn write(&self, iova: u64, data: &[u8]) -> Result<(), StoreError> {
+        self.access(iova, data.len(), Perm::WRITE, |r, off, start, n| {
+            let s = r
+                .get_slice(MemoryRegionAddress(off), n)
+                .map_err(|_| StoreError::NotMapped(iova))?;
+            // VolatileSlice::copy_from marks the region's AtomicBitmap.
+            s.copy_from(&data[start..start + n]);
+            Ok(())
+        })
+    }
+
+    /// Checks `iova..iova + len` for `need`, then calls `f(region, region offset, buffer
+    /// offset, length)` for each piece in order.
+    fn access(
+        &self,
+        iova: u64,
+        len: usize,
+        need: Perm,
+        mut f: impl FnMut(&StoreRegion, u64, usize, usize) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
+        if len == 0 {
+            return Ok(());
+        }
+        iova.checked_add(len as u64 - 1)
+            .ok_or(StoreError::Invalid("access wraps around the address space"))?;
+        let snap = self.snapshot();
+        // Pass 1 checks everything, pass 2 copies: a fault transfers nothing.
+        for pass in 0..2 {
+            let mut done = 0usize;
+            while done < len {
+                let cur = iova + done as u64;
+                let r = snap
+                    .find_region(GuestAddress(cur))
+                    .ok_or(StoreError::NotMapped(cur))?;
+                let sh = &r.0.shared;
+                let off = cur - sh.iova;
+                let n = ((sh.size - off).min((len - done) as u64)) as usize;
+                if pass == 0 {
+                    if !sh.perm.allows(need) {
+                        return Err(StoreError::Permission(cur));
+                    }
+                    if !r.0.valid.load(Ordering::SeqCst) {
+                        return Err(StoreError::VaddrInvalid(cur));
+                    }
+                } else {
+                    f(r, off, done, n)?;
+                }
+                done += n;
+            }
+        }
+        Ok(())
+    }
+}
