@@ -8,4 +8,6 @@
 
 pub mod ccw;
 pub mod css;
+pub mod devices;
+pub mod image;
 pub mod orb;

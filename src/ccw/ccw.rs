@@ -127,7 +127,16 @@ impl Ccw1 {
     pub fn to_bytes(self) -> [u8; 8] {
         let c = self.count.to_be_bytes();
         let a = self.cda.to_be_bytes();
-        [self.cmd, self.flags.into_bits(), c[0], c[1], a[0], a[1], a[2], a[3]]
+        [
+            self.cmd,
+            self.flags.into_bits(),
+            c[0],
+            c[1],
+            a[0],
+            a[1],
+            a[2],
+            a[3],
+        ]
     }
 
     /// The kind of command this CCW carries.
@@ -156,7 +165,16 @@ impl Ccw0 {
     pub fn to_bytes(self) -> [u8; 8] {
         let a = self.cda.to_be_bytes();
         let c = self.count.to_be_bytes();
-        [self.cmd, a[1], a[2], a[3], self.flags.into_bits(), 0, c[0], c[1]]
+        [
+            self.cmd,
+            a[1],
+            a[2],
+            a[3],
+            self.flags.into_bits(),
+            0,
+            c[0],
+            c[1],
+        ]
     }
 
     /// The equivalent format-1 CCW. A format-0 TIC (any high nibble) becomes `0x08`.

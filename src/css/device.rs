@@ -104,6 +104,14 @@ impl DeviceIdentity {
     pub fn sense_id_bytes(&self) -> [u8; 7] {
         let cu = self.cu_type.to_be_bytes();
         let dt = self.dev_type.to_be_bytes();
-        [0xFF, cu[0], cu[1], self.cu_model, dt[0], dt[1], self.dev_model]
+        [
+            0xFF,
+            cu[0],
+            cu[1],
+            self.cu_model,
+            dt[0],
+            dt[1],
+            self.dev_model,
+        ]
     }
 }

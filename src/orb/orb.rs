@@ -114,14 +114,26 @@ mod tests {
             (OrbControls::new().with_synchronization(true), bit(7)),
             (OrbControls::new().with_format1(true), bit(8)),
             (OrbControls::new().with_prefetch(true), bit(9)),
-            (OrbControls::new().with_initial_status_interrupt(true), bit(10)),
-            (OrbControls::new().with_address_limit_checking(true), bit(11)),
-            (OrbControls::new().with_suppress_suspended_interrupt(true), bit(12)),
+            (
+                OrbControls::new().with_initial_status_interrupt(true),
+                bit(10),
+            ),
+            (
+                OrbControls::new().with_address_limit_checking(true),
+                bit(11),
+            ),
+            (
+                OrbControls::new().with_suppress_suspended_interrupt(true),
+                bit(12),
+            ),
             (OrbControls::new().with_transport_mode(true), bit(13)),
             (OrbControls::new().with_format2_idaw(true), bit(14)),
             (OrbControls::new().with_idaw_2k(true), bit(15)),
             (OrbControls::new().with_lpm(0x81), 0x0000_8100),
-            (OrbControls::new().with_incorrect_length_suppression(true), bit(24)),
+            (
+                OrbControls::new().with_incorrect_length_suppression(true),
+                bit(24),
+            ),
             (OrbControls::new().with_midaw(true), bit(25)),
         ];
         for (c, v) in cases {
