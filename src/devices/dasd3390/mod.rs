@@ -891,7 +891,6 @@ impl Dasd3390 {
         }
         self.prog.loper = oper;
         self.prog.laux = aux;
-        self.prog.lcount = count;
         self.prog.tlf = if aux & AUX_TLF_VALID != 0 {
             tlf
         } else {
@@ -917,6 +916,8 @@ impl Dasd3390 {
             self.skip_current();
             self.orient = Orient::Data;
         }
+        // The domain opens only once the record was found.
+        self.prog.lcount = count;
         self.prog.locate = true;
         Ok(())
     }
