@@ -13,15 +13,15 @@
 //!
 //! Not modelled: track-overflow records, Read IPL via other than 0x02, Write Key and Data,
 //! Locate Record Extended extended operations (Read/Write Any, Read Track Set), Prefix with
-//! Perform Subsystem Function, PSF/RSSD, path groups, reserve/release.
+//! Perform Subsystem Function, PSF/RSSD, Suspend Multipath Reconnection, reserve/release.
 
-mod chars;
-mod sense;
+pub mod chars;
+pub mod sense;
 #[cfg(test)]
 mod tests;
 
 pub use chars::{configuration_data, device_characteristics, model_for, sense_id};
-pub use sense::*;
+use sense::*;
 
 use crate::css::device::{Command, DeviceIdentity, DeviceModel, Outcome};
 use crate::image::ckd::{
@@ -154,6 +154,8 @@ struct Program {
     id_equal: bool,
     wrote_ckd: bool,
     wrote_ha: bool,
+    /// Sense/Set Path Group ID must end the chain: the next command is rejected.
+    reject_next: bool,
     /// Commands left in the Locate Record domain.
     lcount: u8,
     loper: u8,
@@ -183,6 +185,7 @@ impl Program {
             id_equal: false,
             wrote_ckd: false,
             wrote_ha: false,
+            reject_next: false,
             lcount: 0,
             loper: 0,
             laux: 0,
@@ -214,6 +217,8 @@ pub struct Dasd3390 {
     serial: [u8; 12],
     sense: [u8; SENSE_LEN],
     ready: bool,
+    /// Path group id set by Set Path Group ID (zeros: ungrouped).
+    pgid: [u8; 11],
     /// Cached track image and the track it holds.
     track: Vec<u8>,
     loaded: Option<(u32, u32)>,
@@ -285,6 +290,7 @@ impl Dasd3390 {
             serial,
             sense: [0; SENSE_LEN],
             ready: true,
+            pgid: [0; 11],
             loaded: None,
             cyl: 0,
             head: 0,
@@ -621,6 +627,9 @@ impl Dasd3390 {
 
     fn dispatch(&mut self, cmd: &Command, data: &mut [u8]) -> Res<Outcome> {
         let code = cmd.code;
+        if self.prog.reject_next {
+            return Err(self.sequence());
+        }
         match code {
             0x03 => {
                 if self.in_domain() {
@@ -678,6 +687,7 @@ impl Dasd3390 {
             0x19 => self.cmd_write_ha(data),
             0x11 => self.cmd_erase(data),
             0x9D => self.cmd_write_ckd_next_track(cmd, data),
+            0x34 | 0xAF => self.cmd_path_group(cmd, data),
             _ => Err(self.reject(MSG_INVALID_COMMAND)),
         }
     }
@@ -1285,6 +1295,43 @@ impl Dasd3390 {
         self.read_count(cmd.code)?;
         let len = self.write_ckd(data)?;
         Ok(output(data.len(), len))
+    }
+}
+
+impl Dasd3390 {
+    /// Sense Path Group ID (0x34) and Set Path Group ID (0xAF), single-path as Hercules
+    /// models them: both must be the only command of their chain (Suspend Multipath
+    /// Reconnection aside), Sense reports the "reset" path state and the id, Set establishes
+    /// (only the same id once one is set), disbands or resigns.
+    fn cmd_path_group(&mut self, cmd: &Command, data: &mut [u8]) -> Res<Outcome> {
+        if cmd.chained && cmd.prev_code != Some(0x5B) {
+            return Err(self.sequence());
+        }
+        let out = if cmd.code == 0x34 {
+            let mut b = [0u8; 12];
+            b[1..].copy_from_slice(&self.pgid);
+            input(data, &b)
+        } else {
+            if data.len() < 12 {
+                return Err(self.reject(MSG_COUNT_TOO_SMALL));
+            }
+            let (func, id) = (data[0], &data[1..12]);
+            let grouped = self.pgid != [0; 11];
+            if func & 0x60 == 0x60
+                || func & 0x1F != 0
+                || id == [0; 11]
+                || (grouped && self.pgid[..] != id[..])
+            {
+                return Err(self.reject(MSG_INVALID_PARAMETER));
+            }
+            match func & 0x60 {
+                0x00 => self.pgid.copy_from_slice(id),
+                _ => self.pgid = [0; 11],
+            }
+            Outcome::done(12)
+        };
+        self.prog.reject_next = true;
+        Ok(out)
     }
 }
 

@@ -224,7 +224,7 @@ fn sense_reports_position_and_clears() {
 fn unknown_commands_are_rejected() {
     let mut v = vol();
     let mut p = Prog::new(&mut v.dev);
-    for code in [0x01, 0x0D, 0x27, 0x3E, 0x0C, 0x02 | 0x80] {
+    for code in [0x01, 0x0D, 0x27, 0x3E, 0x0C, 0x82] {
         let s = p.fails(code, vec![0; 8]);
         assert!(is_reject(&s, MSG_INVALID_COMMAND), "{code:#x}");
     }
@@ -950,4 +950,42 @@ fn non_3390_images_are_refused() {
     let e = Dasd3390::open(&v.path, Dasd3390Options::default()).unwrap_err();
     assert!(matches!(e, DasdError::NotA3390 { dev_type: 0x80, .. }));
     assert_eq!(e.errno(), libc::EINVAL);
+}
+
+#[test]
+fn path_group_id_set_sense_and_chain_rules() {
+    let mut v = vol();
+    let pgid: Vec<u8> = (1..=11).collect();
+    let mut p = Prog::new(&mut v.dev);
+    assert_eq!(p.read(0x34, 12), vec![0; 12]);
+    // Nothing may follow it in the chain.
+    assert!(is_reject(&p.fails(0x03, vec![]), 2));
+    let mut p = Prog::new(&mut v.dev);
+    let (o, _) = p.io(0xAF, [vec![0x80], pgid.clone()].concat());
+    assert_eq!((o.status, o.transferred), (OK, 12));
+    let mut p = Prog::new(&mut v.dev);
+    assert_eq!(p.read(0x34, 12), [vec![0x00], pgid.clone()].concat());
+    // Another id while grouped, a zero id, a reserved function: invalid parameter.
+    let mut other = pgid.clone();
+    other[0] = 9;
+    for bad in [
+        [vec![0x80], other].concat(),
+        [vec![0x00], vec![0; 11]].concat(),
+        [vec![0x60], pgid.clone()].concat(),
+        [vec![0x01], pgid.clone()].concat(),
+    ] {
+        let mut p = Prog::new(&mut v.dev);
+        assert!(is_reject(&p.fails(0xAF, bad), 4));
+    }
+    let mut p = Prog::new(&mut v.dev);
+    assert!(is_reject(&p.fails(0xAF, vec![0; 5]), 3));
+    // Not first in the chain.
+    let mut p = Prog::new(&mut v.dev);
+    p.ok(0x03, vec![]);
+    assert!(is_reject(&p.fails(0x34, vec![0; 12]), 2));
+    // Disband clears the id.
+    let mut p = Prog::new(&mut v.dev);
+    p.ok(0xAF, [vec![0x20], pgid.clone()].concat());
+    let mut p = Prog::new(&mut v.dev);
+    assert_eq!(p.read(0x34, 12), vec![0; 12]);
 }
