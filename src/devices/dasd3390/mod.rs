@@ -11,7 +11,7 @@
 //! (optionally followed by fdatasync, see [`CkdOpenOptions::sync_writes`]); a failed write is
 //! a unit check with equipment-check sense, never success.
 //!
-//! Not modelled: track-overflow records, Read IPL via other than 0x02, Write Key and Data,
+//! Not modelled: track-overflow records, Write Key and Data, Read Sector, Search Key,
 //! Locate Record Extended extended operations (Read/Write Any, Read Track Set), Prefix with
 //! Perform Subsystem Function, PSF/RSSD, Suspend Multipath Reconnection, reserve/release.
 
