@@ -1,3 +1,5 @@
-//! On-disk image formats (no device logic).
+//! On-disk formats of emulated media (no device logic): Hercules CKD DASD images and AWSTAPE
+//! tape files.
 
 pub mod awstape;
+pub mod ckd;
