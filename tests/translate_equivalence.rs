@@ -125,7 +125,9 @@ impl Mem {
             .unwrap();
         let guest = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM as usize)]).unwrap();
         let mut m = Mem { store, guest };
-        let pattern: Vec<u8> = (0..MEM).map(|i| (i as u8).wrapping_mul(31) ^ fill).collect();
+        let pattern: Vec<u8> = (0..MEM)
+            .map(|i| (i as u8).wrapping_mul(31) ^ fill)
+            .collect();
         m.put(0, &pattern);
         m.put(0, &vec![0; DATA as usize]); // program and list area starts zeroed
         m
@@ -175,6 +177,7 @@ fn build(c: &Case, m: &mut Mem) -> Orb {
     let mut lists = LISTS;
     let n = c.specs.len();
     let mut data_chained = false;
+    let mut chain_cmd = 0u8;
     for (i, s) in c.specs.iter().enumerate() {
         let mut rng = Rng(s.seeds.iter().fold(0x9e37_79b9_7f4a_7c15u64, |a, &x| {
             a.rotate_left(7) ^ x as u64
@@ -193,7 +196,10 @@ fn build(c: &Case, m: &mut Mem) -> Orb {
             flags.set_cc(true);
         }
         // The command that decides direction is the first of a data chain.
-        let backward = !data_chained && s.cmd == 0x0C;
+        if !data_chained {
+            chain_cmd = s.cmd;
+        }
+        let backward = chain_cmd == 0x0C;
         let count = s.count as u64;
         // Format-0 CCWs use MIDA/IDA with 31-bit lists but direct data must stay below 16M:
         // all our memory does.
@@ -219,18 +225,18 @@ fn build(c: &Case, m: &mut Mem) -> Orb {
                 };
                 while left > 0 {
                     // next block: contiguous or anywhere block-aligned
-                    let block = if rng.below(2) == 0 {
-                        let prev = *addrs.last().unwrap();
-                        if backward {
-                            (prev - prev % bs).saturating_sub(bs)
-                        } else {
-                            prev - prev % bs + bs
-                        }
+                    let prev = *addrs.last().unwrap();
+                    let next_to = if backward {
+                        (prev - prev % bs).checked_sub(bs).filter(|b| *b >= DATA)
                     } else {
-                        DATA + rng.below((DATA_END - DATA) / bs - 2) * bs
+                        Some(prev - prev % bs + bs)
+                    };
+                    let block = match next_to {
+                        Some(b) if rng.below(2) == 0 => b,
+                        _ => DATA + rng.below((DATA_END - DATA) / bs - 2) * bs,
                     };
                     let a = if backward { block + bs - 1 } else { block };
-                    addrs.push(a.max(DATA));
+                    addrs.push(a);
                     left = left.saturating_sub(bs);
                 }
                 let mut bytes = Vec::new();
@@ -248,6 +254,7 @@ fn build(c: &Case, m: &mut Mem) -> Orb {
             Addressing::Mida(pieces) => {
                 flags.set_mida(true);
                 flags.set_skp(false); // MIDA with SKP is a program check
+                flags.set_sli(false); // see the known difference above
                 if lists % 4096 + 16 * 6 > 4096 {
                     lists = (lists + 4095) & !4095; // a MIDAL stays in one page
                 }
@@ -260,7 +267,11 @@ fn build(c: &Case, m: &mut Mem) -> Orb {
                     let page = DATA + rng.below((DATA_END - DATA) / 4096 - 1) * 4096;
                     let off = rng.below(4096);
                     let room = if backward { off + 1 } else { 4096 - off };
-                    let len = if k >= pieces { room.min(left) } else { (1 + rng.below(room)).min(left) };
+                    let len = if k >= pieces {
+                        room.min(left)
+                    } else {
+                        (1 + rng.below(room)).min(left)
+                    };
                     left -= len;
                     let md = Midaw {
                         reserved: 0,
@@ -333,24 +344,53 @@ fn device(c: &Case) -> LoopbackDevice {
     d
 }
 
-/// Transfers split at 4 KiB boundaries and merged again, so that two runs whose storage is
-/// laid out differently compare equal when they move the same guest bytes.
-fn normalize(ts: &[Transfer], to_guest: impl Fn(u64) -> u64) -> Vec<(u64, u64, bool)> {
-    let mut out: Vec<(u64, u64, bool)> = Vec::new();
+/// The guest bytes a run moved, as sorted byte ranges per direction (a byte moved twice counts
+/// twice). Transfers are split at 4 KiB boundaries before mapping to guest addresses, so runs
+/// whose storage is laid out differently, or whose records are merged differently, compare
+/// equal when they move the same guest bytes; the order of overlapping stores is checked by
+/// comparing the final memory.
+fn normalize(ts: &[Transfer], to_guest: impl Fn(u64) -> u64) -> Vec<(u64, u64, bool, i64)> {
+    let mut pieces: Vec<(bool, u64, u64)> = Vec::new();
     for t in ts {
         let mut a = t.addr;
         let end = t.addr + t.len as u64;
         while a < end {
             let n = (4096 - a % 4096).min(end - a);
             let g = to_guest(a);
-            match out.last_mut() {
-                Some(l) if l.2 == t.input && l.0 + l.1 == g => l.1 += n,
-                _ => out.push((g, n, t.input)),
-            }
+            pieces.push((t.input, g, g + n));
             a += n;
         }
     }
-    out
+    // Count coverage per byte with a sweep, then emit maximal runs of equal coverage.
+    let mut out = Vec::new();
+    for input in [false, true] {
+        let mut ev: Vec<(u64, i64)> = Vec::new();
+        for (i, lo, hi) in &pieces {
+            if *i == input {
+                ev.push((*lo, 1));
+                ev.push((*hi, -1));
+            }
+        }
+        ev.sort_unstable();
+        let mut depth = 0i64;
+        let mut from = 0u64;
+        for (addr, d) in ev {
+            if depth > 0 && addr > from {
+                out.push((from, addr - from, input, depth));
+            }
+            depth += d;
+            from = addr;
+        }
+    }
+    // Merge adjacent runs moved the same number of times.
+    let mut merged: Vec<(u64, u64, bool, i64)> = Vec::new();
+    for (a, n, i, d) in out {
+        match merged.last_mut() {
+            Some(l) if l.2 == i && l.3 == d && l.0 + l.1 == a => l.1 += n,
+            _ => merged.push((a, n, i, d)),
+        }
+    }
+    merged
 }
 
 fn run(orb: &Orb, mem: &dyn ChannelMemory, dev: &mut LoopbackDevice) -> (Vec<Scsw>, Vec<Transfer>) {
@@ -382,6 +422,10 @@ proptest! {
 
     #[test]
     fn host_program_moves_the_same_bytes(c in case()) {
+        // Known, documented difference (docs/architecture.md, "MIDAWs"): a MIDAW list no IDAL
+        // can express becomes data-chained CCWs, and a channel ignores SLI while CD is set; a
+        // device ending early inside such a list with SLI on presents incorrect length.
+        // The generator therefore leaves SLI off MIDA CCWs.
         let mut m = Mem::new(c.fill);
         let orb = build(&c, &mut m);
 

@@ -792,14 +792,7 @@ impl<'a> Builder<'a> {
                 Cda::Fixed(a) => a,
                 Cda::Idal(k) => idaw_addr(k),
                 Cda::Ccw(k) => ccw_addr(k),
-                Cda::Slot(k) => match ccws[..nslots].get(k) {
-                    Some(HostCcw {
-                        ccw,
-                        cda: Cda::Ccw(t),
-                        ..
-                    }) if ccw.is_tic() => ccw_addr(*t),
-                    _ => ccw_addr(k),
-                },
+                Cda::Slot(k) => ccw_addr(resolve_slot(&ccws[..nslots], k)),
             };
             image.extend_from_slice(&c.to_bytes());
             origins.push(Origin {
@@ -852,6 +845,23 @@ impl<'a> Builder<'a> {
             pins,
         })
     }
+}
+
+/// The host CCW a channel should be sent to for slot `k`: through a TIC there, since TIC to
+/// TIC is a program check. Guest TIC-to-TIC is refused, so only an expansion TIC can sit behind
+/// a guest TIC: the walk is at most two TICs long.
+fn resolve_slot(slots: &[HostCcw], mut k: usize) -> usize {
+    for _ in 0..2 {
+        match slots.get(k) {
+            Some(h) if h.ccw.is_tic() => match h.cda {
+                Cda::Ccw(t) => return t,
+                Cda::Slot(j) => k = j,
+                _ => return k,
+            },
+            _ => return k,
+        }
+    }
+    k
 }
 
 fn trap_ccw(addr: u64) -> HostCcw {

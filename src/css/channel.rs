@@ -931,10 +931,12 @@ impl ChannelRun {
             return self.finish(s);
         }
 
-        // Normal end of the command: the last CCW reached holds the residual count.
+        // Normal end of the command: the last CCW reached holds the residual count. Data
+        // chaining fetches the next CCW as soon as a count reaches zero, so a device that
+        // stops exactly at a boundary ends on the next CCW, with its whole count left.
         let k = segs
             .iter()
-            .position(|s| s.start + s.count as usize >= t)
+            .position(|s| s.start + s.count as usize > t)
             .unwrap_or(segs.len() - 1);
         let seg = segs[k];
         let residual = (seg.start + seg.count as usize).saturating_sub(t);
