@@ -1278,3 +1278,409 @@ pub fn decode_u64(b: &[u8]) -> Result<u64, ProtoError> {
     exact("u64", b, 8)?;
     Ok(u64_at(b, 0))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vfio_bindings::bindings::vfio::{
+        VFIO_IRQ_SET_ACTION_TRIGGER, VFIO_REGION_INFO_FLAG_READ, VFIO_REGION_INFO_FLAG_WRITE,
+        VFIO_REGION_SUBTYPE_CCW_ASYNC_CMD, VFIO_REGION_TYPE_CCW,
+    };
+
+    /// Expected bytes written from a spec table: (value, field size) in offset order, each in
+    /// host byte order.
+    fn fields(f: &[(u64, usize)]) -> Vec<u8> {
+        let mut b = Vec::new();
+        for &(v, n) in f {
+            match n {
+                2 => b.extend_from_slice(&(v as u16).to_ne_bytes()),
+                4 => b.extend_from_slice(&(v as u32).to_ne_bytes()),
+                8 => b.extend_from_slice(&v.to_ne_bytes()),
+                _ => unreachable!(),
+            }
+        }
+        b
+    }
+
+    #[test]
+    fn header_layout() {
+        let h = Header {
+            id: 0x1234,
+            command: 5,
+            size: 48,
+            flags: TYPE_REPLY | FLAG_ERROR,
+            error: 22,
+        };
+        let want = fields(&[(0x1234, 2), (5, 2), (48, 4), (0x21, 4), (22, 4)]);
+        assert_eq!(h.encode().to_vec(), want);
+        assert_eq!(Header::decode(&want).unwrap(), h);
+        h.validate().unwrap();
+    }
+
+    #[cfg(target_endian = "little")]
+    #[test]
+    fn header_literal_little_endian() {
+        let h = Header::command(7, Command::DeviceGetInfo, 16);
+        assert_eq!(
+            h.encode(),
+            [7, 0, 4, 0, 32, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]
+        );
+    }
+
+    #[test]
+    fn header_validation() {
+        let ok = Header::command(1, Command::Version, 0);
+        ok.validate().unwrap();
+        let small = Header { size: 15, ..ok };
+        assert!(small.validate().is_err());
+        let ty = Header { flags: 2, ..ok };
+        assert!(ty.validate().is_err());
+        let unknown = Header {
+            flags: 1 << 6,
+            ..ok
+        };
+        assert!(unknown.validate().is_err());
+        let err_in_cmd = Header { error: 1, ..ok };
+        assert_eq!(err_in_cmd.validate().unwrap_err().errno(), libc::EINVAL);
+        let err_flag_cmd = Header {
+            flags: FLAG_ERROR,
+            ..ok
+        };
+        assert!(err_flag_cmd.validate().is_err());
+        let r = ok.error_reply(libc::ENOSYS);
+        assert!(r.is_reply() && r.is_error() && r.size == 16 && r.error == libc::ENOSYS as u32);
+        assert!(Header::decode(&[0u8; 15]).is_err());
+    }
+
+    #[test]
+    fn command_numbers() {
+        assert_eq!(Command::from_u16(1), Some(Command::Version));
+        assert_eq!(Command::from_u16(13), Some(Command::DeviceReset));
+        assert_eq!(Command::from_u16(14), None);
+        assert_eq!(Command::from_u16(15), Some(Command::RegionWriteMulti));
+        assert_eq!(Command::from_u16(18), Some(Command::MigDataWrite));
+        assert_eq!(Command::from_u16(19), None);
+        assert_eq!(Command::DmaWrite as u16, 12);
+    }
+
+    #[test]
+    fn version_encoding() {
+        let v = Version {
+            major: 0,
+            minor: 1,
+            caps: Some(Capabilities {
+                max_msg_fds: Some(8),
+                max_data_xfer_size: Some(4096),
+                ..Default::default()
+            }),
+        };
+        let mut want = fields(&[(0, 2), (1, 2)]);
+        want.extend_from_slice(br#"{"capabilities":{"max_msg_fds":8,"max_data_xfer_size":4096}}"#);
+        want.push(0);
+        assert_eq!(v.encode(), want);
+        assert_eq!(Version::decode(&want).unwrap(), v);
+        // No version data at all.
+        let bare = Version::decode(&fields(&[(0, 2), (0, 2)])).unwrap();
+        assert_eq!(bare.caps, None);
+    }
+
+    #[test]
+    fn version_parses_qemu_caps_and_rejects_junk() {
+        let mut b = fields(&[(0, 2), (0, 2)]);
+        b.extend_from_slice(
+            br#"{"capabilities":{"migration":{"pgsize":4096,"max_bitmap_size":268435456},"max_msg_fds":16,"max_data_xfer_size":1048576,"pgsizes":4096,"max_dma_maps":65535,"write_multiple":true}}"#,
+        );
+        b.push(0);
+        let v = Version::decode(&b).unwrap();
+        let c = v.caps.unwrap();
+        assert_eq!(c.max_msg_fds(), 16);
+        assert_eq!(c.pgsizes(), 4096);
+        assert_eq!(c.write_multiple, Some(true));
+        let bad = |s: &[u8]| {
+            let mut b = fields(&[(0, 2), (0, 2)]);
+            b.extend_from_slice(s);
+            Version::decode(&b).unwrap_err()
+        };
+        assert!(matches!(bad(b"{}"), ProtoError::Json(_))); // no NUL
+        assert!(matches!(bad(b"{\0}\0"), ProtoError::Json(_)));
+        assert!(matches!(bad(b"[1]\0"), ProtoError::Json(_)));
+        assert!(matches!(
+            bad(b"{\"capabilities\":{\"max_msg_fds\":-1}}\0"),
+            ProtoError::Json(_)
+        ));
+        assert!(matches!(bad(b"\xff\0"), ProtoError::Json(_)));
+        let mut huge = vec![b' '; MAX_VERSION_DATA];
+        huge.push(0);
+        assert_eq!(bad(&huge).errno(), libc::E2BIG);
+        assert!(Version::decode(&[0, 0, 0]).is_err());
+    }
+
+    #[test]
+    fn dma_map_encoding() {
+        let m = DmaMap {
+            argsz: 32,
+            flags: 3,
+            offset: 0x1000,
+            address: 0x8000_0000,
+            size: 0x10_0000,
+        };
+        let want = fields(&[
+            (32, 4),
+            (3, 4),
+            (0x1000, 8),
+            (0x8000_0000, 8),
+            (0x10_0000, 8),
+        ]);
+        assert_eq!(m.encode(), want);
+        assert_eq!(DmaMap::decode(&want).unwrap(), m);
+        assert_eq!(m.prot(), (true, true));
+        let with = |f: &[(u64, usize)]| DmaMap::decode(&fields(f));
+        assert!(with(&[(24, 4), (3, 4), (0, 8), (0, 8), (4096, 8)]).is_err()); // argsz
+        assert!(with(&[(32, 4), (4, 4), (0, 8), (0, 8), (4096, 8)]).is_err()); // VADDR flag
+        assert!(with(&[(32, 4), (1, 4), (0, 8), (0, 8), (0, 8)]).is_err()); // empty
+        assert!(with(&[(32, 4), (1, 4), (0, 8), (u64::MAX, 8), (2, 8)]).is_err()); // wraps
+        assert!(DmaMap::decode(&want[..31]).is_err());
+    }
+
+    #[test]
+    fn dma_unmap_encoding() {
+        let u = DmaUnmap {
+            argsz: 24,
+            flags: 0,
+            address: 0x2000,
+            size: 0x1000,
+        };
+        let want = fields(&[(24, 4), (0, 4), (0x2000, 8), (0x1000, 8)]);
+        assert_eq!(u.encode(), want);
+        assert_eq!(DmaUnmap::decode(&want).unwrap(), u);
+        let all = DmaUnmap::decode(&fields(&[(24, 4), (2, 4), (0, 8), (0, 8)])).unwrap();
+        assert!(all.all());
+        let e = |f: &[(u64, usize)]| DmaUnmap::decode(&fields(f)).unwrap_err().errno();
+        assert_eq!(e(&[(24, 4), (2, 4), (4096, 8), (0, 8)]), libc::EINVAL);
+        assert_eq!(e(&[(24, 4), (1, 4), (0, 8), (4096, 8)]), libc::ENOTSUP);
+        assert_eq!(e(&[(16, 4), (0, 4), (0, 8), (4096, 8)]), libc::EINVAL);
+        assert_eq!(e(&[(24, 4), (8, 4), (0, 8), (4096, 8)]), libc::EINVAL);
+    }
+
+    #[test]
+    fn device_and_irq_info_encoding() {
+        let d = DeviceInfo {
+            argsz: 16,
+            flags: 0x11,
+            num_regions: 4,
+            num_irqs: 3,
+        };
+        let want = fields(&[(16, 4), (0x11, 4), (4, 4), (3, 4)]);
+        assert_eq!(d.encode(), want);
+        assert_eq!(DeviceInfo::decode(&want).unwrap(), d);
+        assert!(DeviceInfo::decode_request(&fields(&[(16, 4), (0, 4), (0, 4), (0, 4)])).is_ok());
+        assert!(DeviceInfo::decode_request(&fields(&[(8, 4), (0, 4), (0, 4), (0, 4)])).is_err());
+        assert!(DeviceInfo::decode_request(&fields(&[(16, 4), (1, 4), (0, 4), (0, 4)])).is_err());
+
+        let i = IrqInfo {
+            argsz: 16,
+            flags: 1,
+            index: 2,
+            count: 1,
+        };
+        let want = fields(&[(16, 4), (1, 4), (2, 4), (1, 4)]);
+        assert_eq!(i.encode(), want);
+        assert_eq!(IrqInfo::decode(&want).unwrap(), i);
+        assert!(IrqInfo::decode_request(&fields(&[(16, 4), (0, 4), (2, 4), (0, 4)])).is_ok());
+        assert!(IrqInfo::decode_request(&fields(&[(16, 4), (0, 4), (2, 4), (5, 4)])).is_err());
+    }
+
+    #[test]
+    fn region_info_with_cap_type_and_argsz_negotiation() {
+        let r = RegionInfo {
+            flags: VFIO_REGION_INFO_FLAG_READ | VFIO_REGION_INFO_FLAG_WRITE,
+            index: 1,
+            size: 0x50,
+            caps: vec![RegionCap::Type {
+                type_: VFIO_REGION_TYPE_CCW,
+                subtype: VFIO_REGION_SUBTYPE_CCW_ASYNC_CMD,
+            }],
+            ..Default::default()
+        };
+        // Full reply: fixed part with cap_offset 32, then {id 2, version 1, next 0, type 2, subtype 1}.
+        let mut want = fields(&[(48, 4), (0xb, 4), (1, 4), (32, 4), (0x50, 8), (0, 8)]);
+        want.extend(fields(&[(2, 2), (1, 2), (0, 4), (2, 4), (1, 4)]));
+        assert_eq!(r.encode_reply(48), want);
+        let back = RegionInfo::decode_reply(&want).unwrap();
+        assert_eq!(back.cap_type(), Some((2, 1)));
+        assert_eq!(back.size, 0x50);
+        // argsz too small: fixed part only, argsz = needed, cap_offset 0, CAPS still set.
+        let short = fields(&[(48, 4), (0xb, 4), (1, 4), (0, 4), (0x50, 8), (0, 8)]);
+        assert_eq!(r.encode_reply(32), short);
+        assert_eq!(RegionInfo::decode_reply(&short).unwrap().caps, vec![]);
+        // No caps: argsz 32, no CAPS flag.
+        let plain = RegionInfo {
+            caps: vec![],
+            ..r.clone()
+        };
+        assert_eq!(
+            plain.encode_reply(1024),
+            fields(&[(32, 4), (3, 4), (1, 4), (0, 4), (0x50, 8), (0, 8)])
+        );
+        // Request: only index set.
+        let req = RegionInfo::request(3, 64);
+        assert_eq!(
+            req,
+            fields(&[(64, 4), (0, 4), (3, 4), (0, 4), (0, 8), (0, 8)])
+        );
+        assert_eq!(RegionInfo::decode_request(&req).unwrap(), (3, 64));
+        assert!(RegionInfo::decode_request(&RegionInfo::request(3, 16)).is_err());
+        let mut dirty = req.clone();
+        dirty[16] = 1;
+        assert!(RegionInfo::decode_request(&dirty).is_err());
+    }
+
+    #[test]
+    fn region_info_chain_and_hostile_chains() {
+        let r = RegionInfo {
+            flags: 1,
+            index: 0,
+            size: 4096,
+            caps: vec![
+                RegionCap::SparseMmap(vec![(0x1000, 0x2000)]),
+                RegionCap::Type {
+                    type_: 2,
+                    subtype: 3,
+                },
+            ],
+            ..Default::default()
+        };
+        let b = r.encode_reply(4096);
+        let mut want = fields(&[(80, 4), (9, 4), (0, 4), (32, 4), (4096, 8), (0, 8)]);
+        want.extend(fields(&[
+            (1, 2),
+            (1, 2),
+            (64, 4),
+            (1, 4),
+            (0, 4),
+            (0x1000, 8),
+            (0x2000, 8),
+        ]));
+        want.extend(fields(&[(2, 2), (1, 2), (0, 4), (2, 4), (3, 4)]));
+        assert_eq!(b, want);
+        assert_eq!(RegionInfo::decode_reply(&b).unwrap().caps, r.caps);
+        // A loop (next points back) and an out-of-bounds offset are refused.
+        let mut looped = b.clone();
+        looped[64 + 4..64 + 8].copy_from_slice(&32u32.to_ne_bytes());
+        assert!(RegionInfo::decode_reply(&looped).is_err());
+        let mut oob = b.clone();
+        oob[12..16].copy_from_slice(&200u32.to_ne_bytes());
+        assert!(RegionInfo::decode_reply(&oob).is_err());
+        let mut areas = b.clone();
+        areas[40..44].copy_from_slice(&u32::MAX.to_ne_bytes());
+        assert!(RegionInfo::decode_reply(&areas).is_err());
+    }
+
+    #[test]
+    fn irq_set_encoding_and_validation() {
+        let s = IrqSet {
+            argsz: 20,
+            flags: VFIO_IRQ_SET_DATA_EVENTFD | VFIO_IRQ_SET_ACTION_TRIGGER,
+            index: 0,
+            start: 0,
+            count: 1,
+            data: vec![],
+        };
+        let want = fields(&[(20, 4), (0x24, 4), (0, 4), (0, 4), (1, 4)]);
+        assert_eq!(s.encode(), want);
+        assert_eq!(IrqSet::decode(&want).unwrap(), s);
+        let mut b = fields(&[(22, 4), (0x22, 4), (0, 4), (0, 4), (2, 4)]);
+        b.extend_from_slice(&[1, 0]);
+        let bools = IrqSet::decode(&b).unwrap();
+        assert_eq!(bools.data, vec![1, 0]);
+        let e = |f: &[(u64, usize)]| IrqSet::decode(&fields(f)).is_err();
+        assert!(e(&[(20, 4), (0x20, 4), (0, 4), (0, 4), (1, 4)])); // no DATA flag
+        assert!(e(&[(20, 4), (0x25, 4), (0, 4), (0, 4), (1, 4)])); // two DATA flags
+        assert!(e(&[(20, 4), (0x64, 4), (0, 4), (0, 4), (1, 4)])); // unknown bit
+        assert!(e(&[(24, 4), (0x21, 4), (0, 4), (0, 4), (1, 4)])); // argsz != size
+        assert!(e(&[(20, 4), (0x22, 4), (0, 4), (0, 4), (2, 4)])); // BOOL without data
+        assert!(e(&[
+            (20, 4),
+            (0x21, 4),
+            (0, 4),
+            (u32::MAX as u64, 4),
+            (2, 4)
+        ])); // wraps
+    }
+
+    #[test]
+    fn region_and_dma_access_encoding() {
+        let w = RegionAccess {
+            offset: 0x10,
+            region: 1,
+            count: 4,
+            data: vec![1, 2, 3, 4],
+        };
+        let mut want = fields(&[(0x10, 8), (1, 4), (4, 4)]);
+        want.extend_from_slice(&[1, 2, 3, 4]);
+        assert_eq!(w.encode(), want);
+        assert_eq!(RegionAccess::decode(&want, true, 4096).unwrap(), w);
+        assert!(RegionAccess::decode(&want, false, 4096).is_err()); // read carries no data
+        assert_eq!(
+            RegionAccess::decode(&want, true, 2).unwrap_err().errno(),
+            libc::E2BIG
+        );
+        let d = DmaAccess {
+            address: 0x4000,
+            count: 2,
+            data: vec![9, 8],
+        };
+        let mut want = fields(&[(0x4000, 8), (2, 8)]);
+        want.extend_from_slice(&[9, 8]);
+        assert_eq!(d.encode(), want);
+        assert_eq!(DmaAccess::decode(&want, true, 16).unwrap(), d);
+        assert_eq!(
+            DmaAccess::check_read_reply(&want, 0x4000, 2).unwrap(),
+            &[9, 8]
+        );
+        assert!(DmaAccess::check_read_reply(&want, 0x4001, 2).is_err());
+        assert!(DmaAccess::check_read_reply(&want, 0x4000, 3).is_err());
+        // QEMU's layout: u32 count + 4 bytes of padding.
+        let mut qemu = fields(&[(0x4000, 8), (2, 4), (0, 4)]);
+        qemu.extend_from_slice(&[9, 8]);
+        assert!(DmaAccess::check_read_reply(&qemu, 0x4000, 2).is_ok());
+        assert!(DmaAccess::check_write_reply(&[], 0x4000).is_ok());
+        assert!(DmaAccess::check_write_reply(&fields(&[(0x4000, 8), (2, 4)]), 0x4000).is_ok());
+        assert!(DmaAccess::check_write_reply(&fields(&[(0x4000, 8), (2, 8)]), 0x5000).is_err());
+        assert!(DmaAccess::check_write_reply(&[0; 5], 0x4000).is_err());
+    }
+
+    #[test]
+    fn write_multi_encoding() {
+        let m = WriteMulti {
+            writes: vec![WriteOne {
+                offset: 8,
+                region: 0,
+                count: 4,
+                data: [1, 2, 3, 4, 0, 0, 0, 0],
+            }],
+        };
+        let mut want = fields(&[(1, 8), (8, 8), (0, 4), (4, 4)]);
+        want.extend_from_slice(&[1, 2, 3, 4, 0, 0, 0, 0]);
+        assert_eq!(m.encode(), want);
+        assert_eq!(WriteMulti::decode(&want).unwrap(), m);
+        let mut bad = want.clone();
+        bad[20..24].copy_from_slice(&9u32.to_ne_bytes());
+        assert!(WriteMulti::decode(&bad).is_err());
+        assert!(WriteMulti::decode(&fields(&[(0, 8)])).is_err());
+        assert!(WriteMulti::decode(&fields(&[(201, 8)])).is_err());
+        assert_eq!(decode_u64(&fields(&[(7, 8)])).unwrap(), 7);
+    }
+
+    #[test]
+    fn struct_sizes_match_vfio_bindings() {
+        assert_eq!(DmaMap::SIZE, 32);
+        assert_eq!(DmaUnmap::SIZE, 24);
+        assert_eq!(DeviceInfo::SIZE, 16);
+        assert_eq!(RegionInfo::SIZE, 32);
+        assert_eq!(IrqInfo::SIZE, 16);
+        assert_eq!(IrqSet::SIZE, 20);
+        assert!(decode_device_feature(&fields(&[(8, 4), (1 << 19, 4)])).is_err());
+        assert!(decode_device_feature(&fields(&[(8, 4), (1 | 1 << 16, 4)])).is_ok());
+    }
+}

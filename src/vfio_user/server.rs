@@ -564,7 +564,7 @@ impl<B: VfioUserBackend + ?Sized> Conn<'_, B> {
             max_data_xfer_size: theirs.max_data_xfer_size.map(|_| c.max_data_xfer_size),
             pgsizes: theirs.pgsizes.map(|_| c.pgsizes),
             max_dma_maps: theirs.max_dma_maps.map(|_| c.max_dma_maps),
-            write_multiple: theirs.write_multiple.map(|w| w),
+            write_multiple: theirs.write_multiple,
         };
         let reply = Version {
             major: VERSION_MAJOR,
