@@ -14,3 +14,4 @@ pub mod driver;
 pub mod image;
 pub mod iommu_store;
 pub mod orb;
+pub mod vfio_user;

@@ -1,0 +1,803 @@
+//! The vfio-user server for one client connection, dispatching to a [`VfioUserBackend`].
+//!
+//! Two threads serve a connection. A reader thread receives every message: replies (to the
+//! server's DMA_READ/DMA_WRITE requests) are handed to the waiting [`DmaChannel`] caller by
+//! message id; commands go, in order, through a bounded queue to the dispatcher (the thread
+//! that called [`serve_connection`]), which validates them, calls the backend and replies.
+//! Because replies are read even while a command is being handled, a backend may use its
+//! `DmaChannel` from inside a handler. Every DMA request has a timeout, so a silent client
+//! cannot hang the device. Both directions share the one socket, as the spec's single-socket
+//! mode has it (twin-socket mode is not offered).
+//!
+//! When the client goes away (EOF, socket error, unusable header), the connection's queued
+//! messages and their fds are dropped, pending DMA requests fail with ENOTCONN and
+//! [`VfioUserBackend::disconnected`] is called: the backend unmaps all client memory and drops
+//! the client's fds, keeping the device state, as the spec asks.
+
+use std::collections::HashMap;
+use std::net::Shutdown;
+use std::os::fd::OwnedFd;
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::mpsc::{self, Receiver, SyncSender};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use thiserror::Error;
+use vfio_bindings::bindings::vfio::{
+    VFIO_DEVICE_FLAGS_RESET, VFIO_REGION_INFO_FLAG_READ, VFIO_REGION_INFO_FLAG_WRITE,
+};
+
+use super::protocol::{
+    Capabilities, Command, DeviceInfo, DmaAccess, DmaMap, DmaUnmap, Header, IrqInfo, IrqSet,
+    ProtoError, RegionAccess, RegionCap, RegionInfo, Version, WriteMulti, HEADER_SIZE,
+    MAX_VERSION_DATA, VERSION_MAJOR, VERSION_MINOR,
+};
+use super::socket::{recv_message, send_message, Message, RecvError, RecvLimits, SCM_MAX_FD};
+
+/// What the backend reports for DEVICE_GET_INFO.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DeviceDesc {
+    /// `VFIO_DEVICE_FLAGS_*` (vccw: `VFIO_DEVICE_FLAGS_CCW | VFIO_DEVICE_FLAGS_RESET`).
+    pub flags: u32,
+    /// Number of regions.
+    pub num_regions: u32,
+    /// Number of IRQ indexes.
+    pub num_irqs: u32,
+}
+
+/// What the backend reports for one region.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RegionDesc {
+    /// Size in bytes.
+    pub size: u64,
+    /// `VFIO_REGION_INFO_FLAG_READ`/`WRITE` (MMAP and CAPS are managed by the server).
+    pub flags: u32,
+    /// `VFIO_REGION_INFO_CAP_TYPE` (type, subtype) for device-specific regions.
+    pub cap_type: Option<(u32, u32)>,
+}
+
+/// What the backend reports for one IRQ index.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IrqDesc {
+    /// `VFIO_IRQ_INFO_*`.
+    pub flags: u32,
+    /// Number of sub-indexes.
+    pub count: u32,
+}
+
+/// How the server reaches the memory of a DMA_MAP.
+#[derive(Debug)]
+pub enum DmaBacking {
+    /// The client sent an fd: mapping it (and checking it is large enough) is the backend's job.
+    Fd {
+        /// The client's descriptor.
+        fd: OwnedFd,
+        /// Offset of the window in the file.
+        offset: u64,
+    },
+    /// No fd: the memory is reached through [`DmaChannel`] (DMA_READ/DMA_WRITE).
+    Client,
+}
+
+/// The device side of a vfio-user server. Errors are positive errnos, sent to the client.
+pub trait VfioUserBackend: Send + Sync {
+    /// Device flags and counts.
+    fn device_info(&self) -> DeviceDesc;
+    /// One region (index already checked against `num_regions`).
+    fn region_info(&self, index: u32) -> Result<RegionDesc, i32>;
+    /// One IRQ index (index already checked against `num_irqs`).
+    fn irq_info(&self, index: u32) -> Result<IrqDesc, i32>;
+    /// Read `buf.len()` bytes at `offset` (bounds already checked); returns bytes read.
+    fn region_read(&self, index: u32, offset: u64, buf: &mut [u8]) -> Result<usize, i32>;
+    /// Write `data` at `offset` (bounds already checked); returns bytes written.
+    fn region_write(&self, index: u32, offset: u64, data: &[u8]) -> Result<usize, i32>;
+    /// DEVICE_SET_IRQS, validated: one DATA and one ACTION flag, range inside the index
+    /// (or start = count = 0 with DATA_NONE), for DATA_EVENTFD either `count` fds or none
+    /// (none: de-assign), `bools` has `count` bytes for DATA_BOOL.
+    #[allow(clippy::too_many_arguments)]
+    fn set_irqs(
+        &self,
+        index: u32,
+        flags: u32,
+        start: u32,
+        count: u32,
+        fds: Vec<OwnedFd>,
+        bools: &[u8],
+    ) -> Result<(), i32>;
+    /// DEVICE_RESET.
+    fn reset(&self) -> Result<(), i32>;
+    /// DMA_MAP of `[iova, iova + size)`, page-aligned and non-wrapping; `prot` is
+    /// (readable, writeable). An overlapping map must fail with EEXIST.
+    fn dma_map(
+        &self,
+        iova: u64,
+        size: u64,
+        prot: (bool, bool),
+        backing: DmaBacking,
+    ) -> Result<(), i32>;
+    /// DMA_UNMAP of exactly a previous map (or everything with `all`); returns bytes unmapped.
+    /// Must release every reference to the memory before returning.
+    fn dma_unmap(&self, iova: u64, size: u64, all: bool) -> Result<u64, i32>;
+    /// The client is gone: unmap all client memory, drop client fds, keep the device state.
+    fn disconnected(&self);
+    /// After VERSION: the handle for DMA_READ/DMA_WRITE on this connection. It fails with
+    /// ENOTCONN once the connection ends.
+    fn attach_dma(&self, _channel: DmaChannel) {}
+}
+
+/// Server limits and timeouts.
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    /// Most fds accepted per message (advertised as `max_msg_fds`).
+    pub max_msg_fds: u32,
+    /// Largest REGION read/write count accepted (advertised as `max_data_xfer_size`).
+    pub max_data_xfer_size: u32,
+    /// DMA page sizes (advertised as `pgsizes`); maps must be aligned to the smallest.
+    pub pgsizes: u64,
+    /// Advertised `max_dma_maps` (enforced by the backend).
+    pub max_dma_maps: u32,
+    /// How long a DMA_READ/DMA_WRITE waits for the client's reply.
+    pub dma_timeout: Duration,
+    /// Commands queued between the reader and the dispatcher.
+    pub queue_depth: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            max_msg_fds: 16,
+            max_data_xfer_size: 1 << 20,
+            pgsizes: 4096,
+            max_dma_maps: 65535,
+            dma_timeout: Duration::from_secs(5),
+            queue_depth: 64,
+        }
+    }
+}
+
+impl ServerConfig {
+    fn limits(&self) -> RecvLimits {
+        RecvLimits {
+            max_fds: (self.max_msg_fds as usize).min(SCM_MAX_FD),
+            // The largest legal command: a REGION_WRITE of max_data_xfer_size bytes, or the
+            // VERSION JSON.
+            max_msg_size: (HEADER_SIZE + RegionAccess::SIZE + self.max_data_xfer_size as usize)
+                .max(HEADER_SIZE + 4 + MAX_VERSION_DATA),
+        }
+    }
+}
+
+/// Why a connection ended abnormally.
+#[derive(Debug, Error)]
+pub enum ServerError {
+    /// Socket failure.
+    #[error("socket: {0}")]
+    Io(#[from] std::io::Error),
+    /// The client sent an unusable header; the connection was closed.
+    #[error("unusable header: {0}")]
+    BadHeader(ProtoError),
+    /// The client did not start with an acceptable VERSION; the connection was closed.
+    #[error("version negotiation failed: {0}")]
+    Negotiation(String),
+}
+
+/// Failure of a server-initiated DMA access.
+#[derive(Debug, Error)]
+pub enum DmaError {
+    /// The connection is gone (ENOTCONN).
+    #[error("client disconnected")]
+    Disconnected,
+    /// The client did not answer in time (ETIMEDOUT).
+    #[error("no reply from client")]
+    Timeout,
+    /// The client answered with an error (its errno).
+    #[error("client error {0}")]
+    Remote(i32),
+    /// The client's reply is malformed (EINVAL).
+    #[error("bad reply: {0}")]
+    BadReply(ProtoError),
+    /// Sending failed (EIO).
+    #[error("socket: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl DmaError {
+    /// The errno a backend can pass on.
+    pub fn errno(&self) -> i32 {
+        match self {
+            DmaError::Disconnected => libc::ENOTCONN,
+            DmaError::Timeout => libc::ETIMEDOUT,
+            DmaError::Remote(e) => *e,
+            DmaError::BadReply(_) => libc::EINVAL,
+            DmaError::Io(_) => libc::EIO,
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic elsewhere must not take the connection down with a poisoned lock.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+struct Pending {
+    waiters: HashMap<u16, SyncSender<Message>>,
+    closed: bool,
+}
+
+struct DmaInner {
+    writer: Arc<Mutex<UnixStream>>,
+    pending: Mutex<Pending>,
+    next_id: AtomicU16,
+    max_xfer: usize,
+    timeout: Duration,
+}
+
+/// Server-to-client memory access for memory the client mapped without an fd
+/// (DMA_READ/DMA_WRITE on the connection's socket). Cheap to clone; usable from any thread,
+/// including from inside a backend handler.
+#[derive(Clone)]
+pub struct DmaChannel {
+    inner: Arc<DmaInner>,
+}
+
+impl std::fmt::Debug for DmaChannel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DmaChannel")
+            .field("max_xfer", &self.inner.max_xfer)
+            .finish()
+    }
+}
+
+impl DmaChannel {
+    fn new(writer: Arc<Mutex<UnixStream>>, max_xfer: u32, timeout: Duration) -> DmaChannel {
+        DmaChannel {
+            inner: Arc::new(DmaInner {
+                writer,
+                pending: Mutex::new(Pending {
+                    waiters: HashMap::new(),
+                    closed: false,
+                }),
+                next_id: AtomicU16::new(0),
+                max_xfer: (max_xfer as usize).max(1),
+                timeout,
+            }),
+        }
+    }
+
+    /// Read client memory at `address` into `buf` (split into `max_data_xfer_size` chunks).
+    pub fn read(&self, address: u64, buf: &mut [u8]) -> Result<(), DmaError> {
+        let mut done = 0;
+        while done < buf.len() {
+            let n = (buf.len() - done).min(self.inner.max_xfer);
+            let addr = address
+                .checked_add(done as u64)
+                .ok_or(DmaError::Remote(libc::EFAULT))?;
+            let req = DmaAccess {
+                address: addr,
+                count: n as u64,
+                data: Vec::new(),
+            };
+            let reply = self.transact(Command::DmaRead, &req.encode())?;
+            let data =
+                DmaAccess::check_read_reply(&reply.payload, addr, n).map_err(DmaError::BadReply)?;
+            buf[done..done + n].copy_from_slice(data);
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Write `data` to client memory at `address` (split into `max_data_xfer_size` chunks).
+    pub fn write(&self, address: u64, data: &[u8]) -> Result<(), DmaError> {
+        for (i, chunk) in data.chunks(self.inner.max_xfer).enumerate() {
+            let addr = address
+                .checked_add((i * self.inner.max_xfer) as u64)
+                .ok_or(DmaError::Remote(libc::EFAULT))?;
+            let req = DmaAccess {
+                address: addr,
+                count: chunk.len() as u64,
+                data: chunk.to_vec(),
+            };
+            let reply = self.transact(Command::DmaWrite, &req.encode())?;
+            DmaAccess::check_write_reply(&reply.payload, addr).map_err(DmaError::BadReply)?;
+        }
+        Ok(())
+    }
+
+    fn transact(&self, cmd: Command, payload: &[u8]) -> Result<Message, DmaError> {
+        let (tx, rx) = mpsc::sync_channel(1);
+        let id = {
+            let mut p = lock(&self.inner.pending);
+            if p.closed {
+                return Err(DmaError::Disconnected);
+            }
+            // Ids are ours alone (the spec: they belong to the sender); skip any still waiting.
+            let mut id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+            while p.waiters.contains_key(&id) {
+                id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+            }
+            p.waiters.insert(id, tx);
+            id
+        };
+        let header = Header::command(id, cmd, payload.len());
+        let sent = send_message(&lock(&self.inner.writer), &header, payload, &[]);
+        if let Err(e) = sent {
+            lock(&self.inner.pending).waiters.remove(&id);
+            return Err(DmaError::Io(e));
+        }
+        let reply = match rx.recv_timeout(self.inner.timeout) {
+            Ok(m) => m,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                lock(&self.inner.pending).waiters.remove(&id);
+                return Err(DmaError::Timeout);
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => return Err(DmaError::Disconnected),
+        };
+        if reply.header.command != cmd as u16 {
+            return Err(DmaError::BadReply(ProtoError::Invalid {
+                what: "dma reply",
+                detail: "command differs from the request",
+            }));
+        }
+        if reply.header.is_error() {
+            return Err(DmaError::Remote(reply.header.error as i32));
+        }
+        if !reply.fds.is_empty() {
+            return Err(DmaError::BadReply(ProtoError::Invalid {
+                what: "dma reply",
+                detail: "unexpected fds",
+            }));
+        }
+        Ok(reply)
+    }
+
+    /// Route a reply to its waiter; replies nobody waits for (late, unknown) are dropped.
+    fn complete(&self, msg: Message) {
+        let tx = lock(&self.inner.pending).waiters.remove(&msg.header.id);
+        if let Some(tx) = tx {
+            let _ = tx.try_send(msg);
+        } else {
+            tracing::debug!(id = msg.header.id, "vfio-user: unexpected reply dropped");
+        }
+    }
+
+    /// Fail every waiter and all later requests.
+    fn close(&self) {
+        let mut p = lock(&self.inner.pending);
+        p.closed = true;
+        p.waiters.clear();
+    }
+}
+
+enum Item {
+    Cmd(Message),
+    /// A message the reader refused (too large, too many fds): answer with this errno.
+    Refused(Header, i32),
+}
+
+enum Flow {
+    Continue,
+    Close,
+}
+
+struct Conn<'a, B: VfioUserBackend + ?Sized> {
+    backend: &'a B,
+    config: &'a ServerConfig,
+    writer: Arc<Mutex<UnixStream>>,
+    client_caps: Option<Capabilities>,
+    dma: Option<DmaChannel>,
+}
+
+/// Serve one client on `stream` until it disconnects. Returns `Ok(())` when the client
+/// closed the connection (also mid-stream); errors report why the server closed it.
+/// `disconnected` is called on the backend in every case once VERSION has been accepted
+/// (and also if it had not, so the backend may rely on it after any connection).
+pub fn serve_connection<B: VfioUserBackend + ?Sized>(
+    backend: &B,
+    stream: UnixStream,
+    config: &ServerConfig,
+) -> Result<(), ServerError> {
+    let writer = Arc::new(Mutex::new(stream.try_clone()?));
+    let dma_slot: Arc<Mutex<Option<DmaChannel>>> = Arc::new(Mutex::new(None));
+    let (tx, rx) = mpsc::sync_channel::<Item>(config.queue_depth.max(1));
+    let limits = config.limits();
+
+    let result = std::thread::scope(|s| {
+        let reader_stream = &stream;
+        let reader_dma = dma_slot.clone();
+        let reader = s.spawn(move || reader_loop(reader_stream, limits, tx, reader_dma));
+        let mut conn = Conn {
+            backend,
+            config,
+            writer: writer.clone(),
+            client_caps: None,
+            dma: None,
+        };
+        let r = conn.dispatch(&rx, &dma_slot);
+        // Unblock the reader (its recvmsg returns 0) and drop whatever is still queued,
+        // closing the fds those messages carried.
+        let _ = stream.shutdown(Shutdown::Both);
+        drop(rx);
+        let rr = reader.join().unwrap_or(Ok(()));
+        r.and(rr)
+    });
+    if let Some(d) = lock(&dma_slot).take() {
+        d.close();
+    }
+    backend.disconnected();
+    result
+}
+
+fn reader_loop(
+    stream: &UnixStream,
+    limits: RecvLimits,
+    tx: SyncSender<Item>,
+    dma: Arc<Mutex<Option<DmaChannel>>>,
+) -> Result<(), ServerError> {
+    let r = loop {
+        match recv_message(stream, limits) {
+            Ok(None) => break Ok(()),
+            Ok(Some(msg)) if msg.header.is_reply() => {
+                let d = lock(&dma).clone();
+                match d {
+                    Some(d) => d.complete(msg),
+                    None => tracing::debug!("vfio-user: reply before VERSION dropped"),
+                }
+            }
+            Ok(Some(msg)) => {
+                if tx.send(Item::Cmd(msg)).is_err() {
+                    break Ok(());
+                }
+            }
+            Err(e) => match e.reply_errno() {
+                Some((h, errno)) if !h.is_reply() => {
+                    if tx.send(Item::Refused(h, errno)).is_err() {
+                        break Ok(());
+                    }
+                }
+                Some(_) => {}
+                None => {
+                    break match e {
+                        RecvError::BadHeader(p) => Err(ServerError::BadHeader(p)),
+                        // EOF mid-message or a reset socket: the client is gone.
+                        RecvError::Io(_) => Ok(()),
+                        _ => Ok(()),
+                    };
+                }
+            },
+        }
+    };
+    // Pending DMA requests cannot be answered any more.
+    if let Some(d) = lock(&dma).as_ref() {
+        d.close();
+    }
+    r
+}
+
+impl<B: VfioUserBackend + ?Sized> Conn<'_, B> {
+    fn dispatch(
+        &mut self,
+        rx: &Receiver<Item>,
+        dma_slot: &Mutex<Option<DmaChannel>>,
+    ) -> Result<(), ServerError> {
+        while let Ok(item) = rx.recv() {
+            let msg = match item {
+                Item::Refused(h, errno) => {
+                    if self.client_caps.is_none() {
+                        self.send_error(&h, errno)?;
+                        return Err(ServerError::Negotiation("refused first message".into()));
+                    }
+                    if !h.no_reply() {
+                        self.send_error(&h, errno)?;
+                    }
+                    continue;
+                }
+                Item::Cmd(m) => m,
+            };
+            if self.client_caps.is_none() {
+                match self.negotiate(msg)? {
+                    Flow::Continue => {
+                        *lock(dma_slot) = self.dma.clone();
+                        if let Some(d) = &self.dma {
+                            self.backend.attach_dma(d.clone());
+                        }
+                        continue;
+                    }
+                    Flow::Close => {
+                        return Err(ServerError::Negotiation("bad first message".into()));
+                    }
+                }
+            }
+            let header = msg.header;
+            let result = self.handle(msg);
+            if header.no_reply() {
+                if let Err(e) = result {
+                    tracing::debug!(
+                        cmd = header.command,
+                        errno = e,
+                        "vfio-user: no-reply command failed"
+                    );
+                }
+                continue;
+            }
+            match result {
+                Ok(payload) => self.send(&header.reply(payload.len()), &payload)?,
+                Err(errno) => self.send_error(&header, errno)?,
+            }
+        }
+        Ok(())
+    }
+
+    fn send(&self, h: &Header, payload: &[u8]) -> Result<(), ServerError> {
+        send_message(&lock(&self.writer), h, payload, &[])?;
+        Ok(())
+    }
+
+    fn send_error(&self, h: &Header, errno: i32) -> Result<(), ServerError> {
+        self.send(&h.error_reply(errno), &[])
+    }
+
+    /// The first message must be VERSION with major 0; anything else gets an error reply and
+    /// the connection is closed.
+    fn negotiate(&mut self, msg: Message) -> Result<Flow, ServerError> {
+        let h = msg.header;
+        if h.command != Command::Version as u16 || !msg.fds.is_empty() {
+            self.send_error(&h, libc::EINVAL)?;
+            return Ok(Flow::Close);
+        }
+        let v = match Version::decode(&msg.payload) {
+            Ok(v) => v,
+            Err(e) => {
+                self.send_error(&h, e.errno())?;
+                return Ok(Flow::Close);
+            }
+        };
+        if v.major != VERSION_MAJOR {
+            self.send_error(&h, libc::ENOTSUP)?;
+            return Ok(Flow::Close);
+        }
+        let theirs = v.caps.clone().unwrap_or_default();
+        // Reply with the subset of the proposed capabilities that we have values for.
+        let c = &self.config;
+        let ours = Capabilities {
+            max_msg_fds: theirs.max_msg_fds.map(|_| c.max_msg_fds),
+            max_data_xfer_size: theirs.max_data_xfer_size.map(|_| c.max_data_xfer_size),
+            pgsizes: theirs.pgsizes.map(|_| c.pgsizes),
+            max_dma_maps: theirs.max_dma_maps.map(|_| c.max_dma_maps),
+            write_multiple: theirs.write_multiple,
+        };
+        let reply = Version {
+            major: VERSION_MAJOR,
+            minor: v.minor.min(VERSION_MINOR),
+            caps: Some(ours),
+        }
+        .encode();
+        self.send(&h.reply(reply.len()), &reply)?;
+        self.dma = Some(DmaChannel::new(
+            self.writer.clone(),
+            theirs.max_data_xfer_size(),
+            c.dma_timeout,
+        ));
+        self.client_caps = Some(theirs);
+        Ok(Flow::Continue)
+    }
+
+    fn check_region(&self, index: u32) -> Result<RegionDesc, i32> {
+        if index >= self.backend.device_info().num_regions {
+            return Err(libc::EINVAL);
+        }
+        self.backend.region_info(index)
+    }
+
+    /// Bounds and permission of a region access.
+    fn check_access(&self, index: u32, offset: u64, len: u64, flag: u32) -> Result<(), i32> {
+        let r = self.check_region(index)?;
+        match offset.checked_add(len) {
+            Some(end) if end <= r.size => {}
+            _ => return Err(libc::EINVAL),
+        }
+        if r.flags & flag == 0 {
+            return Err(libc::EPERM);
+        }
+        Ok(())
+    }
+
+    fn handle(&mut self, msg: Message) -> Result<Vec<u8>, i32> {
+        let Message {
+            header,
+            payload,
+            fds,
+        } = msg;
+        let p = &payload[..];
+        let Some(cmd) = Command::from_u16(header.command) else {
+            return Err(libc::ENOSYS);
+        };
+        if !fds.is_empty() && !matches!(cmd, Command::DmaMap | Command::DeviceSetIrqs) {
+            return Err(libc::EINVAL);
+        }
+        let pe = |e: ProtoError| e.errno();
+        let max_xfer = self.config.max_data_xfer_size;
+        match cmd {
+            Command::Version => Err(libc::EINVAL),
+            Command::DeviceGetInfo => {
+                DeviceInfo::decode_request(p).map_err(pe)?;
+                let d = self.backend.device_info();
+                Ok(DeviceInfo {
+                    argsz: DeviceInfo::SIZE as u32,
+                    flags: d.flags,
+                    num_regions: d.num_regions,
+                    num_irqs: d.num_irqs,
+                }
+                .encode())
+            }
+            Command::DeviceGetRegionInfo => {
+                let (index, argsz) = RegionInfo::decode_request(p).map_err(pe)?;
+                let r = self.check_region(index)?;
+                let info = RegionInfo {
+                    argsz: 0,
+                    flags: r.flags & (VFIO_REGION_INFO_FLAG_READ | VFIO_REGION_INFO_FLAG_WRITE),
+                    index,
+                    cap_offset: 0,
+                    size: r.size,
+                    offset: 0,
+                    caps: r
+                        .cap_type
+                        .map(|(type_, subtype)| RegionCap::Type { type_, subtype })
+                        .into_iter()
+                        .collect(),
+                };
+                Ok(info.encode_reply(argsz))
+            }
+            Command::DeviceGetIrqInfo => {
+                let req = IrqInfo::decode_request(p).map_err(pe)?;
+                if req.index >= self.backend.device_info().num_irqs {
+                    return Err(libc::EINVAL);
+                }
+                let i = self.backend.irq_info(req.index)?;
+                Ok(IrqInfo {
+                    argsz: IrqInfo::SIZE as u32,
+                    flags: i.flags,
+                    index: req.index,
+                    count: i.count,
+                }
+                .encode())
+            }
+            Command::DeviceSetIrqs => {
+                let s = IrqSet::decode(p).map_err(pe)?;
+                if s.index >= self.backend.device_info().num_irqs {
+                    return Err(libc::EINVAL);
+                }
+                let info = self.backend.irq_info(s.index)?;
+                let disable_all = s.data_none() && s.start == 0 && s.count == 0;
+                if !disable_all
+                    && (s.count == 0 || s.start as u64 + s.count as u64 > info.count as u64)
+                {
+                    return Err(libc::EINVAL);
+                }
+                if s.data_eventfd() {
+                    if !fds.is_empty() && fds.len() != s.count as usize {
+                        return Err(libc::EINVAL);
+                    }
+                } else if !fds.is_empty() {
+                    return Err(libc::EINVAL);
+                }
+                self.backend
+                    .set_irqs(s.index, s.flags, s.start, s.count, fds, &s.data)?;
+                Ok(Vec::new())
+            }
+            Command::RegionRead => {
+                let a = RegionAccess::decode(p, false, max_xfer).map_err(pe)?;
+                self.check_access(
+                    a.region,
+                    a.offset,
+                    a.count as u64,
+                    VFIO_REGION_INFO_FLAG_READ,
+                )?;
+                let mut buf = vec![0u8; a.count as usize];
+                let n = self
+                    .backend
+                    .region_read(a.region, a.offset, &mut buf)?
+                    .min(buf.len());
+                buf.truncate(n);
+                Ok(RegionAccess {
+                    offset: a.offset,
+                    region: a.region,
+                    count: n as u32,
+                    data: buf,
+                }
+                .encode())
+            }
+            Command::RegionWrite => {
+                let a = RegionAccess::decode(p, true, max_xfer).map_err(pe)?;
+                self.check_access(
+                    a.region,
+                    a.offset,
+                    a.count as u64,
+                    VFIO_REGION_INFO_FLAG_WRITE,
+                )?;
+                let n = self
+                    .backend
+                    .region_write(a.region, a.offset, &a.data)?
+                    .min(a.data.len());
+                Ok(RegionAccess {
+                    offset: a.offset,
+                    region: a.region,
+                    count: n as u32,
+                    data: Vec::new(),
+                }
+                .encode())
+            }
+            Command::RegionWriteMulti => {
+                let negotiated = self
+                    .client_caps
+                    .as_ref()
+                    .and_then(|c| c.write_multiple)
+                    .unwrap_or(false);
+                if !negotiated {
+                    return Err(libc::ENOTSUP);
+                }
+                let m = WriteMulti::decode(p).map_err(pe)?;
+                for w in &m.writes {
+                    let data = &w.data[..w.count as usize];
+                    self.check_access(
+                        w.region,
+                        w.offset,
+                        w.count as u64,
+                        VFIO_REGION_INFO_FLAG_WRITE,
+                    )?;
+                    self.backend.region_write(w.region, w.offset, data)?;
+                }
+                Ok((m.writes.len() as u64).to_ne_bytes().to_vec())
+            }
+            Command::DmaMap => {
+                let m = DmaMap::decode(p).map_err(pe)?;
+                // Smallest advertised page size; maps must be aligned to it.
+                let page = 1u64 << self.config.pgsizes.max(1).trailing_zeros();
+                if (m.address | m.size | m.offset) & (page - 1) != 0 {
+                    return Err(libc::EINVAL);
+                }
+                let mut fds = fds;
+                let backing = match fds.len() {
+                    0 => {
+                        if m.offset != 0 {
+                            return Err(libc::EINVAL);
+                        }
+                        DmaBacking::Client
+                    }
+                    1 => DmaBacking::Fd {
+                        fd: fds.remove(0),
+                        offset: m.offset,
+                    },
+                    _ => return Err(libc::EINVAL),
+                };
+                self.backend.dma_map(m.address, m.size, m.prot(), backing)?;
+                Ok(Vec::new())
+            }
+            Command::DmaUnmap => {
+                let u = DmaUnmap::decode(p).map_err(pe)?;
+                self.backend.dma_unmap(u.address, u.size, u.all())?;
+                Ok(DmaUnmap {
+                    argsz: DmaUnmap::SIZE as u32,
+                    ..u
+                }
+                .encode())
+            }
+            Command::DeviceReset => {
+                if !p.is_empty() {
+                    return Err(libc::EINVAL);
+                }
+                if self.backend.device_info().flags & VFIO_DEVICE_FLAGS_RESET == 0 {
+                    return Err(libc::ENOTSUP);
+                }
+                self.backend.reset()?;
+                Ok(Vec::new())
+            }
+            Command::DeviceGetRegionIoFds
+            | Command::DeviceFeature
+            | Command::MigDataRead
+            | Command::MigDataWrite => Err(libc::ENOTSUP),
+            // Server-to-client commands sent the wrong way.
+            Command::DmaRead | Command::DmaWrite => Err(libc::EINVAL),
+        }
+    }
+}

@@ -1,0 +1,750 @@
+//! vfio-user server and client over a socket pair, with a small in-test vfio-ccw-like backend.
+
+use std::collections::HashMap;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use nix::sys::eventfd::EventFd;
+use nix::sys::memfd::{memfd_create, MFdFlags};
+use vccw::vfio_user::client::{Client, ClientConfig, ClientError, DmaMemory, VecMemory};
+use vccw::vfio_user::protocol::{Command, DeviceInfo, Header, RegionInfo, Version};
+use vccw::vfio_user::server::{
+    serve_connection, DeviceDesc, DmaBacking, DmaChannel, IrqDesc, RegionDesc, ServerConfig,
+    ServerError, VfioUserBackend,
+};
+use vccw::vfio_user::socket::{recv_message, send_message, Message, RecvLimits};
+use vfio_bindings::bindings::vfio::*;
+
+/// /proc/self/fd counts are process-wide: the tests here run one at a time.
+static SERIAL: Mutex<()> = Mutex::new(());
+fn serial() -> MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn fd_count() -> usize {
+    std::fs::read_dir("/proc/self/fd").unwrap().count()
+}
+
+/// Region 0: 64-byte register file (RW). Writing u32 1 at offset 0 signals IRQ 0's eventfd.
+/// Writing a u64 address at offset 8 makes the handler DMA-read 16 bytes there and DMA-write
+/// them reversed at address + 16 (from inside the handler).
+/// Region 1: 16 bytes RW, CAP_TYPE (2, 1). Region 2: 12 bytes read-only, CAP_TYPE (2, 2).
+#[derive(Default)]
+struct TestBackend {
+    regs: Mutex<Vec<u8>>,
+    irqs: Mutex<HashMap<u32, OwnedFd>>,
+    maps: Mutex<Vec<(u64, u64, DmaBacking)>>,
+    dma: Mutex<Option<DmaChannel>>,
+    disconnects: AtomicUsize,
+    resets: AtomicUsize,
+}
+
+impl TestBackend {
+    fn new() -> Arc<TestBackend> {
+        let b = TestBackend::default();
+        *b.regs.lock().unwrap() = vec![0; 64];
+        Arc::new(b)
+    }
+}
+
+impl VfioUserBackend for TestBackend {
+    fn device_info(&self) -> DeviceDesc {
+        DeviceDesc {
+            flags: VFIO_DEVICE_FLAGS_CCW | VFIO_DEVICE_FLAGS_RESET,
+            num_regions: 3,
+            num_irqs: 3,
+        }
+    }
+    fn region_info(&self, index: u32) -> Result<RegionDesc, i32> {
+        let rw = VFIO_REGION_INFO_FLAG_READ | VFIO_REGION_INFO_FLAG_WRITE;
+        Ok(match index {
+            0 => RegionDesc {
+                size: 64,
+                flags: rw,
+                cap_type: None,
+            },
+            1 => RegionDesc {
+                size: 16,
+                flags: rw,
+                cap_type: Some((2, 1)),
+            },
+            2 => RegionDesc {
+                size: 12,
+                flags: VFIO_REGION_INFO_FLAG_READ,
+                cap_type: Some((2, 2)),
+            },
+            _ => return Err(libc::EINVAL),
+        })
+    }
+    fn irq_info(&self, _index: u32) -> Result<IrqDesc, i32> {
+        Ok(IrqDesc {
+            flags: VFIO_IRQ_INFO_EVENTFD,
+            count: 1,
+        })
+    }
+    fn region_read(&self, index: u32, offset: u64, buf: &mut [u8]) -> Result<usize, i32> {
+        if index != 0 {
+            buf.fill(0xee);
+            return Ok(buf.len());
+        }
+        let r = self.regs.lock().unwrap();
+        buf.copy_from_slice(&r[offset as usize..offset as usize + buf.len()]);
+        Ok(buf.len())
+    }
+    fn region_write(&self, index: u32, offset: u64, data: &[u8]) -> Result<usize, i32> {
+        if index != 0 {
+            return Ok(data.len());
+        }
+        self.regs.lock().unwrap()[offset as usize..offset as usize + data.len()]
+            .copy_from_slice(data);
+        if offset == 0 && data == 1u32.to_ne_bytes() {
+            if let Some(fd) = self.irqs.lock().unwrap().get(&0) {
+                nix::unistd::write(fd, &1u64.to_ne_bytes()).map_err(|e| e as i32)?;
+            }
+        }
+        if offset == 8 && data.len() == 8 {
+            let addr = u64::from_ne_bytes(data.try_into().unwrap());
+            let dma = self.dma.lock().unwrap().clone().ok_or(libc::EIO)?;
+            let mut buf = [0u8; 16];
+            dma.read(addr, &mut buf).map_err(|e| e.errno())?;
+            buf.reverse();
+            dma.write(addr + 16, &buf).map_err(|e| e.errno())?;
+        }
+        Ok(data.len())
+    }
+    fn set_irqs(
+        &self,
+        index: u32,
+        flags: u32,
+        _start: u32,
+        _count: u32,
+        mut fds: Vec<OwnedFd>,
+        _bools: &[u8],
+    ) -> Result<(), i32> {
+        let mut irqs = self.irqs.lock().unwrap();
+        if flags & VFIO_IRQ_SET_DATA_EVENTFD != 0 && !fds.is_empty() {
+            irqs.insert(index, fds.remove(0));
+        } else if flags & VFIO_IRQ_SET_DATA_EVENTFD != 0 {
+            irqs.remove(&index);
+        }
+        Ok(())
+    }
+    fn reset(&self) -> Result<(), i32> {
+        self.resets.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+    fn dma_map(
+        &self,
+        iova: u64,
+        size: u64,
+        _prot: (bool, bool),
+        backing: DmaBacking,
+    ) -> Result<(), i32> {
+        let mut maps = self.maps.lock().unwrap();
+        if maps
+            .iter()
+            .any(|(a, s, _)| iova < a + s && *a < iova + size)
+        {
+            return Err(libc::EEXIST);
+        }
+        maps.push((iova, size, backing));
+        Ok(())
+    }
+    fn dma_unmap(&self, iova: u64, size: u64, all: bool) -> Result<u64, i32> {
+        let mut maps = self.maps.lock().unwrap();
+        if all {
+            let n = maps.iter().map(|m| m.1).sum();
+            maps.clear();
+            return Ok(n);
+        }
+        let i = maps
+            .iter()
+            .position(|m| m.0 == iova && m.1 == size)
+            .ok_or(libc::EINVAL)?;
+        maps.remove(i);
+        Ok(size)
+    }
+    fn disconnected(&self) {
+        self.maps.lock().unwrap().clear();
+        self.irqs.lock().unwrap().clear();
+        *self.dma.lock().unwrap() = None;
+        self.disconnects.fetch_add(1, Ordering::SeqCst);
+    }
+    fn attach_dma(&self, channel: DmaChannel) {
+        *self.dma.lock().unwrap() = Some(channel);
+    }
+}
+
+fn small_config() -> ServerConfig {
+    ServerConfig {
+        max_msg_fds: 2,
+        max_data_xfer_size: 4096,
+        dma_timeout: Duration::from_secs(2),
+        ..Default::default()
+    }
+}
+
+fn start(
+    backend: &Arc<TestBackend>,
+    config: ServerConfig,
+) -> (UnixStream, JoinHandle<Result<(), ServerError>>) {
+    let (c, s) = UnixStream::pair().unwrap();
+    let b = backend.clone();
+    let h = std::thread::spawn(move || serve_connection(&*b, s, &config));
+    (c, h)
+}
+
+fn client_config() -> ClientConfig {
+    ClientConfig {
+        timeout: Duration::from_secs(5),
+        ..Default::default()
+    }
+}
+
+// Raw helpers for malformed input.
+const LIMITS: RecvLimits = RecvLimits {
+    max_fds: 8,
+    max_msg_size: 1 << 21,
+};
+
+fn raw(s: &UnixStream, id: u16, cmd: u16, payload: &[u8], fds: &[BorrowedFd<'_>]) -> Message {
+    let h = Header {
+        id,
+        command: cmd,
+        size: 16 + payload.len() as u32,
+        flags: 0,
+        error: 0,
+    };
+    send_message(s, &h, payload, fds).unwrap();
+    recv_message(s, LIMITS).unwrap().expect("reply")
+}
+
+/// The server closed: EOF, or a reset when it left our bytes unread.
+fn closed(s: &UnixStream) -> bool {
+    matches!(recv_message(s, LIMITS), Ok(None) | Err(_))
+}
+
+fn errno_of(m: &Message) -> Option<i32> {
+    assert!(m.header.is_reply());
+    m.header.is_error().then_some(m.header.error as i32)
+}
+
+fn raw_version(s: &UnixStream) {
+    let v = Version {
+        major: 0,
+        minor: 0,
+        caps: None,
+    }
+    .encode();
+    let r = raw(s, 1, Command::Version as u16, &v, &[]);
+    assert_eq!(errno_of(&r), None);
+    let v = Version::decode(&r.payload).unwrap();
+    assert_eq!((v.major, v.minor), (0, 0));
+}
+
+fn remote(e: ClientError) -> i32 {
+    match e {
+        ClientError::Remote(n) => n,
+        other => panic!("expected an error reply, got {other:?}"),
+    }
+}
+
+#[test]
+fn negotiation_and_device_info() {
+    let _g = serial();
+    let b = TestBackend::new();
+    let (c, h) = start(&b, small_config());
+    let client = Client::from_stream(c, client_config()).unwrap();
+    // The server answers only with capabilities the client proposed, with its own values.
+    let caps = client.server_caps();
+    assert_eq!(caps.max_msg_fds, Some(2));
+    assert_eq!(caps.max_data_xfer_size, Some(4096));
+    assert_eq!(caps.pgsizes, Some(4096));
+    assert_eq!(client.minor_version(), 1);
+    let d = client.device_info().unwrap();
+    assert_eq!(d.argsz, 16);
+    assert_eq!(d.flags, VFIO_DEVICE_FLAGS_CCW | VFIO_DEVICE_FLAGS_RESET);
+    assert_eq!((d.num_regions, d.num_irqs), (3, 3));
+    let i = client.irq_info(2).unwrap();
+    assert_eq!((i.index, i.count, i.flags), (2, 1, VFIO_IRQ_INFO_EVENTFD));
+    assert_eq!(remote(client.irq_info(3).unwrap_err()), libc::EINVAL);
+    client.reset().unwrap();
+    assert_eq!(b.resets.load(Ordering::SeqCst), 1);
+    client.close();
+    h.join().unwrap().unwrap();
+    assert_eq!(b.disconnects.load(Ordering::SeqCst), 1);
+}
+
+#[test]
+fn region_info_argsz_negotiation() {
+    let _g = serial();
+    let b = TestBackend::new();
+    let (c, h) = start(&b, small_config());
+    raw_version(&c);
+    // argsz 32 for a region with a CAP_TYPE: fixed part only, argsz = 48 needed, CAPS set.
+    let r = raw(
+        &c,
+        2,
+        Command::DeviceGetRegionInfo as u16,
+        &RegionInfo::request(1, 32),
+        &[],
+    );
+    assert_eq!(errno_of(&r), None);
+    assert_eq!(r.payload.len(), 32);
+    let info = RegionInfo::decode_reply(&r.payload).unwrap();
+    assert_eq!(info.argsz, 48);
+    assert_eq!(info.cap_offset, 0);
+    assert_ne!(info.flags & VFIO_REGION_INFO_FLAG_CAPS, 0);
+    // Retry with 48: the capability chain.
+    let r = raw(
+        &c,
+        3,
+        Command::DeviceGetRegionInfo as u16,
+        &RegionInfo::request(1, 48),
+        &[],
+    );
+    assert_eq!(r.payload.len(), 48);
+    let info = RegionInfo::decode_reply(&r.payload).unwrap();
+    assert_eq!(info.cap_offset, 32);
+    assert_eq!(
+        info.cap_type(),
+        Some((VFIO_REGION_TYPE_CCW, VFIO_REGION_SUBTYPE_CCW_ASYNC_CMD))
+    );
+    drop(c);
+    h.join().unwrap().unwrap();
+
+    let (c, h) = start(&b, small_config());
+    let client = Client::from_stream(c, client_config()).unwrap();
+    let r0 = client.region_info(0).unwrap();
+    assert_eq!((r0.size, r0.argsz, r0.caps.len()), (64, 32, 0));
+    let r2 = client.region_info(2).unwrap();
+    assert_eq!(r2.cap_type(), Some((2, 2)));
+    assert_eq!(
+        r2.flags,
+        VFIO_REGION_INFO_FLAG_READ | VFIO_REGION_INFO_FLAG_CAPS
+    );
+    assert_eq!(remote(client.region_info(3).unwrap_err()), libc::EINVAL);
+    client.close();
+    h.join().unwrap().unwrap();
+}
+
+#[test]
+fn region_read_write_bounds() {
+    let _g = serial();
+    let b = TestBackend::new();
+    let (c, h) = start(&b, small_config());
+    let client = Client::from_stream(c, client_config()).unwrap();
+    assert_eq!(client.region_write(0, 16, &[1, 2, 3, 4]).unwrap(), 4);
+    let mut buf = [0u8; 6];
+    assert_eq!(client.region_read(0, 15, &mut buf).unwrap(), 6);
+    assert_eq!(buf, [0, 1, 2, 3, 4, 0]);
+    // Exactly to the end is fine; one byte past is not.
+    let mut end = [0u8; 4];
+    client.region_read(0, 60, &mut end).unwrap();
+    let mut past = [0u8; 8];
+    assert_eq!(
+        remote(client.region_read(0, 60, &mut past).unwrap_err()),
+        libc::EINVAL
+    );
+    assert_eq!(
+        remote(client.region_write(0, u64::MAX, &[1]).unwrap_err()),
+        libc::EINVAL
+    );
+    assert_eq!(
+        remote(client.region_write(2, 0, &[1]).unwrap_err()),
+        libc::EPERM
+    );
+    assert_eq!(
+        remote(client.region_read(7, 0, &mut end).unwrap_err()),
+        libc::EINVAL
+    );
+    client.close();
+    h.join().unwrap().unwrap();
+}
+
+#[test]
+fn set_irqs_eventfd_is_signalled() {
+    let _g = serial();
+    let b = TestBackend::new();
+    let (c, h) = start(&b, small_config());
+    let client = Client::from_stream(c, client_config()).unwrap();
+    let efd = EventFd::new().unwrap();
+    client
+        .set_irqs_eventfd(0, VFIO_IRQ_SET_ACTION_TRIGGER, 0, &[efd.as_fd()])
+        .unwrap();
+    client.region_write(0, 0, &1u32.to_ne_bytes()).unwrap();
+    assert_eq!(efd.read().unwrap(), 1);
+    // count 1 with two eventfds: inconsistent.
+    let e2 = EventFd::new().unwrap();
+    let set = vccw::vfio_user::protocol::IrqSet {
+        argsz: 20,
+        flags: VFIO_IRQ_SET_DATA_EVENTFD | VFIO_IRQ_SET_ACTION_TRIGGER,
+        index: 0,
+        start: 0,
+        count: 1,
+        data: vec![],
+    };
+    let err = client
+        .request(
+            Command::DeviceSetIrqs as u16,
+            &set.encode(),
+            &[efd.as_fd(), e2.as_fd()],
+        )
+        .unwrap_err();
+    assert_eq!(remote(err), libc::EINVAL);
+    // Out of the index's range.
+    let err = client
+        .set_irqs(
+            0,
+            VFIO_IRQ_SET_DATA_NONE | VFIO_IRQ_SET_ACTION_TRIGGER,
+            1,
+            1,
+            &[],
+        )
+        .unwrap_err();
+    assert_eq!(remote(err), libc::EINVAL);
+    // De-assign (DATA_EVENTFD, no fds), DATA_BOOL, and disable-all are accepted.
+    client
+        .set_irqs(
+            0,
+            VFIO_IRQ_SET_DATA_EVENTFD | VFIO_IRQ_SET_ACTION_TRIGGER,
+            0,
+            1,
+            &[],
+        )
+        .unwrap();
+    assert!(b.irqs.lock().unwrap().is_empty());
+    client
+        .set_irqs(
+            0,
+            VFIO_IRQ_SET_DATA_BOOL | VFIO_IRQ_SET_ACTION_TRIGGER,
+            0,
+            1,
+            &[1],
+        )
+        .unwrap();
+    client
+        .set_irqs(
+            0,
+            VFIO_IRQ_SET_DATA_NONE | VFIO_IRQ_SET_ACTION_TRIGGER,
+            0,
+            0,
+            &[],
+        )
+        .unwrap();
+    client.close();
+    h.join().unwrap().unwrap();
+}
+
+#[test]
+fn dma_map_memfd_and_unmap() {
+    let _g = serial();
+    let b = TestBackend::new();
+    let (c, h) = start(&b, small_config());
+    let client = Client::from_stream(c, client_config()).unwrap();
+    let mem = memfd_create("guest", MFdFlags::MFD_CLOEXEC).unwrap();
+    nix::unistd::ftruncate(&mem, 8192).unwrap();
+    nix::sys::uio::pwrite(&mem, b"channel program", 4096).unwrap();
+    client
+        .dma_map_fd(0x10_0000, 4096, mem.as_fd(), 4096, (true, true))
+        .unwrap();
+    {
+        let maps = b.maps.lock().unwrap();
+        let (iova, size, backing) = &maps[0];
+        assert_eq!((*iova, *size), (0x10_0000, 4096));
+        let DmaBacking::Fd { fd, offset } = backing else {
+            panic!("fd backing expected")
+        };
+        assert_eq!(*offset, 4096);
+        let mut buf = [0u8; 15];
+        nix::sys::uio::pread(fd, &mut buf, *offset as i64).unwrap();
+        assert_eq!(&buf, b"channel program");
+    }
+    // Overlap -> EEXIST from the backend; misaligned -> EINVAL from the server.
+    assert_eq!(
+        remote(
+            client
+                .dma_map_fd(0x10_0000, 4096, mem.as_fd(), 0, (true, false))
+                .unwrap_err()
+        ),
+        libc::EEXIST
+    );
+    assert_eq!(
+        remote(
+            client
+                .dma_map_fd(0x20_0001, 4096, mem.as_fd(), 0, (true, false))
+                .unwrap_err()
+        ),
+        libc::EINVAL
+    );
+    assert_eq!(
+        remote(client.dma_unmap(0x10_0000, 8192).unwrap_err()),
+        libc::EINVAL
+    );
+    client.dma_unmap(0x10_0000, 4096).unwrap();
+    assert!(b.maps.lock().unwrap().is_empty());
+    client
+        .dma_map_fd(0, 8192, mem.as_fd(), 0, (true, true))
+        .unwrap();
+    client.dma_unmap_all().unwrap();
+    assert!(b.maps.lock().unwrap().is_empty());
+    client.close();
+    h.join().unwrap().unwrap();
+}
+
+#[test]
+fn dma_read_write_round_trip() {
+    let _g = serial();
+    let b = TestBackend::new();
+    // A tiny client max_data_xfer_size forces the DmaChannel to split transfers.
+    let (c, h) = start(&b, small_config());
+    let mut cc = client_config();
+    cc.caps.max_data_xfer_size = Some(8);
+    let client = Client::from_stream(c, cc).unwrap();
+    let mem = Arc::new(VecMemory::new(4096));
+    mem.write(0x100, &(1..=16).collect::<Vec<u8>>()).unwrap();
+    client
+        .dma_map_memory(0x40_0000, mem.clone(), (true, true))
+        .unwrap();
+    assert!(matches!(b.maps.lock().unwrap()[0].2, DmaBacking::Client));
+    // The handler itself DMA-reads 16 bytes and DMA-writes them back reversed.
+    client
+        .region_write(0, 8, &(0x40_0100u64).to_ne_bytes())
+        .unwrap();
+    let mut out = [0u8; 16];
+    mem.read(0x110, &mut out).unwrap();
+    assert_eq!(out.to_vec(), (1..=16).rev().collect::<Vec<u8>>());
+    // From another thread, and an unmapped address gets the client's EFAULT.
+    let dma = b.dma.lock().unwrap().clone().unwrap();
+    let mut got = [0u8; 4];
+    dma.read(0x40_0110, &mut got).unwrap();
+    assert_eq!(got, [16, 15, 14, 13]);
+    assert_eq!(
+        dma.read(0x80_0000, &mut got).unwrap_err().errno(),
+        libc::EFAULT
+    );
+    client.dma_unmap(0x40_0000, 4096).unwrap();
+    assert_eq!(
+        dma.write(0x40_0000, &[1]).unwrap_err().errno(),
+        libc::EFAULT
+    );
+    client.close();
+    h.join().unwrap().unwrap();
+    assert_eq!(
+        dma.read(0x40_0000, &mut got).unwrap_err().errno(),
+        libc::ENOTCONN
+    );
+}
+
+#[test]
+fn malformed_messages_get_errnos_and_server_survives() {
+    let _g = serial();
+    let b = TestBackend::new();
+    let (c, h) = start(&b, small_config());
+    raw_version(&c);
+    let info = |argsz: u32| {
+        DeviceInfo {
+            argsz,
+            ..Default::default()
+        }
+        .encode()
+    };
+    let get_info = Command::DeviceGetInfo as u16;
+    // Size mismatch: 12-byte DEVICE_GET_INFO payload.
+    assert_eq!(
+        errno_of(&raw(&c, 2, get_info, &info(16)[..12], &[])),
+        Some(libc::EINVAL)
+    );
+    // Bad argsz.
+    assert_eq!(
+        errno_of(&raw(&c, 3, get_info, &info(8), &[])),
+        Some(libc::EINVAL)
+    );
+    let r = raw(
+        &c,
+        4,
+        Command::DeviceGetRegionInfo as u16,
+        &RegionInfo::request(0, 16),
+        &[],
+    );
+    assert_eq!(errno_of(&r), Some(libc::EINVAL));
+    // Unknown commands.
+    assert_eq!(errno_of(&raw(&c, 5, 99, &[], &[])), Some(libc::ENOSYS));
+    assert_eq!(errno_of(&raw(&c, 6, 14, &[], &[])), Some(libc::ENOSYS));
+    // Known but unsupported, and wrong direction.
+    assert_eq!(errno_of(&raw(&c, 7, 16, &[0; 8], &[])), Some(libc::ENOTSUP));
+    assert_eq!(
+        errno_of(&raw(&c, 8, Command::DmaRead as u16, &[0; 16], &[])),
+        Some(libc::EINVAL)
+    );
+    // VERSION again.
+    let v = Version {
+        major: 0,
+        minor: 0,
+        caps: None,
+    }
+    .encode();
+    assert_eq!(errno_of(&raw(&c, 9, 1, &v, &[])), Some(libc::EINVAL));
+    // Oversize: larger than 16 + 16 + max_data_xfer_size; drained, answered E2BIG.
+    let big = vec![0u8; 8192];
+    assert_eq!(
+        errno_of(&raw(&c, 10, Command::RegionWrite as u16, &big, &[])),
+        Some(libc::E2BIG)
+    );
+    // Region access out of bounds, and a count over max_data_xfer_size.
+    let rd = |off: u64, count: u32| {
+        let mut p = off.to_ne_bytes().to_vec();
+        p.extend_from_slice(&0u32.to_ne_bytes());
+        p.extend_from_slice(&count.to_ne_bytes());
+        p
+    };
+    let read = Command::RegionRead as u16;
+    assert_eq!(
+        errno_of(&raw(&c, 11, read, &rd(60, 8), &[])),
+        Some(libc::EINVAL)
+    );
+    assert_eq!(
+        errno_of(&raw(&c, 12, read, &rd(0, 8192), &[])),
+        Some(libc::E2BIG)
+    );
+    // Too many fds (limit 2): all closed, EINVAL. And fds on a command that takes none.
+    let before = fd_count();
+    {
+        let e: Vec<EventFd> = (0..3).map(|_| EventFd::new().unwrap()).collect();
+        let fds: Vec<BorrowedFd<'_>> = e.iter().map(|x| x.as_fd()).collect();
+        assert_eq!(
+            errno_of(&raw(&c, 13, get_info, &info(16), &fds)),
+            Some(libc::EINVAL)
+        );
+        assert_eq!(
+            errno_of(&raw(&c, 14, get_info, &info(16), &fds[..1])),
+            Some(libc::EINVAL)
+        );
+    }
+    assert_eq!(fd_count(), before, "refused fds must be closed");
+    // A non-zero error field in a command: EINVAL... the header itself is checked, and a
+    // type of 2 is unusable: the server closes the connection.
+    let r = raw(&c, 15, get_info, &info(16), &[]);
+    assert_eq!(errno_of(&r), None);
+    assert_eq!(DeviceInfo::decode(&r.payload).unwrap().num_regions, 3);
+    let bad = Header {
+        id: 16,
+        command: 4,
+        size: 32,
+        flags: 2,
+        error: 0,
+    };
+    send_message(&c, &bad, &info(16), &[]).unwrap();
+    assert!(closed(&c), "server closes on a bad header");
+    assert!(matches!(h.join().unwrap(), Err(ServerError::BadHeader(_))));
+    assert_eq!(b.disconnects.load(Ordering::SeqCst), 1);
+
+    // Short header (size < 16): closed as well.
+    let (c, h) = start(&b, small_config());
+    raw_version(&c);
+    let short = Header {
+        id: 2,
+        command: 4,
+        size: 8,
+        flags: 0,
+        error: 0,
+    };
+    send_message(&c, &short, &[], &[]).unwrap();
+    assert!(closed(&c));
+    assert!(h.join().unwrap().is_err());
+}
+
+#[test]
+fn version_must_come_first() {
+    let _g = serial();
+    let b = TestBackend::new();
+    let (c, h) = start(&b, small_config());
+    let r = raw(
+        &c,
+        1,
+        Command::DeviceGetInfo as u16,
+        &DeviceInfo {
+            argsz: 16,
+            ..Default::default()
+        }
+        .encode(),
+        &[],
+    );
+    assert_eq!(errno_of(&r), Some(libc::EINVAL));
+    assert!(recv_message(&c, LIMITS).unwrap().is_none());
+    assert!(matches!(
+        h.join().unwrap(),
+        Err(ServerError::Negotiation(_))
+    ));
+
+    let (c, h) = start(&b, small_config());
+    let v = Version {
+        major: 1,
+        minor: 0,
+        caps: None,
+    }
+    .encode();
+    assert_eq!(errno_of(&raw(&c, 1, 1, &v, &[])), Some(libc::ENOTSUP));
+    assert!(h.join().unwrap().is_err());
+
+    let (c, h) = start(&b, small_config());
+    let mut junk = vec![0u8, 0, 0, 0];
+    junk.extend_from_slice(b"{not json\0");
+    assert_eq!(errno_of(&raw(&c, 1, 1, &junk, &[])), Some(libc::EINVAL));
+    assert!(h.join().unwrap().is_err());
+}
+
+#[test]
+fn disconnect_mid_stream_releases_everything() {
+    let _g = serial();
+    let before = fd_count();
+    let b = TestBackend::new();
+    let (c, h) = start(&b, small_config());
+    {
+        let client = Client::from_stream(c.try_clone().unwrap(), client_config()).unwrap();
+        let mem = memfd_create("guest", MFdFlags::MFD_CLOEXEC).unwrap();
+        nix::unistd::ftruncate(&mem, 4096).unwrap();
+        client
+            .dma_map_fd(0, 4096, mem.as_fd(), 0, (true, true))
+            .unwrap();
+        let efd = EventFd::new().unwrap();
+        client
+            .set_irqs_eventfd(0, VFIO_IRQ_SET_ACTION_TRIGGER, 0, &[efd.as_fd()])
+            .unwrap();
+        assert_eq!(b.maps.lock().unwrap().len(), 1);
+        assert_eq!(b.irqs.lock().unwrap().len(), 1);
+        // Half a message (header says 100 bytes, with an fd), then the client is gone.
+        let hdr = Header {
+            id: 99,
+            command: 2,
+            size: 100,
+            flags: 0,
+            error: 0,
+        };
+        let e = EventFd::new().unwrap();
+        let mut bytes = hdr.encode().to_vec();
+        bytes.extend_from_slice(&[0; 8]);
+        nix::sys::socket::sendmsg::<()>(
+            std::os::fd::AsRawFd::as_raw_fd(&c),
+            &[std::io::IoSlice::new(&bytes)],
+            &[nix::sys::socket::ControlMessage::ScmRights(&[
+                std::os::fd::AsRawFd::as_raw_fd(&e),
+            ])],
+            nix::sys::socket::MsgFlags::empty(),
+            None,
+        )
+        .unwrap();
+        drop(client);
+        drop(c);
+    }
+    h.join().unwrap().unwrap();
+    assert_eq!(b.disconnects.load(Ordering::SeqCst), 1);
+    assert!(b.maps.lock().unwrap().is_empty());
+    assert!(b.irqs.lock().unwrap().is_empty());
+    drop(b);
+    assert_eq!(fd_count(), before, "no fd may outlive the connection");
+}
