@@ -29,7 +29,6 @@ fn store(mappings: usize) -> IommuStore {
     let region = Arc::new(StoreMmapRegion::new((RAM + extra * 4096) as usize).expect("mmap"));
     let s = IommuStore::new(StoreConfig {
         dma_entry_limit: 65_535,
-        ..Default::default()
     });
     s.map_dma(
         0,
