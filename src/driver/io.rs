@@ -151,3 +151,57 @@ impl Shared {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::orb::{cstat, dstat, OrbControls};
+
+    #[test]
+    fn refused_program_irb_bytes() {
+        // Guest ORB: key 3, format 1, prefetch, LPM 0x60, CPA 0x00012340.
+        let orb = Orb {
+            intparm: 1,
+            ctl: OrbControls::new()
+                .with_key(3)
+                .with_format1(true)
+                .with_prefetch(true)
+                .with_lpm(0x60),
+            cpa: 0x0001_2340,
+        };
+        let pc = ChannelStatus {
+            dstat: 0,
+            cstat: cstat::PROGRAM_CHECK,
+        };
+        let b = refused_program_irb(&orb, pc, 0xff).to_bytes();
+        // SCSW word 0: key 3 (0x30), F+P (0xC0), fctl start (0x40), stctl alert|primary|
+        // secondary|pending (0x17).
+        assert_eq!(
+            &b[..12],
+            &[0x30, 0xC0, 0x40, 0x17, 0x00, 0x01, 0x23, 0x40, 0x00, 0x20, 0, 0]
+        );
+        // ESW format 1: LPUM = first path of 0x60 & 0xff = 0x40, at byte 13.
+        assert_eq!(b[13], 0x40);
+        assert!(b[32..].iter().all(|&x| x == 0));
+        // Unit exception (a limit of the mediator): not alert.
+        let ue = ChannelStatus {
+            dstat: dstat::CHANNEL_END | dstat::DEVICE_END | dstat::UNIT_EXCEPTION,
+            cstat: 0,
+        };
+        let b = refused_program_irb(&orb, ue, 0x80).to_bytes();
+        assert_eq!(b[3], 0x07);
+        assert_eq!((b[8], b[9]), (0x0D, 0));
+        // No common path: LPUM 0.
+        assert_eq!(b[13], 0);
+    }
+
+    #[test]
+    fn ret_code_is_host_order() {
+        let mut r = [0u8; CCW_IO_REGION_SIZE];
+        set_ret_code(&mut r, -libc::EBUSY);
+        assert_eq!(&r[120..], &(-16i32).to_ne_bytes());
+        assert_eq!(ret_code(&r), -16);
+        assert_eq!(write_result(0, 124), Ok(124));
+        assert_eq!(write_result(-16, 124), Err(DeviceError::Refused(16)));
+    }
+}
