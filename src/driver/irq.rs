@@ -230,7 +230,6 @@ fn check_eventfd(fd: &OwnedFd) -> Result<(), DeviceError> {
 mod tests {
     use super::*;
     use nix::sys::eventfd::{EfdFlags, EventFd};
-    use std::os::fd::FromRawFd;
 
     fn efd() -> (EventFd, OwnedFd) {
         let e = EventFd::from_flags(EfdFlags::EFD_NONBLOCK).unwrap();
@@ -260,9 +259,7 @@ mod tests {
     #[test]
     fn rejects_non_eventfd() {
         let t = IrqTriggers::default();
-        let f = tempfile::tempfile().unwrap();
-        // SAFETY: into_raw_fd hands over sole ownership of a valid fd.
-        let fd = unsafe { OwnedFd::from_raw_fd(std::os::fd::IntoRawFd::into_raw_fd(f)) };
+        let fd: OwnedFd = tempfile::tempfile().unwrap().into();
         assert_eq!(
             t.set_irqs(IrqSet::eventfd(IrqIndex::Crw, Some(fd))),
             Err(DeviceError::InvalidArgument)
