@@ -240,9 +240,10 @@ fn equipment_check_sense() -> Vec<u8> {
 /// The status of a program whose device model panicked: unit check, alert, final.
 fn equipment_check_scsw(flags: ScswFlags, cpa: u32, fc: u8) -> Scsw {
     Scsw {
-        flags: flags.with_fctl(fc).with_actl(0).with_stctl(
-            stctl::ALERT | stctl::PRIMARY | stctl::SECONDARY | stctl::STATUS_PENDING,
-        ),
+        flags: flags
+            .with_fctl(fc)
+            .with_actl(0)
+            .with_stctl(stctl::ALERT | stctl::PRIMARY | stctl::SECONDARY | stctl::STATUS_PENDING),
         cpa,
         dstat: dstat::CHANNEL_END | dstat::DEVICE_END | dstat::UNIT_CHECK,
         cstat: 0,
@@ -655,15 +656,16 @@ fn next_work(g: &mut Inner, seq: &AtomicU64) -> Work {
                 run: ChannelRun::new(prog.orb()),
                 prog,
             });
-            g.actl = (g.actl & !actl::START_PENDING) | actl::SUBCHANNEL_ACTIVE | actl::DEVICE_ACTIVE;
+            g.actl =
+                (g.actl & !actl::START_PENDING) | actl::SUBCHANNEL_ACTIVE | actl::DEVICE_ACTIVE;
             g.lpum = PATH;
         } else {
             g.actl &= !actl::START_PENDING;
         }
         return Work::Again;
     }
-    let runnable = g.exec.is_some()
-        && (g.actl & actl::SUSPENDED == 0 || g.actl & actl::RESUME_PENDING != 0);
+    let runnable =
+        g.exec.is_some() && (g.actl & actl::SUSPENDED == 0 || g.actl & actl::RESUME_PENDING != 0);
     if runnable {
         if let (Some(mut exec), Some(dev)) = (g.exec.take(), g.dev.take()) {
             if g.actl & actl::SUSPENDED != 0 {
