@@ -647,3 +647,26 @@ fn spin_off_still_wakes() {
     assert_eq!((st.spin_hits, st.spin_ns), (0, 0));
     assert!(st.parks >= 1);
 }
+
+#[test]
+fn spinning_thread_picks_up_the_next_start() {
+    let s = store();
+    let cfg = SubchannelConfig {
+        spin: SpinPolicy {
+            spin: Duration::from_millis(500),
+        },
+        ..Default::default()
+    };
+    let sub = EmulatedSubchannel::new(Box::new(TestDevice::new()), cfg).unwrap();
+    let ev = Arc::new(Events::default());
+    ev.install(&sub);
+    for i in 1..=3 {
+        // Give the thread time to finish delivering and start spinning.
+        std::thread::sleep(Duration::from_millis(5));
+        assert_eq!(sub.start(one_write(&s)), 0);
+        ev.irb(i);
+    }
+    let st = sub.handoff_stats();
+    assert!(st.spin_hits >= 1, "{st:?}");
+    assert!(st.spin_ns > 0);
+}

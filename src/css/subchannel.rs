@@ -742,6 +742,7 @@ fn finish_step(g: &mut Inner, mut exec: Exec, step: Option<Step>, sense: Option<
 
 fn channel_thread(sh: Arc<Shared>) {
     let _guard = DeathGuard(sh.clone());
+    let mut backoff = Backoff::default();
     let mut g = sh.lock();
     loop {
         match next_work(&mut g, &sh.seq) {
@@ -776,9 +777,13 @@ fn channel_thread(sh: Arc<Shared>) {
             }
             Work::Idle(seen) => {
                 drop(g);
-                if !sh.spin.is_zero() && spin_for(&sh, seen) {
-                    g = sh.lock();
-                    continue;
+                if !sh.spin.is_zero() && backoff.should_spin() {
+                    let hit = spin_for(&sh, seen);
+                    backoff.record(hit);
+                    if hit {
+                        g = sh.lock();
+                        continue;
+                    }
                 }
                 g = sh.lock();
                 if sh.seq.load(Ordering::Acquire) == seen {
@@ -789,6 +794,41 @@ fn channel_thread(sh: Arc<Shared>) {
                     }
                     g.sleeping = false;
                 }
+            }
+        }
+    }
+}
+
+/// Adaptive spinning: after [`Backoff::MAX_MISSES`] spins in a row that found no work, the
+/// thread blocks at once for the next [`Backoff::SKIP`] idle periods, then tries spinning
+/// again. When the cores are oversubscribed the requester is rarely running while the channel
+/// thread spins, and every miss would burn the whole budget (see `benches/handoff.rs`).
+#[derive(Debug, Default)]
+struct Backoff {
+    misses: u32,
+    skip: u32,
+}
+
+impl Backoff {
+    const MAX_MISSES: u32 = 4;
+    const SKIP: u32 = 64;
+
+    fn should_spin(&mut self) -> bool {
+        if self.skip > 0 {
+            self.skip -= 1;
+            return false;
+        }
+        true
+    }
+
+    fn record(&mut self, hit: bool) {
+        if hit {
+            self.misses = 0;
+        } else {
+            self.misses += 1;
+            if self.misses >= Self::MAX_MISSES {
+                self.misses = 0;
+                self.skip = Self::SKIP;
             }
         }
     }
