@@ -8,7 +8,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use vccw::ccw::{translate, Ccw0, Ccw1, CcwFlags, Midaw, MidawFlags, TranslateConfig};
 use vccw::css::testdev::{Length, LoopbackDevice};
-use vccw::css::{run_to_completion, ChannelMemory, ChannelRun, GuestChannelMemory, Step, Transfer};
+use vccw::css::{run_to_completion, ChannelMemory, ChannelRun, GuestChannelMemory, Transfer};
 use vccw::iommu_store::{Backing, IommuStore, Perm, StoreConfig};
 use vccw::orb::{Orb, OrbControls, Scsw};
 
@@ -396,22 +396,8 @@ fn normalize(ts: &[Transfer], to_guest: impl Fn(u64) -> u64) -> Vec<(u64, u64, b
 fn run(orb: &Orb, mem: &dyn ChannelMemory, dev: &mut LoopbackDevice) -> (Vec<Scsw>, Vec<Transfer>) {
     let mut r = ChannelRun::new(orb);
     r.set_trace(true);
-    let mut out = Vec::new();
-    for _ in 0..10_000 {
-        match r.step(mem, dev) {
-            Step::Continue => {}
-            Step::Intermediate(s) => out.push(s),
-            Step::Suspended(s) => {
-                out.extend(s);
-                break;
-            }
-            Step::Done(s) => {
-                out.push(s);
-                break;
-            }
-        }
-    }
-    (out, r.transfers().to_vec())
+    let status = r.run_until_end(mem, dev, 10_000);
+    (status, r.transfers().to_vec())
 }
 
 proptest! {

@@ -244,15 +244,7 @@ impl ChannelRun {
 
     /// SCSW word 0 bits the channel copies from the ORB.
     fn base_flags(&self) -> ScswFlags {
-        let c = self.orb.ctl;
-        ScswFlags::new()
-            .with_key(c.key())
-            .with_suspend(c.suspend())
-            .with_format1(c.format1())
-            .with_prefetch(c.prefetch())
-            .with_initial_status_interrupt(c.initial_status_interrupt())
-            .with_address_limit_checking(c.address_limit_checking())
-            .with_suppress_suspended_interrupt(c.suppress_suspended_interrupt())
+        ScswFlags::from_orb(&self.orb.ctl)
     }
 
     fn final_scsw(&self, cpa: u32, ds: u8, cs: u8, count: u16, zero_cc: bool) -> Scsw {
@@ -982,6 +974,32 @@ impl ChannelRun {
         self.finish(s)
     }
 
+    /// Steps until the program ends or suspends (or `max_steps` commands ran) and returns
+    /// every status it presented: intermediate ones, then the final or suspended one.
+    pub fn run_until_end(
+        &mut self,
+        mem: &dyn ChannelMemory,
+        dev: &mut dyn DeviceModel,
+        max_steps: usize,
+    ) -> Vec<Scsw> {
+        let mut out = Vec::new();
+        for _ in 0..max_steps {
+            match self.step(mem, dev) {
+                Step::Continue => {}
+                Step::Intermediate(s) => out.push(s),
+                Step::Suspended(s) => {
+                    out.extend(s);
+                    break;
+                }
+                Step::Done(s) => {
+                    out.push(s);
+                    break;
+                }
+            }
+        }
+        out
+    }
+
     /// RESUME SUBCHANNEL: a suspended program continues by refetching the suspended CCW
     /// (which suspends again if its S flag is still one).
     pub fn resume(&mut self) -> Result<(), ResumeError> {
@@ -1056,21 +1074,5 @@ pub fn run_to_completion(
     dev: &mut dyn DeviceModel,
     max_steps: usize,
 ) -> Vec<Scsw> {
-    let mut run = ChannelRun::new(orb);
-    let mut out = Vec::new();
-    for _ in 0..max_steps {
-        match run.step(mem, dev) {
-            Step::Continue => {}
-            Step::Intermediate(s) => out.push(s),
-            Step::Suspended(s) => {
-                out.extend(s);
-                break;
-            }
-            Step::Done(s) => {
-                out.push(s);
-                break;
-            }
-        }
-    }
-    out
+    ChannelRun::new(orb).run_until_end(mem, dev, max_steps)
 }

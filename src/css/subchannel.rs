@@ -53,8 +53,8 @@ use crate::ccw::HostProgram;
 use crate::css::channel::{ChannelRun, Step};
 use crate::css::device::DeviceModel;
 use crate::orb::{
-    actl, dstat, fctl, stctl, subchannel_type, Crw, Irb, Orb, Pmcw, PmcwChars, PmcwFlags, Schib,
-    Scsw, ScswFlags,
+    actl, dstat, fctl, stctl, subchannel_type, Crw, Irb, Pmcw, PmcwChars, PmcwFlags, Schib, Scsw,
+    ScswFlags,
 };
 
 /// Sense byte 0 bit for equipment check: what a device model that panicked reports.
@@ -215,19 +215,6 @@ fn guarded<R>(what: &str, f: impl FnOnce() -> R) -> Option<R> {
     }
 }
 
-/// SCSW word-0 bits a channel copies from the ORB.
-fn orb_flags(orb: &Orb) -> ScswFlags {
-    let c = orb.ctl;
-    ScswFlags::new()
-        .with_key(c.key())
-        .with_suspend(c.suspend())
-        .with_format1(c.format1())
-        .with_prefetch(c.prefetch())
-        .with_initial_status_interrupt(c.initial_status_interrupt())
-        .with_address_limit_checking(c.address_limit_checking())
-        .with_suppress_suspended_interrupt(c.suppress_suspended_interrupt())
-}
-
 /// Sense bytes of an equipment check.
 fn equipment_check_sense() -> Vec<u8> {
     let mut s = vec![0u8; 32];
@@ -309,7 +296,7 @@ impl Inner {
     /// Performs the halt function (QEMU `sch_handle_halt_func`).
     fn do_halt(&mut self) {
         let scsw = if let (Some(mut e), Some(dev)) = (self.exec.take(), self.dev.as_mut()) {
-            let flags = orb_flags(e.run.orb());
+            let flags = ScswFlags::from_orb(&e.run.orb().ctl);
             let s = guarded("reset_operation", || e.run.halt(dev.as_mut()));
             drop(e);
             s.unwrap_or_else(|| {
@@ -318,7 +305,7 @@ impl Inner {
         } else if let Some(p) = self.queued.take() {
             // Start pending: the start function is never performed; no device status.
             Scsw {
-                flags: orb_flags(p.orb())
+                flags: ScswFlags::from_orb(&p.orb().ctl)
                     .with_fctl(fctl::START | fctl::HALT)
                     .with_stctl(stctl::STATUS_PENDING),
                 cpa: self.last.cpa,
@@ -459,7 +446,7 @@ impl EmulatedSubchannel {
         g.suspend_ctl = orb.ctl.suspend();
         g.intparm = orb.intparm;
         g.last = Scsw {
-            flags: orb_flags(&orb),
+            flags: ScswFlags::from_orb(&orb.ctl),
             cpa: orb.cpa,
             ..Default::default()
         };
@@ -725,7 +712,7 @@ fn finish_step(g: &mut Inner, mut exec: Exec, step: Option<Step>, sense: Option<
             }
         }
         None => {
-            let flags = orb_flags(exec.run.orb());
+            let flags = ScswFlags::from_orb(&exec.run.orb().ctl);
             drop(exec);
             if !clearing {
                 let fc = fctl::START | if halting { fctl::HALT } else { 0 };

@@ -130,6 +130,21 @@ pub struct ScswFlags {
     pub stctl: u8,
 }
 
+impl ScswFlags {
+    /// The word-0 bits a channel copies from the ORB that started the program (key, suspend
+    /// control, format, prefetch, initial-status, address-limit and suppress-suspended).
+    pub fn from_orb(c: &crate::orb::OrbControls) -> Self {
+        ScswFlags::new()
+            .with_key(c.key())
+            .with_suspend(c.suspend())
+            .with_format1(c.format1())
+            .with_prefetch(c.prefetch())
+            .with_initial_status_interrupt(c.initial_status_interrupt())
+            .with_address_limit_checking(c.address_limit_checking())
+            .with_suppress_suspended_interrupt(c.suppress_suspended_interrupt())
+    }
+}
+
 /// A command-mode SCSW.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Scsw {
