@@ -22,7 +22,7 @@ fn translate_sense_id_example() {
         out.contains("(guest 0x2f00)") && out.contains("(guest 0x3000)"),
         "{out}"
     );
-    assert!(out.contains("pinned pages (4 pins)"), "{out}");
+    assert!(out.contains("pinned pages (3 pins)"), "{out}");
 }
 
 #[test]

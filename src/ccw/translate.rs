@@ -20,7 +20,7 @@ use crate::ccw::program::{HostProgram, Origin, PageRef, SegmentInfo};
 use crate::ccw::{
     command, Ccw0, Ccw1, CcwFlags, CommandKind, Idaw, IdawFormat, Midaw, CCW_SIZE, MIDAW_SIZE,
 };
-use crate::iommu_store::{IommuStore, Perm, PinnedPages, StoreError, PAGE_SIZE};
+use crate::iommu_store::{IommuStore, Perm, PinnedPages, StoreError, MAX_PIN_PAGES, PAGE_SIZE};
 use crate::orb::Orb;
 
 /// Limits of the translation.
@@ -342,12 +342,16 @@ struct Builder<'a> {
     host_block: u64,
     ccws: Vec<HostCcw>,
     expansions: Vec<HostCcw>,
+    /// IDAWs as *guest* addresses until every page is pinned, then host addresses.
     idaws: Vec<u64>,
     pins: Vec<PinnedPages>,
-    /// Pages pinned for the CCW being built.
-    cur_pages: Vec<PageRef>,
+    /// Pages the certainly-reachable CCWs need, (guest page, access: 1 fetch, 2 store),
+    /// pinned together at the end in as few calls as possible.
+    wanted: Vec<(u64, u8)>,
     /// Every page pinned, writable when pinned for input.
     all_pages: Vec<PageRef>,
+    /// Reused for each CCW's storage pieces.
+    scratch: Vec<Piece>,
 }
 
 impl<'a> Builder<'a> {
@@ -368,14 +372,18 @@ impl<'a> Builder<'a> {
             expansions: Vec::new(),
             idaws: Vec::new(),
             pins: Vec::new(),
-            cur_pages: Vec::new(),
+            wanted: Vec::new(),
             all_pages: Vec::new(),
+            scratch: Vec::new(),
         }
     }
 
     fn build(mut self, segments: Vec<Segment>) -> Result<HostProgram, E> {
         let total: usize = segments.iter().map(|s| s.ccws.len()).sum();
         self.ccws.reserve(total);
+        self.idaws.reserve(total);
+        self.wanted.reserve(total);
+        self.all_pages.reserve(total);
         // Host index of each segment's head: segments are laid out in order.
         let mut heads = Vec::with_capacity(segments.len());
         let mut n = 0;
@@ -401,6 +409,20 @@ impl<'a> Builder<'a> {
                 };
                 self.ccws.push(host);
             }
+        }
+        let wanted = std::mem::take(&mut self.wanted);
+        self.pin_pages(wanted, 0)?;
+        // Guest -> host for every IDAW, through the pinned pages sorted by guest address.
+        let mut by_iova: Vec<(u64, u64)> =
+            self.all_pages.iter().map(|p| (p.iova, p.host)).collect();
+        if !by_iova.is_sorted() {
+            by_iova.sort_unstable();
+        }
+        for w in &mut self.idaws {
+            let page = *w & !(PAGE_SIZE - 1);
+            let i = by_iova.partition_point(|(g, _)| *g < page);
+            debug_assert_eq!(by_iova.get(i).map(|p| p.0), Some(page), "IDAW page pinned");
+            *w = by_iova[i].1 + (*w - page);
         }
         self.layout(segments, heads)
     }
@@ -441,7 +463,7 @@ impl<'a> Builder<'a> {
         let cmd = g.cmd;
         let kind = CommandKind::of(cmd);
         let input = kind.is_input();
-        let mut flags = c.flags.with_ida(false).with_mida(false);
+        let flags = c.flags.with_ida(false).with_mida(false);
         let no_data = c.count == 0
             || (cmd == command::NOOP && !g.data_chained && !c.flags.cd())
             || (input && c.flags.skp());
@@ -459,18 +481,38 @@ impl<'a> Builder<'a> {
             });
         }
         let backward = kind == CommandKind::ReadBackward;
-        let pieces = self.pieces(g, backward)?;
-        let perm = if input { Perm::WRITE } else { Perm::READ };
-        // Group pieces into runs a single IDAL can express.
-        let runs = split_runs(&pieces, self.host_block, backward, input);
-        if runs.len() == 1 {
-            let (skip, ps) = &runs[0];
-            let cda = if *skip {
+        let mut pieces = std::mem::take(&mut self.scratch);
+        pieces.clear();
+        let r = self.pieces(g, backward, &mut pieces).and_then(|()| {
+            self.describe(g, c, flags, &pieces, backward, input, slot, seg_end, total)
+        });
+        self.scratch = pieces;
+        r
+    }
+
+    /// The host CCW(s) for a data CCW whose storage is `pieces`.
+    #[allow(clippy::too_many_arguments)]
+    fn describe(
+        &mut self,
+        g: &GuestCcw,
+        c: Ccw1,
+        mut flags: CcwFlags,
+        pieces: &[Piece],
+        backward: bool,
+        input: bool,
+        slot: usize,
+        seg_end: usize,
+        total: usize,
+    ) -> Result<HostCcw, E> {
+        // The common case, one run a single IDAL expresses, without building run lists.
+        if single_run(pieces, self.host_block, backward, input) {
+            let skip = input && pieces[0].skip;
+            let cda = if skip {
                 flags = flags.with_skp(true);
                 Cda::Fixed(0)
             } else {
                 flags = flags.with_ida(true);
-                Cda::Idal(self.idal(ps, backward, perm, g.addr)?)
+                Cda::Idal(self.idal(pieces, backward, g, input)?)
             };
             return Ok(HostCcw {
                 ccw: Ccw1 {
@@ -485,6 +527,7 @@ impl<'a> Builder<'a> {
             });
         }
         // Out of line: slot = TIC to data-chained IDA CCWs (+ TIC back when chaining on).
+        let runs = split_runs(pieces, self.host_block, backward, input);
         let first_exp = total + self.expansions.len();
         let counts: Vec<u32> = runs
             .iter()
@@ -508,7 +551,7 @@ impl<'a> Builder<'a> {
                 Cda::Fixed(0)
             } else {
                 f = f.with_ida(true);
-                Cda::Idal(self.idal(ps, backward, perm, g.addr)?)
+                Cda::Idal(self.idal(ps, backward, g, input)?)
             };
             self.expansions.push(HostCcw {
                 ccw: Ccw1 {
@@ -553,12 +596,12 @@ impl<'a> Builder<'a> {
     }
 
     /// The guest storage a data CCW designates, in transfer order.
-    fn pieces(&self, g: &GuestCcw, backward: bool) -> Result<Vec<Piece>, E> {
+    fn pieces(&self, g: &GuestCcw, backward: bool, pieces: &mut Vec<Piece>) -> Result<(), E> {
         let c = g.ccw;
         let count = c.count as u64;
         let fmt1 = self.orb.ctl.format1();
         if c.flags.mida() {
-            return self.midaw_pieces(g, backward);
+            return self.midaw_pieces(g, backward, pieces);
         }
         if !c.flags.ida() {
             let limit: u64 = if fmt1 { 0x7fff_ffff } else { 0x00ff_ffff };
@@ -571,11 +614,12 @@ impl<'a> Builder<'a> {
             if !ok {
                 return Err(E::DataAddress(g.addr));
             }
-            return Ok(vec![Piece {
+            pieces.push(Piece {
                 addr: a,
                 len: c.count as u32,
                 skip: false,
-            }]);
+            });
+            return Ok(());
         }
         // IDA: the IDAL address is 31-bit and aligned to the IDAW size.
         let fmt = self.guest_fmt;
@@ -592,7 +636,6 @@ impl<'a> Builder<'a> {
             }
         };
         let mut rest = count;
-        let mut pieces = Vec::new();
         let mut raw = [0u8; 8];
         let mut i = 0u64;
         while rest > 0 {
@@ -621,17 +664,16 @@ impl<'a> Builder<'a> {
             rest -= len;
             i += 1;
         }
-        Ok(pieces)
+        Ok(())
     }
 
-    fn midaw_pieces(&self, g: &GuestCcw, backward: bool) -> Result<Vec<Piece>, E> {
+    fn midaw_pieces(&self, g: &GuestCcw, backward: bool, pieces: &mut Vec<Piece>) -> Result<(), E> {
         let list = g.ccw.cda as u64;
         if list % MIDAW_SIZE != 0 || list > 0x7fff_ffff {
             return Err(E::ListAddress(g.addr));
         }
         let count = g.ccw.count as u64;
         let mut sum = 0u64;
-        let mut pieces = Vec::new();
         let mut raw = [0u8; 16];
         let mut at = list;
         loop {
@@ -679,12 +721,27 @@ impl<'a> Builder<'a> {
         if sum != count {
             return Err(E::Midaw(g.addr, "counts short of the CCW count"));
         }
-        Ok(pieces)
+        Ok(())
     }
 
-    /// Pins the pages of `pieces` and appends the host IDAL; returns its first IDAW index.
-    fn idal(&mut self, pieces: &[Piece], backward: bool, perm: Perm, at: u64) -> Result<usize, E> {
-        self.pin_pieces(pieces, backward, perm, at)?;
+    /// Appends the IDAL for `pieces` (in guest addresses, converted once everything is
+    /// pinned) and returns its first IDAW index. Pages of a speculative CCW are pinned now, so
+    /// that a failure can still turn the CCW into a trap; the others are pinned in one batch.
+    fn idal(
+        &mut self,
+        pieces: &[Piece],
+        backward: bool,
+        g: &GuestCcw,
+        input: bool,
+    ) -> Result<usize, E> {
+        let acc = access(input);
+        if g.speculative {
+            let mut pages = Vec::new();
+            push_pages(&mut pages, pieces, backward, acc);
+            self.pin_pages(pages, g.addr)?;
+        } else {
+            push_pages(&mut self.wanted, pieces, backward, acc);
+        }
         let first = self.idaws.len();
         let bs = self.host_block;
         for p in pieces {
@@ -693,7 +750,7 @@ impl<'a> Builder<'a> {
             while left > 0 {
                 // One IDAW per block touched: its first byte in transfer order.
                 let in_block = if backward { a % bs + 1 } else { bs - a % bs }.min(left);
-                self.idaws.push(self.host_of(a));
+                self.idaws.push(a);
                 left -= in_block;
                 if left > 0 {
                     a = if backward { a - in_block } else { a + in_block };
@@ -703,59 +760,46 @@ impl<'a> Builder<'a> {
         Ok(first)
     }
 
-    fn host_of(&self, gpa: u64) -> u64 {
-        let page = gpa & !(PAGE_SIZE - 1);
-        let p = self
-            .cur_pages
-            .iter()
-            .find(|p| p.iova == page)
-            .expect("every piece's pages were pinned just before");
-        p.host + (gpa - page)
-    }
-
-    fn pin_pieces(
-        &mut self,
-        pieces: &[Piece],
-        backward: bool,
-        perm: Perm,
-        at: u64,
-    ) -> Result<(), E> {
-        self.cur_pages.clear();
-        let mut pages: Vec<u64> = Vec::new();
-        for p in pieces {
-            let (lo, hi) = if backward {
-                (p.addr + 1 - p.len as u64, p.addr)
-            } else {
-                (p.addr, p.addr + p.len as u64 - 1)
-            };
-            let mut pg = lo & !(PAGE_SIZE - 1);
-            while pg <= hi {
-                pages.push(pg);
-                pg += PAGE_SIZE;
-            }
+    /// Pins `pages` (guest page, access bits): sorted, merged, and pinned in runs of
+    /// contiguous pages with the same access, at most 512 pages a call.
+    fn pin_pages(&mut self, mut pages: Vec<(u64, u8)>, at: u64) -> Result<(), E> {
+        // Sequential programs already list their pages in order.
+        if !pages.is_sorted() {
+            pages.sort_unstable();
         }
-        pages.sort_unstable();
-        pages.dedup();
+        // One entry per page; a page needed for input and output is pinned for both.
+        pages.dedup_by(|b, a| {
+            let same = a.0 == b.0;
+            if same {
+                a.1 |= b.1;
+            }
+            same
+        });
         let mut i = 0;
         while i < pages.len() {
+            let (first, acc) = pages[i];
             let mut j = i + 1;
-            while j < pages.len() && pages[j] == pages[j - 1] + PAGE_SIZE && j - i < 512 {
+            while j < pages.len()
+                && j - i < MAX_PIN_PAGES
+                && pages[j] == (pages[j - 1].0 + PAGE_SIZE, acc)
+            {
                 j += 1;
             }
+            let perm = Perm {
+                read: acc & 1 != 0,
+                write: acc & 2 != 0,
+            };
             let pinned = self
                 .store
-                .pin(pages[i], j - i, perm)
-                .map_err(|e| pin_error(e, pages[i], at))?;
-            for p in pinned.pages() {
-                self.cur_pages.push(PageRef {
+                .pin(first, j - i, perm)
+                .map_err(|e| pin_error(e, first, at))?;
+            self.all_pages
+                .extend(pinned.pages().iter().map(|p| PageRef {
                     host: p.host_addr,
                     iova: p.iova,
                     writable: perm.write,
                     key: p.storage_key,
-                });
-            }
-            self.all_pages
-                .extend_from_slice(&self.cur_pages[self.cur_pages.len() - pinned.pages().len()..]);
+                }));
             self.pins.push(pinned);
             i = j;
         }
@@ -881,6 +925,50 @@ fn pin_error(e: StoreError, page: u64, _at: u64) -> E {
     }
 }
 
+/// Access bits of a data transfer: input stores (2), output fetches (1).
+fn access(input: bool) -> u8 {
+    if input {
+        2
+    } else {
+        1
+    }
+}
+
+/// Appends the guest pages `pieces` touch (may repeat), with access bits `acc`.
+fn push_pages(out: &mut Vec<(u64, u8)>, pieces: &[Piece], backward: bool, acc: u8) {
+    for p in pieces {
+        let (lo, hi) = if backward {
+            (p.addr + 1 - p.len as u64, p.addr)
+        } else {
+            (p.addr, p.addr + p.len as u64 - 1)
+        };
+        let mut page = lo & !(PAGE_SIZE - 1);
+        while page <= hi {
+            out.push((page, acc));
+            page += PAGE_SIZE;
+        }
+    }
+}
+
+/// Whether `p` continues `prev` within one IDAL: contiguous in transfer order, or leaving
+/// one block at its boundary and entering another at its boundary.
+fn joins(prev: &Piece, p: &Piece, bs: u64, backward: bool) -> bool {
+    if backward {
+        let prev_low = prev.addr + 1 - prev.len as u64;
+        p.addr + 1 == prev_low || (prev_low % bs == 0 && p.addr % bs == bs - 1)
+    } else {
+        let prev_end = prev.addr + prev.len as u64;
+        p.addr == prev_end || (prev_end % bs == 0 && p.addr % bs == 0)
+    }
+}
+
+/// Whether all of `pieces` form one run (see [`split_runs`]).
+fn single_run(pieces: &[Piece], bs: u64, backward: bool, input: bool) -> bool {
+    pieces
+        .windows(2)
+        .all(|w| (!input || w[0].skip == w[1].skip) && joins(&w[0], &w[1], bs, backward))
+}
+
 /// Splits pieces into runs that one IDAL with `bs`-byte blocks can describe (and that share
 /// a skip flag, which only matters for input).
 fn split_runs(pieces: &[Piece], bs: u64, backward: bool, input: bool) -> Vec<(bool, Vec<Piece>)> {
@@ -889,14 +977,7 @@ fn split_runs(pieces: &[Piece], bs: u64, backward: bool, input: bool) -> Vec<(bo
         let skip = input && p.skip;
         if let Some((rskip, rp)) = runs.last_mut() {
             let prev = rp.last().expect("runs are never empty");
-            let joins = if backward {
-                let prev_low = prev.addr + 1 - prev.len as u64;
-                p.addr + 1 == prev_low || (prev_low % bs == 0 && p.addr % bs == bs - 1)
-            } else {
-                let prev_end = prev.addr + prev.len as u64;
-                p.addr == prev_end || (prev_end % bs == 0 && p.addr % bs == 0)
-            };
-            if *rskip == skip && joins {
+            if *rskip == skip && joins(prev, p, bs, backward) {
                 rp.push(*p);
                 continue;
             }
