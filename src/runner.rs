@@ -450,7 +450,8 @@ const MAX_WALK: usize = 256;
 
 /// The guest data areas of the input CCWs (read, read backward, sense) reachable from the
 /// ORB's CPA: sequential chaining, TIC, and the CCW a status-modifier skip reaches. IDALs
-/// are followed (one range per IDAW); MIDA CCWs are left out. Areas are merged and sorted;
+/// are followed (one range per IDAW, read-backward IDALs as if forward); MIDA CCWs are left
+/// out; a direct read-backward area ends at its data address. Areas are merged and sorted;
 /// unreadable CCWs end that path.
 pub fn input_areas(orb: &Orb, store: &IommuStore) -> Vec<(u64, u64)> {
     let fmt1 = orb.ctl.format1();
@@ -498,6 +499,10 @@ pub fn input_areas(orb: &Orb, store: &IommuStore) -> Vec<(u64, u64)> {
                     left -= len;
                     at += n as u64;
                 }
+            } else if kind == CommandKind::ReadBackward {
+                // Read backward stores downwards from the data address (PoP).
+                let end = ccw.cda as u64 + 1;
+                areas.push((end.saturating_sub(count), count.min(end)));
             } else {
                 areas.push((ccw.cda as u64, count));
             }
@@ -768,7 +773,8 @@ mod tests {
         ccw(0x1008, 0x31, cc, 5, 0x3008); // search (output)
         ccw(0x1010, 0x08, CcwFlags::new(), 0, 0x1008); // TIC *-8
         ccw(0x1018, 0x06, cc.with_ida(true), 6000, 0x5000); // read data, IDAL
-        ccw(0x1020, 0x04, CcwFlags::new(), 32, 0x8000); // sense
+        ccw(0x1020, 0x04, cc, 32, 0x8000); // sense
+        ccw(0x1028, 0x0C, CcwFlags::new(), 16, 0x9000); // read backward: ends at 0x9000
         s.write(0x5000, &0x2_0800u64.to_be_bytes()).unwrap();
         s.write(0x5008, &0x4_0000u64.to_be_bytes()).unwrap();
         let orb = Orb {
@@ -780,7 +786,12 @@ mod tests {
         };
         assert_eq!(
             input_areas(&orb, &s),
-            vec![(0x8000, 32), (0x2_0800, 2048), (0x4_0000, 3952)]
+            vec![
+                (0x8000, 32),
+                (0x8FF1, 16),
+                (0x2_0800, 2048),
+                (0x4_0000, 3952)
+            ]
         );
         assert_eq!(
             merge(vec![(10, 10), (0, 12), (30, 1)]),
