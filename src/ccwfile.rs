@@ -11,6 +11,7 @@
 //! idaw2 0x5100 0x30f00 0x80000   # format-2 IDAWs
 //! midaw 0x6000 0x30200:512 0x40400:512:skip 0x60600:512:last
 //! data 0x3000 "VOL1" c1c2c3      # bytes: quoted ASCII or hex
+//! dump 0x10000 80                # `vccw run`: show these guest bytes after the program
 //! ```
 //! Commands are hex codes or names: read, write, control, sense, sense-id, tic, noop,
 //! read-backward. Flags are `-` or names joined by `|`: cd cc sli skp pci ida s mida.
@@ -20,6 +21,9 @@ use thiserror::Error;
 use crate::ccw::{Ccw0, Ccw1, CcwFlags, Midaw, MidawFlags};
 use crate::iommu_store::{Backing, IommuStore, Perm};
 use crate::orb::{Orb, OrbControls};
+
+/// Longest range one `dump` statement may show (1 MiB).
+pub const MAX_DUMP: u64 = 1 << 20;
 
 /// A parse error, with its line number.
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -53,6 +57,8 @@ pub struct ProgramFile {
     pub keys: Vec<(u64, u8)>,
     /// Bytes to place in guest memory: CCWs, lists, data.
     pub writes: Vec<(u64, Vec<u8>)>,
+    /// Guest ranges `vccw run` shows after the program: (address, length).
+    pub dumps: Vec<(u64, u64)>,
 }
 
 /// Why a program file could not be loaded into a store.
@@ -88,6 +94,7 @@ impl ProgramFile {
             maps: Vec::new(),
             keys: Vec::new(),
             writes: Vec::new(),
+            dumps: Vec::new(),
         };
         let mut have_orb = false;
         for (i, raw) in text.lines().enumerate() {
@@ -201,6 +208,17 @@ impl ProgramFile {
                         }
                     }
                     pf.writes.push((num(addr).map_err(err)?, bytes));
+                }
+                "dump" => {
+                    let [addr, len] = args else {
+                        return Err(err("dump takes: address length".into()));
+                    };
+                    let (addr, len) = (num(addr).map_err(err)?, num(len).map_err(err)?);
+                    // A dump is printed, so keep it to what a terminal can take.
+                    if len == 0 || len > MAX_DUMP || addr.checked_add(len).is_none() {
+                        return Err(err(format!("dump length must be 1..={MAX_DUMP:#x}")));
+                    }
+                    pf.dumps.push((addr, len));
                 }
                 other => return Err(err(format!("unknown statement {other:?}"))),
             }
@@ -445,6 +463,24 @@ mod tests {
         assert_eq!(&m[5..8], &[0x40, 0x02, 0x00]);
         assert_eq!(&m[21..24], &[0x80, 0x00, 0x10]);
         assert_eq!(pf.writes[5], (0x3000, b"AB # C\xc1\xc2".to_vec()));
+        assert!(pf.dumps.is_empty());
+    }
+
+    #[test]
+    fn dump_statement() {
+        let pf = ProgramFile::parse("orb cpa=8\ndump 0x10000 80\ndump 4096 0x1000 # page").unwrap();
+        assert_eq!(pf.dumps, vec![(0x10000, 80), (4096, 0x1000)]);
+        for bad in [
+            "dump 0x10000",
+            "dump 1 2 3",
+            "dump 0x10 0",
+            "dump 0x10 0x100001",
+            "dump 0xffffffffffffffff 2",
+            "dump x 2",
+        ] {
+            let e = ProgramFile::parse(&format!("orb cpa=8\n{bad}")).unwrap_err();
+            assert_eq!(e.line, 2, "{bad}");
+        }
     }
 
     #[test]

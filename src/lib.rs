@@ -14,4 +14,5 @@ pub mod driver;
 pub mod image;
 pub mod iommu_store;
 pub mod orb;
+pub mod runner;
 pub mod vfio_user;

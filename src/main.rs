@@ -31,6 +31,26 @@ enum Cmd {
         /// The program file (see examples/*.ccw).
         file: PathBuf,
     },
+    /// Run a channel program through the whole stack (vfio-ccw device, translator, emulated
+    /// subchannel) on a 3390 or 3490 model and print the IRB, sense and the data read.
+    /// Exit code 0: channel end + device end without checks; 1: any check or exception;
+    /// 2: usage error.
+    Run {
+        /// A Hercules CKD image to drive as a 3390.
+        #[arg(long, conflicts_with = "tape", required_unless_present = "tape")]
+        dasd: Option<PathBuf>,
+        /// An AWSTAPE file to mount on a 3490.
+        #[arg(long)]
+        tape: Option<PathBuf>,
+        /// Open the image read-write (default: read-only).
+        #[arg(long)]
+        write: bool,
+        /// Seconds to wait for the final interrupt.
+        #[arg(long, default_value_t = 10)]
+        timeout: u64,
+        /// The program file (see examples/dasd-*.ccw, examples/tape-*.ccw).
+        program: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -41,6 +61,48 @@ fn main() -> ExitCode {
         .init();
     match cli.cmd {
         Cmd::Translate { file } => cmd_translate(&file),
+        Cmd::Run {
+            dasd,
+            tape,
+            write,
+            timeout,
+            program,
+        } => cmd_run(dasd, tape, write, timeout, program),
+    }
+}
+
+fn cmd_run(
+    dasd: Option<PathBuf>,
+    tape: Option<PathBuf>,
+    write: bool,
+    timeout: u64,
+    program: PathBuf,
+) -> ExitCode {
+    use vccw::runner::{run_program, RunError, RunOptions, Target};
+    let target = match (dasd, tape) {
+        (Some(d), None) => Target::Dasd(d),
+        (None, Some(t)) => Target::Tape(t),
+        _ => {
+            eprintln!("vccw run: give exactly one of --dasd IMAGE or --tape FILE");
+            return ExitCode::from(2);
+        }
+    };
+    let opts = RunOptions {
+        target,
+        program,
+        write,
+        timeout: std::time::Duration::from_secs(timeout),
+    };
+    match run_program(&opts, &mut std::io::stdout().lock()) {
+        Ok(outcome) => ExitCode::from(outcome.exit_code()),
+        Err(e @ RunError::Usage(_)) => {
+            eprintln!("vccw run: {e}");
+            ExitCode::from(2)
+        }
+        Err(e) => {
+            eprintln!("vccw run: {e}");
+            ExitCode::from(1)
+        }
     }
 }
 

@@ -178,6 +178,9 @@ pub struct ChannelRun {
     state: State,
     trace: bool,
     transfers: Vec<Transfer>,
+    /// The data buffer of the last command, kept so a long chain does not allocate (and
+    /// free) one per CCW.
+    buf: Vec<u8>,
 }
 
 impl ChannelRun {
@@ -197,6 +200,7 @@ impl ChannelRun {
             state: State::Running,
             trace: false,
             transfers: Vec::new(),
+            buf: Vec::new(),
         }
     }
 
@@ -770,8 +774,10 @@ impl ChannelRun {
         let back = kind == CommandKind::ReadBackward;
         let (segs, pieces, mut offered, mut err) = self.walk(mem, at, ccw, kind);
 
-        // Output: gather; a fault truncates the offer at that piece.
-        let mut data = vec![0u8; offered];
+        // Output: gather; a fault truncates the offer at that piece. Input: zeros.
+        let mut data = std::mem::take(&mut self.buf);
+        data.clear();
+        data.resize(offered, 0);
         if !input {
             let mut pos = 0usize;
             for p in &pieces {
@@ -894,6 +900,7 @@ impl ChannelRun {
                 pos += n;
             }
         }
+        self.buf = data;
         if fail.is_none() {
             if let Some(e) = err {
                 // The device needed the byte at the error: it reached it.

@@ -190,6 +190,15 @@ impl Shared {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Announces a request (called with the lock held, so the thread cannot miss it) and
+    /// returns whether the sleeping thread must be notified; the caller notifies after
+    /// unlocking, so the woken thread does not block at once on the lock still held
+    /// (`Mutex::lock_contended` and a second context switch per START, seen in a profile).
+    fn announce(&self, g: &Inner) -> bool {
+        self.seq.fetch_add(1, Ordering::Release);
+        g.sleeping
+    }
+
     /// Announces a request (called with the lock held, so the thread cannot miss it).
     fn kick(&self, g: &Inner) {
         self.seq.fetch_add(1, Ordering::Release);
@@ -451,7 +460,12 @@ impl EmulatedSubchannel {
             ..Default::default()
         };
         g.queued = Some(program);
-        self.shared.kick(&g);
+        // The state changed under the lock, so notifying after unlocking loses no wake-up.
+        let wake = self.shared.announce(&g);
+        drop(g);
+        if wake {
+            self.shared.work.notify_one();
+        }
         0
     }
 

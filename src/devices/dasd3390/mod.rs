@@ -495,16 +495,27 @@ impl Dasd3390 {
 
     /// Reads the data of the current record (reading the next count first if needed).
     fn read_data(&mut self, code: u8) -> Res<Vec<u8>> {
+        let r = self.data_span(code)?;
+        Ok(self.track[r].to_vec())
+    }
+
+    /// Moves past the data of the current record (reading the next count first if needed)
+    /// and returns where it lies in the cached track: Read Data copies from there straight
+    /// into the channel's buffer, with no per-record allocation.
+    fn data_span(&mut self, code: u8) -> Res<std::ops::Range<usize>> {
         if self.orient != Orient::Count && self.orient != Orient::Key {
             self.read_count(code)?;
         }
         if self.orient == Orient::Count {
             self.pos += self.kl;
         }
-        let data = self.field(self.pos, self.dl)?;
+        let r = self.pos..self.pos + self.dl;
+        if r.end > self.track.len() {
+            return Err(self.equipment_check());
+        }
         self.pos += self.dl;
         self.orient = Orient::Data;
-        Ok(data)
+        Ok(r)
     }
 
     fn field(&mut self, at: usize, len: usize) -> Res<Vec<u8>> {
@@ -1026,8 +1037,9 @@ impl Dasd3390 {
         self.chaining_check()?;
         let ok = self.read_domain_ok() && (self.prog.op() != OP_READ16 || is_mt(code));
         self.domain_allows(ok)?;
-        let d = self.read_data(code)?;
-        Ok(with_ux(input(data, &d), d.is_empty()))
+        let r = self.data_span(code)?;
+        let empty = r.is_empty();
+        Ok(with_ux(input(data, &self.track[r]), empty))
     }
 
     fn cmd_read_key_data(&mut self, code: u8, data: &mut [u8]) -> Res<Outcome> {
