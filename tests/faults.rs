@@ -391,7 +391,11 @@ impl Rig {
     fn wait_state(&self, want: State) {
         let t0 = Instant::now();
         while self.dev.state() != want {
-            assert!(t0.elapsed() < WAIT, "state {:?} != {want:?}", self.dev.state());
+            assert!(
+                t0.elapsed() < WAIT,
+                "state {:?} != {want:?}",
+                self.dev.state()
+            );
             thread::sleep(Duration::from_micros(200));
         }
     }
@@ -406,7 +410,10 @@ impl Rig {
     fn wait_function(&self, f: u8) {
         let t0 = Instant::now();
         while self.sub.store_schib().unwrap().scsw.flags.fctl() & f == 0 {
-            assert!(t0.elapsed() < WAIT, "function {f:#x} never reached the subchannel");
+            assert!(
+                t0.elapsed() < WAIT,
+                "function {f:#x} never reached the subchannel"
+            );
             thread::sleep(Duration::from_micros(100));
         }
     }
@@ -640,7 +647,9 @@ fn check_buffers(r: &Rig, k: usize) {
 /// issued from another thread while the channel thread is held between two commands.
 fn stop_at(r: &Rig, k: usize, command: u32) -> Irb {
     rewind(r);
-    r.store.write(DATA, &vec![0u8; N * STRIDE as usize]).unwrap();
+    r.store
+        .write(DATA, &vec![0u8; N * STRIDE as usize])
+        .unwrap();
     r.ccws(PROG, &chain(cmd::READ_FORWARD, N, 80, DATA, STRIDE));
     r.probe.arm(k as u32);
     assert_eq!(r.ssch(PROG), Ok(124));
@@ -727,7 +736,9 @@ fn halt_racing_the_start_is_consistent() {
     let (mut before_first, mut ended_first) = (0, 0);
     for _ in 0..20 {
         rewind(&r);
-        r.store.write(DATA, &vec![0u8; N * STRIDE as usize]).unwrap();
+        r.store
+            .write(DATA, &vec![0u8; N * STRIDE as usize])
+            .unwrap();
         r.ccws(PROG, &chain(cmd::READ_FORWARD, N, 80, DATA, STRIDE));
         r.probe.reset();
         assert_eq!(r.ssch(PROG), Ok(124));
@@ -805,10 +816,7 @@ fn dasd_format_three(r: &Rig) {
     let area = DATA;
     r.store.write(area, &de(0xC0, 0, REC_LEN as u16)).unwrap();
     r.store.write(area + 0x100, &lr(0x03, 3, 0, 1, 0)).unwrap();
-    let mut prog = vec![
-        ccw(0x63, 16, area, true),
-        ccw(0x47, 16, area + 0x100, true),
-    ];
+    let mut prog = vec![ccw(0x63, 16, area, true), ccw(0x47, 16, area + 0x100, true)];
     for rec in 1..=3u8 {
         let at = area + 0x200 * u64::from(rec);
         r.store.write(at, &ckd_record(1, rec, REC_LEN)).unwrap();
@@ -827,15 +835,16 @@ fn track_records(path: &Path) -> Result<Vec<(u8, Vec<u8>)>, CkdError> {
         .iter()
         .map(|l| {
             let d = l.offset + 8 + l.count.key_len as usize;
-            (
-                l.count.rec,
-                buf[d..d + l.count.data_len as usize].to_vec(),
-            )
+            (l.count.rec, buf[d..d + l.count.data_len as usize].to_vec())
         })
         .collect())
 }
 
-fn dasd_write_fault(devno: u16, errno: i32, budget: u64) -> (Irb, Vec<u8>, PathBuf, tempfile::TempDir) {
+fn dasd_write_fault(
+    devno: u16,
+    errno: i32,
+    budget: u64,
+) -> (Irb, Vec<u8>, PathBuf, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let path = dasd_image(dir.path());
     let (file, ctl) = faulty(&path);
@@ -865,7 +874,11 @@ fn dasd_write_failing_with_eio_is_equipment_check_and_keeps_earlier_records() {
     // R1 reaches the file; the write of R2 fails before any byte.
     let (irb, sense, path, _dir) = dasd_write_fault(0xf301, libc::EIO, REC_WRITE);
     assert_eq!((irb.scsw.dstat, irb.scsw.cstat), (CE_DE_UC, 0));
-    assert_eq!(irb.scsw.cpa as u64, PROG + 8 * 4, "CPA after the failing CCW");
+    assert_eq!(
+        irb.scsw.cpa as u64,
+        PROG + 8 * 4,
+        "CPA after the failing CCW"
+    );
     assert_eq!(irb.scsw.flags.stctl() & stctl::ALERT, stctl::ALERT);
     assert_eq!(sense[0], 0x10, "equipment check");
     // (After the fault the same program was run again and succeeded: R1..R3.)
@@ -914,8 +927,14 @@ fn dasd_write_torn_mid_record_is_equipment_check() {
     let torn = img.read_track(0, 1, &mut buf);
     let raw = std::fs::read(&path).unwrap();
     let t1 = DEVHDR_SIZE + TRACK_SIZE_3390 as usize;
-    assert_eq!(&raw[t1 + r1 + 8..t1 + r1 + 8 + REC_LEN], &[1u8; REC_LEN][..]);
-    eprintln!("torn track parses: {:?}", torn.as_ref().map(|l| l.records.len()));
+    assert_eq!(
+        &raw[t1 + r1 + 8..t1 + r1 + 8 + REC_LEN],
+        &[1u8; REC_LEN][..]
+    );
+    eprintln!(
+        "torn track parses: {:?}",
+        torn.as_ref().map(|l| l.records.len())
+    );
     r.finish();
 }
 
@@ -1245,12 +1264,18 @@ fn malformed_ckd_images_are_refused_with_a_clear_error() {
     // Truncated header.
     let e = try_open("short.ckd", &good[..100]).unwrap_err();
     assert!(matches!(e, CkdError::Truncated { len: 100 }), "{e}");
-    assert_eq!((e.errno(), e.to_string().contains("truncated")), (libc::EINVAL, true));
+    assert_eq!(
+        (e.errno(), e.to_string().contains("truncated")),
+        (libc::EINVAL, true)
+    );
     // Wrong magic.
     let mut b = good.clone();
     b[..8].copy_from_slice(b"NOT_CKD!");
     let e = try_open("magic.ckd", &b).unwrap_err();
-    assert!(matches!(e, CkdError::BadMagic(m) if &m == b"NOT_CKD!"), "{e}");
+    assert!(
+        matches!(e, CkdError::BadMagic(m) if &m == b"NOT_CKD!"),
+        "{e}"
+    );
     assert_eq!(e.errno(), libc::EINVAL);
     assert!(e.to_string().contains("not a CKD image"));
     // Bad track length in the header: too small, too large, and not the file's layout.
@@ -1275,7 +1300,10 @@ fn malformed_ckd_images_are_refused_with_a_clear_error() {
     std::fs::write(&p, &b).unwrap();
     let img = CkdImage::open(&p, CkdOpenOptions::default()).unwrap();
     let e = Dasd3390::new(img, 0).unwrap_err();
-    assert!(matches!(e, DasdError::NotA3390 { dev_type: 0x80, .. }), "{e}");
+    assert!(
+        matches!(e, DasdError::NotA3390 { dev_type: 0x80, .. }),
+        "{e}"
+    );
     assert_eq!(e.errno(), libc::EINVAL);
     // A track whose record overflows it: the image opens, the track is refused (EIO).
     let mut b = good.clone();
@@ -1288,7 +1316,14 @@ fn malformed_ckd_images_are_refused_with_a_clear_error() {
     let mut buf = vec![0u8; img.track_size()];
     let e = img.read_track(0, 1, &mut buf).unwrap_err();
     assert!(
-        matches!(e, CkdError::TrackOverflow { cyl: 0, head: 1, offset: 5 }),
+        matches!(
+            e,
+            CkdError::TrackOverflow {
+                cyl: 0,
+                head: 1,
+                offset: 5
+            }
+        ),
         "{e}"
     );
     assert_eq!(e.errno(), libc::EIO);
@@ -1327,7 +1362,9 @@ fn malformed_awstape_files_are_refused_with_a_clear_error() {
     let e = open("short.aws", &good[..13]).unwrap_err();
     assert!(matches!(e, AwsError::TruncatedHeader { offset: 10 }), "{e}");
     assert!(e.is_malformed() && e.errno() == libc::EINVAL);
-    assert!(e.to_string().contains("truncated segment header at offset 10"));
+    assert!(e
+        .to_string()
+        .contains("truncated segment header at offset 10"));
     // Inconsistent previous-length chain.
     let mut b = good.clone();
     b[12] = 3;

@@ -779,11 +779,13 @@ impl AwsTape {
         if self.read_only {
             return Err(AwsError::ReadOnly);
         }
-        self.file.truncate(self.pos).map_err(|source| AwsError::Io {
-            op: "truncate",
-            offset: self.pos,
-            source,
-        })?;
+        self.file
+            .truncate(self.pos)
+            .map_err(|source| AwsError::Io {
+                op: "truncate",
+                offset: self.pos,
+                source,
+            })?;
         self.file_len = self.pos;
         if self.sync_writes {
             self.sync()?;
@@ -1139,7 +1141,7 @@ mod tests {
         t.write_block(&[2; 20]).unwrap();
         let f = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
         // Corrupt the second header's length field (20 -> 21).
-        f.write_all_at(&[21], 16).unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&f, &[21], 16).unwrap();
         let e = t.skip_backward().unwrap_err();
         assert!(
             matches!(
