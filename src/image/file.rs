@@ -124,14 +124,14 @@ mod tests {
     #[test]
     fn short_transfers_are_continued_and_errors_stop_them() {
         let f = Dribble {
-            fail_after: 3,
+            fail_after: 4,
             ..Default::default()
         };
         f.pwrite_all(b"abcdefg", 0).unwrap();
         let mut b = [0u8; 7];
         f.pread_exact(&mut b, 0).unwrap();
         assert_eq!(&b, b"abcdefg");
-        // The 4th call fails: 3 bytes of the 5 reach the file, then ENOSPC.
+        // Calls 1-3 wrote 7 bytes; call 4 writes 3 of the 5, call 5 fails with ENOSPC.
         let e = f.pwrite_all(b"vwxyz", 7).unwrap_err();
         assert_eq!(e.raw_os_error(), Some(libc::ENOSPC));
         assert_eq!(f.size().unwrap(), 10);
