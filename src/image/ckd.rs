@@ -549,20 +549,37 @@ impl CkdImage {
         offset: usize,
         data: &[u8],
     ) -> Result<(), CkdError> {
+        self.write_track_parts(cyl, head, &[(offset, data)])
+    }
+
+    /// Writes `parts` (offset in the slot, bytes) in the order given, one positioned write
+    /// each, then one fdatasync if the image was opened with `sync_writes`. The order is the
+    /// caller's crash ordering: a failure leaves the earlier parts written, the later ones
+    /// untouched (the failing one possibly in part). Every part is checked before any write.
+    pub fn write_track_parts(
+        &self,
+        cyl: u32,
+        head: u32,
+        parts: &[(usize, &[u8])],
+    ) -> Result<(), CkdError> {
         if self.options.read_only {
             return Err(CkdError::ReadOnly);
         }
         let slot = self.check_track(cyl, head)?;
-        if !matches!(offset.checked_add(data.len()), Some(end) if end <= self.track_size()) {
-            return Err(CkdError::BadRange {
-                offset,
-                len: data.len(),
-                track_size: self.header.track_size,
-            });
+        for &(offset, data) in parts {
+            if !matches!(offset.checked_add(data.len()), Some(end) if end <= self.track_size()) {
+                return Err(CkdError::BadRange {
+                    offset,
+                    len: data.len(),
+                    track_size: self.header.track_size,
+                });
+            }
         }
-        self.file
-            .pwrite_all(data, slot + offset as u64)
-            .map_err(io_err("write track"))?;
+        for &(offset, data) in parts {
+            self.file
+                .pwrite_all(data, slot + offset as u64)
+                .map_err(io_err("write track"))?;
+        }
         if self.options.sync_writes {
             self.file.datasync().map_err(io_err("fdatasync"))?;
         }
