@@ -1020,6 +1020,23 @@ fn tape_write_failing_with_enospc_is_physical_end_and_keeps_earlier_blocks() {
     tape_write_fault(0xf306, libc::ENOSPC, 0x38);
 }
 
+#[test]
+fn tape_on_a_full_host_device_is_unit_check_never_success() {
+    // A real ENOSPC: /dev/full fails every write.
+    let t = AwsTape::open("/dev/full", OpenMode::ReadWrite).unwrap();
+    let r = rig(
+        Box::new(Tape3490::with_tape(t, Tape3490Config::default())),
+        0xf307,
+    );
+    tape_write_three(&r);
+    let irb = r.run(PROG);
+    assert_eq!((irb.scsw.dstat, irb.scsw.cstat), (CE_DE_UC, 0));
+    assert_eq!(irb.scsw.cpa as u64, PROG + 8);
+    let s = sense(&irb);
+    assert_eq!((s[0], s[3]), (0x10, 0x38));
+    r.finish();
+}
+
 // ---------------------------------------------------------------------------------------
 // 4. A channel path going offline and back.
 
