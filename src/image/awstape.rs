@@ -21,10 +21,11 @@
 
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use thiserror::Error;
+
+use super::file::ImageFile;
 
 /// Size of a segment header.
 pub const HEADER_LEN: usize = 6;
@@ -253,7 +254,7 @@ pub enum OpenMode {
 /// An open AWSTAPE file with a tape position.
 #[derive(Debug)]
 pub struct AwsTape {
-    file: File,
+    file: Box<dyn ImageFile>,
     path: PathBuf,
     read_only: bool,
     file_len: u64,
@@ -315,14 +316,32 @@ impl AwsTape {
     }
 
     fn from_file(file: File, path: &Path, read_only: bool) -> Result<Self, AwsError> {
-        let file_len = file
-            .metadata()
-            .map_err(|source| AwsError::Io {
-                op: "stat",
-                offset: 0,
-                source,
-            })?
-            .len();
+        Self::new_unchecked(Box::new(file), path, read_only)
+    }
+
+    /// A tape over any [`ImageFile`] (a `File`, or a test's fault injector), checked like
+    /// [`AwsTape::open`] (every header) and positioned at the load point. `path` is only
+    /// what [`AwsTape::path`] reports.
+    pub fn from_backing(
+        file: Box<dyn ImageFile>,
+        path: impl AsRef<Path>,
+        mode: OpenMode,
+    ) -> Result<Self, AwsError> {
+        let mut tape = Self::new_unchecked(file, path.as_ref(), mode == OpenMode::ReadOnly)?;
+        tape.verify()?;
+        Ok(tape)
+    }
+
+    fn new_unchecked(
+        file: Box<dyn ImageFile>,
+        path: &Path,
+        read_only: bool,
+    ) -> Result<Self, AwsError> {
+        let file_len = file.size().map_err(|source| AwsError::Io {
+            op: "stat",
+            offset: 0,
+            source,
+        })?;
         Ok(AwsTape {
             file,
             path: path.to_path_buf(),
@@ -414,7 +433,7 @@ impl AwsTape {
         }
         let mut b = [0u8; HEADER_LEN];
         self.file
-            .read_exact_at(&mut b, offset)
+            .pread_exact(&mut b, offset)
             .map_err(|source| AwsError::Io {
                 op: "read",
                 offset,
@@ -487,7 +506,7 @@ impl AwsTape {
                 let at = b.len();
                 b.resize(at + len, 0);
                 self.file
-                    .read_exact_at(&mut b[at..], data_off)
+                    .pread_exact(&mut b[at..], data_off)
                     .map_err(|source| AwsError::Io {
                         op: "read",
                         offset: data_off,
@@ -664,14 +683,14 @@ impl AwsTape {
         let end = pos + image.len() as u64;
         let res = self
             .file
-            .write_all_at(image, pos)
+            .pwrite_all(image, pos)
             .map_err(|source| AwsError::Io {
                 op: "write",
                 offset: pos,
                 source,
             })
             .and_then(|()| {
-                self.file.set_len(end).map_err(|source| AwsError::Io {
+                self.file.truncate(end).map_err(|source| AwsError::Io {
                     op: "truncate",
                     offset: end,
                     source,
@@ -687,7 +706,7 @@ impl AwsTape {
         if let Err(e) = res {
             // What followed the position is lost either way (a tape write erases it); cut
             // the partial write so the file stays well formed.
-            if self.file.set_len(pos).is_ok() {
+            if self.file.truncate(pos).is_ok() {
                 self.file_len = pos;
             }
             return Err(e);
@@ -760,11 +779,13 @@ impl AwsTape {
         if self.read_only {
             return Err(AwsError::ReadOnly);
         }
-        self.file.set_len(self.pos).map_err(|source| AwsError::Io {
-            op: "truncate",
-            offset: self.pos,
-            source,
-        })?;
+        self.file
+            .truncate(self.pos)
+            .map_err(|source| AwsError::Io {
+                op: "truncate",
+                offset: self.pos,
+                source,
+            })?;
         self.file_len = self.pos;
         if self.sync_writes {
             self.sync()?;
@@ -777,7 +798,7 @@ impl AwsTape {
         if self.read_only {
             return Ok(());
         }
-        self.file.sync_data().map_err(|source| AwsError::Io {
+        self.file.datasync().map_err(|source| AwsError::Io {
             op: "sync",
             offset: self.pos,
             source,
@@ -1120,7 +1141,7 @@ mod tests {
         t.write_block(&[2; 20]).unwrap();
         let f = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
         // Corrupt the second header's length field (20 -> 21).
-        f.write_all_at(&[21], 16).unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&f, &[21], 16).unwrap();
         let e = t.skip_backward().unwrap_err();
         assert!(
             matches!(

@@ -21,6 +21,8 @@ use std::path::Path;
 
 use thiserror::Error;
 
+use super::file::ImageFile;
+
 /// Size of the device header at the start of the image.
 pub const DEVHDR_SIZE: usize = 512;
 /// Size of the home address (flag byte + CCHH) at the start of every track slot.
@@ -368,7 +370,7 @@ pub struct CkdOpenOptions {
 /// An open uncompressed CKD image.
 #[derive(Debug)]
 pub struct CkdImage {
-    file: File,
+    file: Box<dyn ImageFile>,
     header: DeviceHeader,
     cylinders: u32,
     options: CkdOpenOptions,
@@ -388,12 +390,20 @@ impl CkdImage {
 
     /// Checks an already open image file (opened for writing unless `options.read_only`).
     pub fn from_file(file: File, options: CkdOpenOptions) -> Result<Self, CkdError> {
-        let len = file.metadata().map_err(io_err("fstat"))?.len();
+        Self::from_backing(Box::new(file), options)
+    }
+
+    /// Checks an image behind any [`ImageFile`] (a `File`, or a test's fault injector).
+    pub fn from_backing(
+        file: Box<dyn ImageFile>,
+        options: CkdOpenOptions,
+    ) -> Result<Self, CkdError> {
+        let len = file.size().map_err(io_err("fstat"))?;
         if len < DEVHDR_SIZE as u64 {
             return Err(CkdError::Truncated { len });
         }
         let mut hdr = [0u8; DEVHDR_SIZE];
-        file.read_exact_at(&mut hdr, 0)
+        file.pread_exact(&mut hdr, 0)
             .map_err(io_err("read header"))?;
         let header = DeviceHeader::parse(&hdr)?;
         if header.file_seq != 0 || header.high_cyl != 0 {
@@ -525,7 +535,7 @@ impl CkdImage {
             });
         }
         self.file
-            .read_exact_at(buf, off)
+            .pread_exact(buf, off)
             .map_err(io_err("read track"))?;
         parse_track(buf, cyl, head)
     }
@@ -539,22 +549,39 @@ impl CkdImage {
         offset: usize,
         data: &[u8],
     ) -> Result<(), CkdError> {
+        self.write_track_parts(cyl, head, &[(offset, data)])
+    }
+
+    /// Writes `parts` (offset in the slot, bytes) in the order given, one positioned write
+    /// each, then one fdatasync if the image was opened with `sync_writes`. The order is the
+    /// caller's crash ordering: a failure leaves the earlier parts written, the later ones
+    /// untouched (the failing one possibly in part). Every part is checked before any write.
+    pub fn write_track_parts(
+        &self,
+        cyl: u32,
+        head: u32,
+        parts: &[(usize, &[u8])],
+    ) -> Result<(), CkdError> {
         if self.options.read_only {
             return Err(CkdError::ReadOnly);
         }
         let slot = self.check_track(cyl, head)?;
-        if !matches!(offset.checked_add(data.len()), Some(end) if end <= self.track_size()) {
-            return Err(CkdError::BadRange {
-                offset,
-                len: data.len(),
-                track_size: self.header.track_size,
-            });
+        for &(offset, data) in parts {
+            if !matches!(offset.checked_add(data.len()), Some(end) if end <= self.track_size()) {
+                return Err(CkdError::BadRange {
+                    offset,
+                    len: data.len(),
+                    track_size: self.header.track_size,
+                });
+            }
         }
-        self.file
-            .write_all_at(data, slot + offset as u64)
-            .map_err(io_err("write track"))?;
+        for &(offset, data) in parts {
+            self.file
+                .pwrite_all(data, slot + offset as u64)
+                .map_err(io_err("write track"))?;
+        }
         if self.options.sync_writes {
-            self.file.sync_data().map_err(io_err("fdatasync"))?;
+            self.file.datasync().map_err(io_err("fdatasync"))?;
         }
         Ok(())
     }
@@ -573,7 +600,7 @@ impl CkdImage {
 
     /// Flushes written data to stable storage.
     pub fn sync(&self) -> Result<(), CkdError> {
-        self.file.sync_data().map_err(io_err("fdatasync"))
+        self.file.datasync().map_err(io_err("fdatasync"))
     }
 }
 

@@ -3,3 +3,6 @@
 
 pub mod awstape;
 pub mod ckd;
+pub mod file;
+
+pub use file::ImageFile;

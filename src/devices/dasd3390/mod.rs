@@ -529,6 +529,11 @@ impl Dasd3390 {
 
     /// Stores `bytes` at `at` in the current track, in the cache and in the file.
     fn store(&mut self, at: usize, bytes: &[u8]) -> Res<()> {
+        self.store_split(at, bytes, 0)
+    }
+
+    /// [`Self::store`], writing `bytes[split..]` to the file before `bytes[..split]`.
+    fn store_split(&mut self, at: usize, bytes: &[u8], split: usize) -> Res<()> {
         if self.image.read_only() {
             return Err(self.check(SENSE_EC, SENSE1_WRI, FORMAT_0, MSG_INVALID_PARAMETER));
         }
@@ -536,7 +541,14 @@ impl Dasd3390 {
             return Err(self.check(0, SENSE1_ITF, 0, 0));
         }
         self.track[at..at + bytes.len()].copy_from_slice(bytes);
-        match self.image.write_track_range(self.cyl, self.head, at, bytes) {
+        let (head, tail) = bytes.split_at(split.min(bytes.len()));
+        let parts = [(at + head.len(), tail), (at, head)];
+        let parts = if head.is_empty() {
+            &parts[..1]
+        } else {
+            &parts[..]
+        };
+        match self.image.write_track_parts(self.cyl, self.head, parts) {
             Ok(()) => Ok(()),
             Err(e) => {
                 tracing::warn!(cyl = self.cyl, head = self.head, error = %e, "3390 write failed");
@@ -562,7 +574,10 @@ impl Dasd3390 {
         let n = buf.len().min(len);
         rec[..n].copy_from_slice(&buf[..n]);
         rec[len..].copy_from_slice(&END_OF_TRACK);
-        self.store(self.pos, &rec)?;
+        // The count field goes to the file last: a write that fails before it leaves the
+        // old end-of-track marker (or count) there, so the track still parses without the
+        // new record instead of holding a count with no end marker after it.
+        self.store_split(self.pos, &rec, COUNT_SIZE)?;
         self.pos += len;
         self.rec = c.rec;
         self.kl = c.key_len as usize;
