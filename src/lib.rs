@@ -8,10 +8,12 @@
 
 pub mod ccw;
 pub mod ccwfile;
+pub mod client;
 pub mod css;
 pub mod devices;
 pub mod driver;
 pub mod image;
 pub mod iommu_store;
 pub mod orb;
+pub mod service;
 pub mod vfio_user;
