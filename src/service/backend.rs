@@ -178,6 +178,13 @@ impl CcwBackend {
         Ok(())
     }
 
+    /// The store frees unmapped memory (and closes a mapped memfd) when its lookup
+    /// snapshot is next rebuilt, at the next lookup; one is forced here so the client's fd
+    /// and pages go now, not at the next client's first I/O.
+    fn release_unmapped(&self) {
+        let _ = self.store.storage_key(0);
+    }
+
     fn is_start(data: &[u8], offset: u64) -> bool {
         // The SCSW's function control is byte 1 of the SCSW area's word 0 (bits 17-19 of
         // the word): offset 12 + 2 in the region.
@@ -373,6 +380,7 @@ impl VfioUserBackend for CcwBackend {
             .store
             .unmap_dma(iova, size, all)
             .map_err(|e| e.errno())?;
+        self.release_unmapped();
         let mut c = lock(&self.conn);
         if all {
             c.shadows.clear();
@@ -390,6 +398,7 @@ impl VfioUserBackend for CcwBackend {
         if let Err(e) = self.store.unmap_dma(0, 0, true) {
             tracing::warn!(dev = %self.name, %e, "unmap on disconnect failed");
         }
+        self.release_unmapped();
         for i in IrqIndex::ALL {
             if let Err(e) = self.dev.set_irqs(IrqSet::eventfd(i, None)) {
                 tracing::warn!(dev = %self.name, ?i, %e, "IRQ teardown failed");
