@@ -249,6 +249,16 @@ fn main() {
     mem.read(DATA, &mut got).unwrap();
     assert_eq!(got, pattern(0, 7, 4096));
 
+    // 1b. One vfio-user round trip alone: the IRB read (REGION_READ of 96 bytes).
+    let mut rt = Vec::with_capacity(iters());
+    for i in 0..WARMUP + iters() {
+        let t0 = Instant::now();
+        std::hint::black_box(dev.irb().unwrap());
+        if i >= WARMUP {
+            rt.push(t0.elapsed().as_secs_f64() * 1e6);
+        }
+    }
+
     // 2. The floor.
     let mut f = measure_floor(dir.path());
 
@@ -321,6 +331,7 @@ fn main() {
     let (s50, s99) = (pct(&mut spin, 0.5), pct(&mut spin, 0.99));
     let (f50, f99) = (pct(&mut f.one, 0.5), pct(&mut f.one, 0.99));
     let (g50, g99) = (pct(&mut f.two, 0.5), pct(&mut f.two, 0.99));
+    let (r50, r99) = (pct(&mut rt, 0.5), pct(&mut rt, 0.99));
     let m50 = pct(&mut mib, 0.5);
     let c50 = pct(&mut cp, 0.5);
     println!(
@@ -332,6 +343,9 @@ fn main() {
     );
     println!(
         "4 KiB DASD read, SSCH -> IRB over vfio-user (spinning wait): p50 {s50:.1} p99 {s99:.1}"
+    );
+    println!(
+        "one vfio-user round trip (REGION_READ of the IRB):           p50 {r50:.1} p99 {r99:.1}"
     );
     println!(
         "floor: socket request/reply + eventfd:                        p50 {f50:.1} p99 {f99:.1}"

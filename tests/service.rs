@@ -594,3 +594,69 @@ fn memory_mapped_without_fd_goes_through_dma_read_and_write() {
     dev.transport().dma_unmap(0, 16 * 1024).unwrap();
     assert!(s.stats("0.0.0100").contains(" shadows=0 "));
 }
+
+#[test]
+fn serve_given_images_in_a_socket_dir_with_private_sockets() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("my.ckd");
+    vccw::image::ckd::CkdImage::create_3390(&img, 3, Some("MINE01")).unwrap();
+    let tape = dir.path().join("my.aws");
+    vccw::image::awstape::AwsTape::create(&tape).unwrap();
+    let socks = dir.path().join("socks");
+    let (i, t, sd) = (
+        img.to_string_lossy().to_string(),
+        tape.to_string_lossy().to_string(),
+        socks.to_string_lossy().to_string(),
+    );
+    let (child, ready) = vccw::service::demo::start_server(
+        Path::new(EXE),
+        &[
+            "--dasd",
+            &i,
+            "--tape",
+            &t,
+            "--socket-dir",
+            &sd,
+            "--data-dir",
+            "/nonexistent",
+        ],
+    )
+    .unwrap();
+    let mut s = Server {
+        child: Some(child),
+        dasd: ready[0].socket.clone(),
+        tape: ready[1].socket.clone(),
+        stderr: Arc::new(Mutex::new(Vec::new())),
+        _dir: dir,
+    };
+    assert_eq!(ready.len(), 2);
+    assert_eq!(s.dasd, socks.join("dasd0.sock"));
+    for p in [&s.dasd, &s.tape] {
+        let mode = std::fs::metadata(p).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "{}", p.display());
+    }
+    let mut out = Vec::new();
+    let sum = run_guest(&s.dasd, &WorkloadOptions::default(), &mut out).unwrap();
+    assert_eq!(sum.identity.dev_type, 0x3390);
+    let text = String::from_utf8(out).unwrap();
+    assert!(text.contains("volume serial MINE01"), "{text}");
+    assert!(
+        text.contains("  2 cylinders") || text.contains("  3 cylinders"),
+        "{text}"
+    );
+    assert!(s.stop().success());
+    assert!(!s.dasd.exists());
+    // A file that is not an image is refused, not overwritten.
+    let bad = socks.join("bad.ckd");
+    std::fs::write(&bad, b"not an image").unwrap();
+    let out = Command::new(EXE)
+        .args(["serve", "--dasd"])
+        .arg(&bad)
+        .arg("--socket-dir")
+        .arg(&socks)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(std::fs::read(&bad).unwrap(), b"not an image");
+}
