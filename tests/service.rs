@@ -660,3 +660,32 @@ fn serve_given_images_in_a_socket_dir_with_private_sockets() {
     assert_eq!(out.status.code(), Some(1));
     assert_eq!(std::fs::read(&bad).unwrap(), b"not an image");
 }
+
+#[test]
+fn fd_less_maps_are_bounded() {
+    use vccw::vfio_user::client::VecMemory;
+    let s = Server::start();
+    let dev = CcwClient::connect(&s.tape).unwrap();
+    // 128 MiB without an fd would be copied on every I/O: refused with ENOSPC. (The client
+    // side only needs the length: VecMemory of that size is not allocated by the server.)
+    struct Huge;
+    impl vccw::vfio_user::client::DmaMemory for Huge {
+        fn len(&self) -> u64 {
+            128 << 20
+        }
+        fn read(&self, _: u64, _: &mut [u8]) -> Result<(), i32> {
+            Err(libc::EIO)
+        }
+        fn write(&self, _: u64, _: &[u8]) -> Result<(), i32> {
+            Err(libc::EIO)
+        }
+    }
+    let e = dev
+        .transport()
+        .dma_map_memory(0, Arc::new(Huge), (true, true))
+        .unwrap_err();
+    assert_eq!(e.errno(), libc::ENOSPC);
+    dev.transport()
+        .dma_map_memory(0, Arc::new(VecMemory::new(8192)), (true, true))
+        .unwrap();
+}

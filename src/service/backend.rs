@@ -37,6 +37,15 @@ use crate::vfio_user::server::{
     DeviceDesc, DmaBacking, DmaChannel, IrqDesc, RegionDesc, VfioUserBackend,
 };
 
+/// Most bytes mapped without an fd at once (the slow path copies all of it per I/O).
+pub const MAX_SHADOW_BYTES: u64 = 64 << 20;
+
+/// Copy pieces of a shadow: (offset, length), at most 1 MiB each.
+fn chunks(size: u64) -> impl Iterator<Item = (u64, usize)> {
+    const CHUNK: u64 = 1 << 20;
+    (0..size.div_ceil(CHUNK)).map(move |i| (i * CHUNK, (size - i * CHUNK).min(CHUNK) as usize))
+}
+
 /// A DMA_MAP without fd: the store sees `region`; the client's bytes reach it by DMA.
 struct Shadow {
     iova: u64,
@@ -155,11 +164,17 @@ impl CcwBackend {
         let Some(dma) = c.dma.as_ref() else {
             return Ok(());
         };
+        let mut buf = Vec::new();
         for s in c.shadows.iter().filter(|s| s.prot.0) {
-            let mut buf = vec![0u8; s.size as usize];
-            dma.read(s.iova, &mut buf).map_err(|e| e.errno())?;
-            let slice = s.region.get_slice(0, buf.len()).map_err(|_| libc::EFAULT)?;
-            slice.copy_from(&buf);
+            for (off, n) in chunks(s.size) {
+                buf.resize(n, 0);
+                dma.read(s.iova + off, &mut buf).map_err(|e| e.errno())?;
+                let slice = s
+                    .region
+                    .get_slice(off as usize, n)
+                    .map_err(|_| libc::EFAULT)?;
+                slice.copy_from(&buf);
+            }
         }
         Ok(())
     }
@@ -169,11 +184,17 @@ impl CcwBackend {
         let Some(dma) = c.dma.as_ref() else {
             return Ok(());
         };
+        let mut buf = Vec::new();
         for s in c.shadows.iter().filter(|s| s.prot.1) {
-            let mut buf = vec![0u8; s.size as usize];
-            let slice = s.region.get_slice(0, buf.len()).map_err(|_| libc::EFAULT)?;
-            slice.copy_to(&mut buf);
-            dma.write(s.iova, &buf).map_err(|e| e.errno())?;
+            for (off, n) in chunks(s.size) {
+                buf.resize(n, 0);
+                let slice = s
+                    .region
+                    .get_slice(off as usize, n)
+                    .map_err(|_| libc::EFAULT)?;
+                slice.copy_to(&mut buf);
+                dma.write(s.iova + off, &buf).map_err(|e| e.errno())?;
+            }
         }
         Ok(())
     }
@@ -344,6 +365,12 @@ impl VfioUserBackend for CcwBackend {
                 )
                 .map_err(|e| e.errno()),
             DmaBacking::Client => {
+                // Each I/O copies every shadow both ways: bound the total (ENOSPC, as a map
+                // past the store's entry limit).
+                let total: u64 = lock(&self.conn).shadows.iter().map(|s| s.size).sum();
+                if total.saturating_add(size) > MAX_SHADOW_BYTES {
+                    return Err(libc::ENOSPC);
+                }
                 let len = usize::try_from(size).map_err(|_| libc::ENOMEM)?;
                 let region = StoreMmapRegion::build(
                     None,
@@ -421,6 +448,13 @@ impl VfioUserBackend for CcwBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn shadow_chunks_cover_the_range() {
+        let v: Vec<_> = chunks((2 << 20) + 4096).collect();
+        assert_eq!(v, vec![(0, 1 << 20), (1 << 20, 1 << 20), (2 << 20, 4096)]);
+        assert_eq!(chunks(0).count(), 0);
+    }
 
     #[test]
     fn start_detection_reads_the_fctl_byte() {
