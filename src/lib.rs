@@ -8,6 +8,7 @@
 
 pub mod ccw;
 pub mod ccwfile;
+pub mod client;
 pub mod css;
 pub mod devices;
 pub mod driver;
@@ -15,4 +16,5 @@ pub mod image;
 pub mod iommu_store;
 pub mod orb;
 pub mod runner;
+pub mod service;
 pub mod vfio_user;

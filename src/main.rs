@@ -51,6 +51,43 @@ enum Cmd {
         /// The program file (see examples/dasd-*.ccw, examples/tape-*.ccw).
         program: PathBuf,
     },
+    /// Serve vccw devices over vfio-user, one socket per device. With no --dasd/--tape,
+    /// creates (or reuses) a small 3390 image and an AWSTAPE file in the data directory.
+    Serve {
+        /// Data directory for the default images.
+        #[arg(long, default_value = vccw::service::DEFAULT_DATA_DIR)]
+        data_dir: PathBuf,
+        /// Socket directory (default: the data directory).
+        #[arg(long)]
+        socket_dir: Option<PathBuf>,
+        /// A 3390 CKD image to serve (repeatable).
+        #[arg(long)]
+        dasd: Vec<PathBuf>,
+        /// An AWSTAPE file to serve (repeatable).
+        #[arg(long)]
+        tape: Vec<PathBuf>,
+        /// Cylinders of a created default 3390 image.
+        #[arg(long, default_value_t = vccw::service::DEFAULT_CYLINDERS)]
+        cylinders: u32,
+    },
+    /// Act as a guest: identify each device by SENSE ID and run a verified workload.
+    Guest {
+        /// Device sockets.
+        #[arg(required = true)]
+        sockets: Vec<PathBuf>,
+        /// Records (3390) or blocks (3490) to write and read back.
+        #[arg(long, default_value_t = 16)]
+        records: u32,
+    },
+    /// Run the service end to end: a server child, a guest child, clean shutdown.
+    Demo {
+        /// Records (3390) or blocks (3490) per device.
+        #[arg(long, default_value_t = 16)]
+        records: u32,
+        /// Keep the temporary data directory.
+        #[arg(long)]
+        keep: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -68,6 +105,21 @@ fn main() -> ExitCode {
             timeout,
             program,
         } => cmd_run(dasd, tape, write, timeout, program),
+        Cmd::Serve {
+            data_dir,
+            socket_dir,
+            dasd,
+            tape,
+            cylinders,
+        } => cmd_serve(vccw::service::ServeOptions {
+            data_dir,
+            socket_dir,
+            dasd,
+            tape,
+            cylinders,
+        }),
+        Cmd::Guest { sockets, records } => cmd_guest(&sockets, records),
+        Cmd::Demo { records, keep } => cmd_demo(records, keep),
     }
 }
 
@@ -103,6 +155,21 @@ fn cmd_run(
             eprintln!("vccw run: {e}");
             ExitCode::from(1)
         }
+        Cmd::Serve {
+            data_dir,
+            socket_dir,
+            dasd,
+            tape,
+            cylinders,
+        } => cmd_serve(vccw::service::ServeOptions {
+            data_dir,
+            socket_dir,
+            dasd,
+            tape,
+            cylinders,
+        }),
+        Cmd::Guest { sockets, records } => cmd_guest(&sockets, records),
+        Cmd::Demo { records, keep } => cmd_demo(records, keep),
     }
 }
 
@@ -170,4 +237,59 @@ fn describe_status(dstat: u8, cstat: u8) -> String {
         }
     }
     v.join(", ")
+}
+
+fn cmd_serve(opts: vccw::service::ServeOptions) -> ExitCode {
+    match vccw::service::serve(&opts, &mut std::io::stdout()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("vccw serve: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn cmd_guest(sockets: &[PathBuf], records: u32) -> ExitCode {
+    use vccw::client::workload::{run_guest, WorkloadOptions};
+    let opts = WorkloadOptions {
+        records,
+        ..Default::default()
+    };
+    let mut failed = 0;
+    for s in sockets {
+        let mut out = std::io::stdout();
+        match run_guest(s, &opts, &mut out) {
+            Ok(sum) => println!(
+                "{}: {:04x} OK: {} I/Os, {} bytes verified",
+                s.display(),
+                sum.identity.dev_type,
+                sum.ios,
+                sum.bytes
+            ),
+            Err(e) => {
+                println!("{}: FAILED: {e}", s.display());
+                failed += 1;
+            }
+        }
+    }
+    if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    }
+}
+
+fn cmd_demo(records: u32, keep: bool) -> ExitCode {
+    let opts = vccw::service::demo::DemoOptions {
+        exe: None,
+        records,
+        keep,
+    };
+    match vccw::service::demo::run_demo(&opts) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("vccw demo: {e}");
+            ExitCode::from(1)
+        }
+    }
 }
