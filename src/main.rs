@@ -155,21 +155,6 @@ fn cmd_run(
             eprintln!("vccw run: {e}");
             ExitCode::from(1)
         }
-        Cmd::Serve {
-            data_dir,
-            socket_dir,
-            dasd,
-            tape,
-            cylinders,
-        } => cmd_serve(vccw::service::ServeOptions {
-            data_dir,
-            socket_dir,
-            dasd,
-            tape,
-            cylinders,
-        }),
-        Cmd::Guest { sockets, records } => cmd_guest(&sockets, records),
-        Cmd::Demo { records, keep } => cmd_demo(records, keep),
     }
 }
 
