@@ -13,5 +13,7 @@ pub mod devices;
 pub mod driver;
 pub mod image;
 pub mod iommu_store;
+#[cfg(target_os = "linux")]
+pub mod mdev;
 pub mod orb;
 pub mod vfio_user;

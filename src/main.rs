@@ -31,6 +31,37 @@ enum Cmd {
         /// The program file (see examples/*.ccw).
         file: PathBuf,
     },
+    /// Drive a real subchannel through a kernel vfio-ccw mdev (s390x Linux).
+    #[cfg(target_os = "linux")]
+    Mdev {
+        #[command(subcommand)]
+        cmd: MdevCmd,
+    },
+}
+
+/// `vccw mdev ...`.
+#[cfg(target_os = "linux")]
+#[derive(Subcommand)]
+enum MdevCmd {
+    /// Run SENSE ID and virtio READ_CONF programs (plain, MIDAW, format 0), HSCH, CSCH and a
+    /// SCHIB read through vccw on the mdev; print `RESULT ok|FAIL <check>` lines.
+    Probe {
+        /// The mdev's UUID.
+        #[arg(long)]
+        uuid: String,
+        /// Pass the guest programs through untranslated (IOVA = guest physical), as QEMU.
+        #[arg(long)]
+        passthrough: bool,
+    },
+    /// Median latency of N I/Os through vccw versus the pass-through path, and the ratio.
+    Bench {
+        /// The mdev's UUID.
+        #[arg(long)]
+        uuid: String,
+        /// I/Os per path.
+        #[arg(long, default_value_t = 200)]
+        count: usize,
+    },
 }
 
 fn main() -> ExitCode {
@@ -41,6 +72,30 @@ fn main() -> ExitCode {
         .init();
     match cli.cmd {
         Cmd::Translate { file } => cmd_translate(&file),
+        #[cfg(target_os = "linux")]
+        Cmd::Mdev { cmd } => cmd_mdev(cmd),
+    }
+}
+
+#[cfg(target_os = "linux")]
+fn cmd_mdev(cmd: MdevCmd) -> ExitCode {
+    use vccw::mdev::probe;
+    let report = match cmd {
+        MdevCmd::Probe {
+            uuid,
+            passthrough: false,
+        } => probe::probe(&uuid),
+        MdevCmd::Probe {
+            uuid,
+            passthrough: true,
+        } => probe::probe_passthrough(&uuid),
+        MdevCmd::Bench { uuid, count } => probe::bench(&uuid, count),
+    };
+    if report.failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        eprintln!("vccw mdev: {} check(s) failed", report.failed);
+        ExitCode::from(1)
     }
 }
 
