@@ -173,9 +173,22 @@ grep -q '=== VCCW INIT END' "$LOG" || die "the guest did not finish its script; 
 echo "=== RESULT lines"
 grep -E '^RESULT ' "$LOG" | tr -d '\r' || true
 fails=$(grep -cE '^RESULT FAIL' "$LOG" || true)
-REQUIRED="open sense-id read-conf midaw format0 hsch csch schib passthrough bench"
-for r in $REQUIRED; do
-  grep -qE "^RESULT ok $r( |$)" "$LOG" || { echo "missing: RESULT ok $r"; fails=$((fails + 1)); }
+# Each required line, as an extended regex after "RESULT ok ". The disk is 16 MiB: 32768
+# sectors; QEMU's virtio-ccw control unit is 3832, model 02 for virtio-blk.
+REQUIRED=(
+  "open "
+  "sense-id cu=3832/02 "
+  "read-conf capacity=32768$"
+  "midaw capacity=32768 "
+  "format0 cu=3832/02 capacity=32768 "
+  "hsch "
+  "csch "
+  "schib devno=0005 "
+  "passthrough cu=3832/02 capacity=32768 "
+  "bench "
+)
+for r in "${REQUIRED[@]}"; do
+  tr -d '\r' < "$LOG" | grep -qE "^RESULT ok $r" || { echo "missing: RESULT ok $r"; fails=$((fails + 1)); }
 done
 print_timings
 [ "$fails" = 0 ] || { echo "FAIL: $fails check(s) failed; log: $LOG"; exit 1; }
