@@ -49,6 +49,9 @@ pub enum Variant {
     Midaw,
     /// Format 0: SENSE ID chained to READ_CONF.
     Format0,
+    /// Format 1, READ_CONF through a guest format-2 IDAL over the same two pieces as the
+    /// MIDAW variant (what the kernel itself supports: a baseline for it).
+    Ida,
 }
 
 /// Where each variant's CCWs and data are (guest-physical).
@@ -67,6 +70,10 @@ pub mod layout {
     pub const MIDAW_PIECE1: u64 = 0x1_3FFC;
     /// MIDAW: second piece (first 4 bytes of a page two pages on).
     pub const MIDAW_PIECE2: u64 = 0x1_5000;
+    /// IDA: the CCW.
+    pub const IDA_CCW: u64 = 0x1_0180;
+    /// IDA: the format-2 IDAL.
+    pub const IDA_LIST: u64 = 0x1_0300;
     /// Format 0: the CCWs.
     pub const FMT0_CCWS: u64 = 0x1_0400;
     /// Format 0: SENSE ID data.
@@ -133,6 +140,10 @@ pub fn load_programs(store: &IommuStore) -> Result<(), StoreError> {
     };
     store.write(MIDAW_LIST, &m1.to_bytes())?;
     store.write(MIDAW_LIST + 16, &m2.to_bytes())?;
+    let ida = CcwFlags::new().with_sli(true).with_ida(true);
+    store.write(IDA_CCW, &ccw1(VIRTIO_READ_CONF, ida, 8, IDA_LIST))?;
+    store.write(IDA_LIST, &MIDAW_PIECE1.to_be_bytes())?;
+    store.write(IDA_LIST + 8, &MIDAW_PIECE2.to_be_bytes())?;
     let c0 = |cmd, flags, count, cda: u64| {
         Ccw0 {
             cmd,
@@ -171,6 +182,10 @@ pub fn orb(v: Variant) -> Orb {
         Variant::Basic => (base.with_format1(true), layout::BASIC_CCWS),
         Variant::Midaw => (base.with_format1(true).with_midaw(true), layout::MIDAW_CCW),
         Variant::Format0 => (base, layout::FMT0_CCWS),
+        Variant::Ida => (
+            base.with_format1(true).with_format2_idaw(true),
+            layout::IDA_CCW,
+        ),
     };
     Orb {
         intparm: 0x7663_6377, // "vccw"
@@ -208,7 +223,7 @@ pub fn readout(store: &IommuStore, v: Variant) -> Result<Readout, StoreError> {
             store.read(BASIC_CONF, &mut conf)?;
             Some(id)
         }
-        Variant::Midaw => {
+        Variant::Midaw | Variant::Ida => {
             store.read(MIDAW_PIECE1, &mut conf[..4])?;
             store.read(MIDAW_PIECE2, &mut conf[4..])?;
             None
@@ -387,21 +402,42 @@ impl Report {
     }
 }
 
-/// Runs `v` through the vccw device and checks it.
-pub fn check_variant(r: &mut Report, run: &DeviceRunner, store: &IommuStore, v: Variant) {
+/// The bytes around the two scattered pieces (diagnostics).
+fn pieces(store: &IommuStore) -> String {
+    let mut a = [0u8; 12];
+    let mut b = [0u8; 8];
+    let _ = store.read(layout::MIDAW_PIECE1 - 4, &mut a);
+    let _ = store.read(layout::MIDAW_PIECE2, &mut b);
+    format!("around-piece1={a:02x?} piece2={b:02x?}")
+}
+
+/// Runs `v` through the vccw device and checks it; the scattered variants must read the
+/// configuration the basic one read (`want`).
+pub fn check_variant(
+    r: &mut Report,
+    run: &DeviceRunner,
+    store: &IommuStore,
+    v: Variant,
+    want: Option<u64>,
+) -> Option<u64> {
     let name = match v {
         Variant::Basic => "sense-id",
         Variant::Midaw => "midaw",
         Variant::Format0 => "format0",
+        Variant::Ida => "ida",
     };
     let res = clear_data(store)
         .map_err(ProbeError::from)
         .and_then(|_| run.run(&orb(v)))
         .and_then(|irb| Ok((irb, readout(store, v)?)));
     match res {
-        Err(e) => r.fail(name, &e),
+        Err(e) => {
+            r.fail(name, &e);
+            None
+        }
         Ok((irb, out)) => {
             let st = status(&irb);
+            let same = want.map_or(true, |w| w == out.conf);
             match v {
                 Variant::Basic => {
                     let cu = out.cu();
@@ -412,15 +448,19 @@ pub fn check_variant(r: &mut Report, run: &DeviceRunner, store: &IommuStore, v: 
                     );
                     r.check(clean(&irb), "read-conf", &format!("capacity={}", out.conf));
                 }
-                Variant::Midaw => r.check(
-                    clean(&irb),
-                    "midaw",
-                    &format!("capacity={} (2 scattered MIDAW pieces) {st}", out.conf),
+                Variant::Midaw | Variant::Ida => r.check(
+                    clean(&irb) && same,
+                    name,
+                    &format!(
+                        "capacity={} (2 scattered pieces) {st} {}",
+                        out.conf,
+                        pieces(store)
+                    ),
                 ),
                 Variant::Format0 => {
                     let cu = out.cu();
                     r.check(
-                        clean(&irb) && cu.is_some(),
+                        clean(&irb) && cu.is_some() && same,
                         "format0",
                         &format!(
                             "cu={} capacity={} {st}",
@@ -430,13 +470,15 @@ pub fn check_variant(r: &mut Report, run: &DeviceRunner, store: &IommuStore, v: 
                     );
                 }
             }
+            Some(out.conf)
         }
     }
 }
 
-/// The vccw path of `vccw mdev probe` over any backend: the three variants, HSCH, CSCH and
-/// a SCHIB read. Returns the report.
-pub fn probe_device(backend: Arc<dyn Subchannel>, store: &IommuStore) -> Report {
+/// The vccw path of `vccw mdev probe` over any backend: the four variants, HSCH, CSCH and
+/// a SCHIB read. With `same_conf`, the other variants must read the configuration the basic
+/// one read (a real device; not a test device producing fresh bytes per read).
+pub fn probe_device(backend: Arc<dyn Subchannel>, store: &IommuStore, same_conf: bool) -> Report {
     let mut r = Report::default();
     let run = match DeviceRunner::new(backend, store.clone()) {
         Ok(x) => x,
@@ -445,8 +487,9 @@ pub fn probe_device(backend: Arc<dyn Subchannel>, store: &IommuStore) -> Report 
             return r;
         }
     };
-    for v in [Variant::Basic, Variant::Midaw, Variant::Format0] {
-        check_variant(&mut r, &run, store, v);
+    let want = check_variant(&mut r, &run, store, Variant::Basic, None).filter(|_| same_conf);
+    for v in [Variant::Midaw, Variant::Ida, Variant::Format0] {
+        check_variant(&mut r, &run, store, v, want);
     }
     for (name, cmd, f) in [
         ("hsch", VFIO_CCW_ASYNC_CMD_HSCH, fctl::HALT),
@@ -511,7 +554,7 @@ pub fn probe(uuid: &str) -> Report {
         }
     };
     mdev.attach_store(store.clone());
-    let sub = probe_device(mdev.clone(), &store);
+    let sub = probe_device(mdev.clone(), &store, true);
     r.failed += sub.failed;
     if mdev.last_kernel_errno() != 0 {
         println!(
@@ -567,13 +610,18 @@ pub fn probe_passthrough(uuid: &str) -> Report {
         ),
         Err(e) => r.fail("passthrough", &e),
     }
-    for (name, v) in [("midaw", Variant::Midaw), ("format0", Variant::Format0)] {
+    for (name, v) in [
+        ("midaw", Variant::Midaw),
+        ("ida", Variant::Ida),
+        ("format0", Variant::Format0),
+    ] {
         let _ = clear_data(&store);
         let what = match run_passthrough(&mdev, &sink, v) {
             Ok(irb) => format!(
-                "{} conf={:#x}",
+                "{} conf={:#x} {}",
                 status(&irb),
-                readout(&store, v).map(|o| o.conf).unwrap_or(0)
+                readout(&store, v).map(|o| o.conf).unwrap_or(0),
+                pieces(&store)
             ),
             Err(e) => format!("refused: {e}"),
         };
@@ -738,7 +786,7 @@ mod tests {
         };
         let sub = Arc::new(EmulatedSubchannel::new(Box::new(dev.clone()), cfg).unwrap());
         let store = guest_store().unwrap();
-        let r = probe_device(sub, &store);
+        let r = probe_device(sub, &store, false);
         assert_eq!(r.failed, 0);
         // The loopback device fills reads with a running pattern: a MIDAW run stores
         // bytes in both scattered pieces and nothing around them.
