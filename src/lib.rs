@@ -14,6 +14,8 @@ pub mod devices;
 pub mod driver;
 pub mod image;
 pub mod iommu_store;
+#[cfg(target_os = "linux")]
+pub mod mdev;
 pub mod orb;
 pub mod runner;
 pub mod service;

@@ -88,6 +88,37 @@ enum Cmd {
         #[arg(long)]
         keep: bool,
     },
+    /// Drive a real subchannel through a kernel vfio-ccw mdev (s390x Linux).
+    #[cfg(target_os = "linux")]
+    Mdev {
+        #[command(subcommand)]
+        cmd: MdevCmd,
+    },
+}
+
+/// `vccw mdev ...`.
+#[cfg(target_os = "linux")]
+#[derive(Subcommand)]
+enum MdevCmd {
+    /// Run SENSE ID and virtio READ_CONF programs (plain, MIDAW, format 0), HSCH, CSCH and a
+    /// SCHIB read through vccw on the mdev; print `RESULT ok|FAIL <check>` lines.
+    Probe {
+        /// The mdev's UUID.
+        #[arg(long)]
+        uuid: String,
+        /// Pass the guest programs through untranslated (IOVA = guest physical), as QEMU.
+        #[arg(long)]
+        passthrough: bool,
+    },
+    /// Median latency of N I/Os through vccw versus the pass-through path, and the ratio.
+    Bench {
+        /// The mdev's UUID.
+        #[arg(long)]
+        uuid: String,
+        /// I/Os per path.
+        #[arg(long, default_value_t = 200)]
+        count: usize,
+    },
 }
 
 fn main() -> ExitCode {
@@ -120,6 +151,8 @@ fn main() -> ExitCode {
         }),
         Cmd::Guest { sockets, records } => cmd_guest(&sockets, records),
         Cmd::Demo { records, keep } => cmd_demo(records, keep),
+        #[cfg(target_os = "linux")]
+        Cmd::Mdev { cmd } => cmd_mdev(cmd),
     }
 }
 
@@ -155,6 +188,28 @@ fn cmd_run(
             eprintln!("vccw run: {e}");
             ExitCode::from(1)
         }
+    }
+}
+
+#[cfg(target_os = "linux")]
+fn cmd_mdev(cmd: MdevCmd) -> ExitCode {
+    use vccw::mdev::probe;
+    let report = match cmd {
+        MdevCmd::Probe {
+            uuid,
+            passthrough: false,
+        } => probe::probe(&uuid),
+        MdevCmd::Probe {
+            uuid,
+            passthrough: true,
+        } => probe::probe_passthrough(&uuid),
+        MdevCmd::Bench { uuid, count } => probe::bench(&uuid, count),
+    };
+    if report.failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        eprintln!("vccw mdev: {} check(s) failed", report.failed);
+        ExitCode::from(1)
     }
 }
 

@@ -39,6 +39,7 @@ mod keys;
 mod mapping;
 mod pages;
 mod pin;
+mod query;
 mod region;
 mod rw;
 mod types;
@@ -56,6 +57,7 @@ pub use backing::{Backing, StoreMmapRegion};
 pub use error::StoreError;
 pub use keys::KEY_FETCH_PROTECT;
 pub use pin::{PinnedPage, PinnedPages};
+pub use query::MappingInfo;
 pub use types::{
     Perm, StoreConfig, StoreInfo, StoreStats, DEFAULT_DMA_ENTRY_LIMIT, DEFAULT_UNMAP_TIMEOUT,
     MAX_DIRTY_BITMAP_PAGES, MAX_PIN_PAGES, PAGE_SIZE,
