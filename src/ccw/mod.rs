@@ -14,5 +14,5 @@ mod program;
 mod translate;
 
 pub use error::{ChannelStatus, TranslateError};
-pub use program::{HostProgram, PageRef, SegmentInfo};
+pub use program::{HostProgram, PageRef, ScswMapper, SegmentInfo};
 pub use translate::{translate, TranslateConfig};

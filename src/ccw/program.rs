@@ -33,6 +33,48 @@ pub(crate) struct Origin {
     pub residual_extra: u32,
 }
 
+/// The part of a host program that maps a channel's status back to the guest's view: small,
+/// pin-free and cheap to clone, so a device can keep it after the program is freed (a halt's
+/// status can arrive after the final one).
+#[derive(Debug, Clone)]
+pub struct ScswMapper {
+    pub(crate) host_cpa: u32,
+    pub(crate) guest_orb: Orb,
+    pub(crate) origins: std::sync::Arc<[Origin]>,
+}
+
+impl ScswMapper {
+    /// Rewrites a status the channel stored for the host program into what the guest's
+    /// program would have stored: the CCW address back to guest storage (the address
+    /// designates the CCW after the last one executed, so "one past the end" of a segment
+    /// counts), and the residual count of a MIDAW CCW the translator split.
+    pub fn to_guest_scsw(&self, host: &Scsw) -> Scsw {
+        let mut s = *host;
+        if host.cpa == self.host_cpa {
+            s.cpa = self.guest_orb.cpa;
+        } else if let Some(o) = host
+            .cpa
+            .checked_sub(CCW_SIZE as u32)
+            .and_then(|a| self.origin(a))
+        {
+            s.cpa = o.guest.wrapping_add(CCW_SIZE as u32);
+            s.count = (host.count as u32 + o.residual_extra).min(u16::MAX as u32) as u16;
+        }
+        s.flags = s
+            .flags
+            .with_format1(self.guest_orb.ctl.format1())
+            .with_key(self.guest_orb.ctl.key());
+        s
+    }
+
+    fn origin(&self, host: u32) -> Option<&Origin> {
+        self.origins
+            .binary_search_by_key(&host, |o| o.host)
+            .ok()
+            .map(|i| &self.origins[i])
+    }
+}
+
 /// A host channel program built by [`crate::ccw::translate`].
 ///
 /// Dropping it releases every page pin exactly once.
@@ -43,7 +85,7 @@ pub struct HostProgram {
     pub(crate) image: Vec<u8>,
     pub(crate) ccw_bytes: usize,
     pub(crate) segments: Vec<SegmentInfo>,
-    pub(crate) origins: Vec<Origin>,
+    pub(crate) mapper: ScswMapper,
     pub(crate) pages: Vec<PageRef>,
     pub(crate) pins: Vec<PinnedPages>,
 }
@@ -132,37 +174,17 @@ impl HostProgram {
 
     /// The guest address of the CCW whose host copy is at `host`.
     pub fn guest_ccw_address(&self, host: u32) -> Option<u32> {
-        self.origin(host).map(|o| o.guest)
+        self.mapper.origin(host).map(|o| o.guest)
     }
 
-    /// Rewrites a status the channel stored for the host program into what the guest's
-    /// program would have stored: the CCW address back to guest storage (the address
-    /// designates the CCW after the last one executed, so "one past the end" of a segment
-    /// counts), and the residual count of a MIDAW CCW the translator split.
+    /// See [`ScswMapper::to_guest_scsw`].
     pub fn to_guest_scsw(&self, host: &Scsw) -> Scsw {
-        let mut s = *host;
-        if host.cpa == self.orb.cpa {
-            s.cpa = self.guest_orb.cpa;
-        } else if let Some(o) = host
-            .cpa
-            .checked_sub(CCW_SIZE as u32)
-            .and_then(|a| self.origin(a))
-        {
-            s.cpa = o.guest.wrapping_add(CCW_SIZE as u32);
-            s.count = (host.count as u32 + o.residual_extra).min(u16::MAX as u32) as u16;
-        }
-        s.flags = s
-            .flags
-            .with_format1(self.guest_orb.ctl.format1())
-            .with_key(self.guest_orb.ctl.key());
-        s
+        self.mapper.to_guest_scsw(host)
     }
 
-    fn origin(&self, host: u32) -> Option<&Origin> {
-        self.origins
-            .binary_search_by_key(&host, |o| o.host)
-            .ok()
-            .map(|i| &self.origins[i])
+    /// The pin-free status mapper of this program.
+    pub fn scsw_mapper(&self) -> ScswMapper {
+        self.mapper.clone()
     }
 
     fn page_of(&self, host: u64) -> Option<&PageRef> {

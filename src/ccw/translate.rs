@@ -16,7 +16,7 @@
 use std::collections::VecDeque;
 
 use crate::ccw::error::TranslateError as E;
-use crate::ccw::program::{HostProgram, Origin, PageRef, SegmentInfo};
+use crate::ccw::program::{HostProgram, Origin, PageRef, ScswMapper, SegmentInfo};
 use crate::ccw::{
     command, Ccw0, Ccw1, CcwFlags, CommandKind, Idaw, IdawFormat, Midaw, CCW_SIZE, MIDAW_SIZE,
 };
@@ -884,7 +884,11 @@ impl<'a> Builder<'a> {
             image,
             ccw_bytes,
             segments: seg_info,
-            origins,
+            mapper: ScswMapper {
+                host_cpa: host_orb.cpa,
+                guest_orb: *orb,
+                origins: origins.into(),
+            },
             pages,
             pins,
         })

@@ -180,6 +180,9 @@ pub(super) struct Inner {
     pub crw_lost: bool,
     /// The started (or being started) program; dropping it releases the pins.
     pub program: Option<Arc<HostProgram>>,
+    /// The status mapper of the last program started: a halt's own status can arrive after
+    /// the final status freed the program, and must not show the guest host addresses.
+    pub last_mapper: Option<crate::ccw::ScswMapper>,
     /// A halt or clear was accepted and its final interrupt has not been handled.
     pub async_pending: bool,
     /// Logical path mask (Linux `sch->lpm`).
@@ -447,6 +450,7 @@ impl VfioCcwDevice {
                 crws: VecDeque::new(),
                 crw_lost: false,
                 program: None,
+                last_mapper: None,
                 async_pending: false,
                 lpm: 0,
                 schib: None,

@@ -162,6 +162,8 @@ impl Shared {
         if is_solicited(&irb.scsw) {
             if let Some(p) = st.program.as_ref() {
                 irb.scsw = p.to_guest_scsw(&irb.scsw);
+            } else if let Some(m) = st.last_mapper.as_ref() {
+                irb.scsw = m.to_guest_scsw(&irb.scsw);
             }
             if fin {
                 st.async_pending = false;

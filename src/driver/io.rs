@@ -126,6 +126,7 @@ impl Shared {
             }
         };
         let host_lpm = program.orb().ctl.lpm();
+        st.last_mapper = Some(program.scsw_mapper());
         st.program = Some(Arc::clone(&program));
         let cc = self.backend.start(program);
         match cc {
