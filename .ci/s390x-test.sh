@@ -1,0 +1,104 @@
+#!/usr/bin/env bash
+# Run the whole vccw test suite big-endian: s390x-unknown-linux-gnu binaries under qemu-user.
+#
+# Recipe: ../shared/reference/s390x-under-qemu.md. rustup cannot fetch an s390x std here, so
+# Debian's rustc (package rustc-web) compiles one from Debian's sources (rust-web-src) with
+# -Zbuild-std, which needs RUSTC_BOOTSTRAP=1. Packages are installed by `.ci/run` (stage
+# "install"); this script only checks them.
+#
+# Usage: bash .ci/s390x-test.sh [extra `cargo test` arguments, e.g. a test-name filter]
+# Env:   VCCW_S390X_CARGO  force the cargo binary (default: Debian's /usr/bin/cargo if it can
+#                          read Cargo.lock, else rustup's cargo; see "Which cargo" below)
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+target=s390x-unknown-linux-gnu
+# A target dir of its own: Debian's rustc and -Zbuild-std would otherwise invalidate the native
+# build in ./target on every switch.
+export CARGO_TARGET_DIR="$PWD/target/s390x"
+
+note() { printf '[s390x %s] %s\n' "$(date -u +%H:%M:%S)" "$*"; }
+die() {
+    printf '[s390x] ERROR: %s\n' "$*" >&2
+    exit 1
+}
+
+# --- Toolchain checks: fail early with the fix, not deep inside a build.
+for f in /usr/bin/rustc /usr/bin/rustdoc /usr/bin/cargo /usr/bin/s390x-linux-gnu-gcc \
+    /usr/bin/qemu-s390x /usr/s390x-linux-gnu/lib/libc.so.6; do
+    [ -e "$f" ] || die "$f missing: run 'bash .ci/run' (stage install) or apt-get install -y \
+--no-install-recommends rustc-web cargo-web rust-web-src gcc-s390x-linux-gnu libc6-dev-s390x-cross qemu-user"
+done
+rustc_v=$(dpkg-query -W -f='${Version}' rustc-web)
+src_v=$(dpkg-query -W -f='${Version}' rust-web-src)
+# -Zbuild-std compiles std from rust-web-src with rustc-web: both must be the same release.
+[ "$rustc_v" = "$src_v" ] || die "rustc-web $rustc_v != rust-web-src $src_v"
+[ -f /usr/lib/rustlib/src/rust/library/Cargo.lock ] || die "std sources (rust-web-src) missing"
+# A foreign s390x dpkg architecture makes the cross ld.so load a mismatched libc:s390x and every
+# test binary dies with "stack smashing detected"; the recipe needs none.
+if dpkg --print-foreign-architectures | grep -qx s390x; then
+    die "dpkg has the s390x foreign architecture: remove it (dpkg --remove-architecture s390x)"
+fi
+
+export RUSTC=/usr/bin/rustc RUSTDOC=/usr/bin/rustdoc RUSTC_BOOTSTRAP=1
+export CARGO_TARGET_S390X_UNKNOWN_LINUX_GNU_LINKER=s390x-linux-gnu-gcc
+export CC_s390x_unknown_linux_gnu=s390x-linux-gnu-gcc
+# VCCW_UNDER_QEMU lets a test skip what qemu-user cannot emulate (eventfd clones made with
+# F_DUPFD_CLOEXEC lose their byte-order translation: see the recipe).
+export CARGO_TARGET_S390X_UNKNOWN_LINUX_GNU_RUNNER="env VCCW_UNDER_QEMU=1 qemu-s390x -L /usr/s390x-linux-gnu"
+
+# --- Which cargo.
+# Debian's cargo (cargo-web) is preferred: the recipe is proven with it, and it runs doctests
+# cross-compiled under the runner. It may however be older than the rustup cargo that wrote
+# Cargo.lock (a newer lockfile `version = N` is refused by an older cargo). We never rewrite the
+# project's lock file for it (--locked everywhere), so if Debian's cargo cannot read it we use
+# rustup's own cargo binary instead: it reads any lockfile it wrote, and -Zbuild-std still
+# compiles Debian's std because RUSTC/RUSTDOC point at Debian's rustc/rustdoc (cargo finds the
+# std sources through `$RUSTC --print sysroot`, i.e. /usr/lib/rustlib/src/rust).
+if [ -n "${VCCW_S390X_CARGO:-}" ]; then
+    cargo=$VCCW_S390X_CARGO
+    note "cargo forced by VCCW_S390X_CARGO: $cargo"
+else
+    probe_err=$(mktemp)
+    trap 'rm -f "$probe_err"' EXIT
+    if /usr/bin/cargo metadata --locked --format-version 1 --filter-platform "$target" \
+        >/dev/null 2>"$probe_err"; then
+        cargo=/usr/bin/cargo
+    else
+        note "Debian's cargo cannot use Cargo.lock (lockfile $(grep -m1 '^version' Cargo.lock)):"
+        sed 's/^/    /' "$probe_err"
+        cargo=$(rustup which cargo) || die "no rustup cargo to fall back on"
+        note "falling back to rustup's cargo with Debian's rustc"
+    fi
+fi
+note "using $("$cargo" --version), $("$RUSTC" --version), target dir $CARGO_TARGET_DIR"
+
+log=$CARGO_TARGET_DIR/s390x-test.log
+mkdir -p "$CARGO_TARGET_DIR"
+: >"$log"
+# `test` named explicitly: plain -Zbuild-std adds libtest for test targets but not for doctests,
+# and the std set is part of every crate's hash, so the doctest pass would otherwise rebuild all
+# dependencies a second time.
+common=(-Zbuild-std=std,test --target "$target" --locked)
+
+# --all-targets: lib, bins, integration tests, examples, benches (criterion in its quick test
+# mode); it leaves out doctests, so they run in a second pass. Filters given to this script go
+# to the first pass only.
+note "cargo test --all-targets (big-endian, under qemu-s390x)"
+"$cargo" test "${common[@]}" --all-targets "$@" 2>&1 | tee -a "$log"
+if [ $# -eq 0 ]; then
+    note "cargo test --doc (big-endian, under qemu-s390x)"
+    "$cargo" test "${common[@]}" --doc 2>&1 | tee -a "$log"
+fi
+
+# One line for the CI log: totals over every test binary and the doctests.
+awk '/^test result:/ {
+        bins++
+        for (i = 1; i <= NF; i++) {
+            if ($(i) ~ /^passed/) p += $(i-1)
+            if ($(i) ~ /^failed/) f += $(i-1)
+            if ($(i) ~ /^ignored/) ig += $(i-1)
+        }
+    }
+    END { printf "s390x test summary: %d passed, %d failed, %d ignored (%d test binaries/doctest runs)\n", p, f, ig, bins }' "$log"
