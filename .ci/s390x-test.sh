@@ -44,9 +44,15 @@ fi
 export RUSTC=/usr/bin/rustc RUSTDOC=/usr/bin/rustdoc RUSTC_BOOTSTRAP=1
 export CARGO_TARGET_S390X_UNKNOWN_LINUX_GNU_LINKER=s390x-linux-gnu-gcc
 export CC_s390x_unknown_linux_gnu=s390x-linux-gnu-gcc
-# VCCW_UNDER_QEMU lets a test skip what qemu-user cannot emulate (eventfd clones made with
-# F_DUPFD_CLOEXEC lose their byte-order translation: see the recipe).
-export CARGO_TARGET_S390X_UNKNOWN_LINUX_GNU_RUNNER="env VCCW_UNDER_QEMU=1 qemu-s390x -L /usr/s390x-linux-gnu"
+# VCCW_UNDER_QEMU=1 tells a test it runs emulated:
+# - to avoid what qemu-user cannot emulate (eventfd clones made with F_DUPFD_CLOEXEC lose their
+#   byte-order translation: see the recipe), and to widen wall-clock bounds (qemu is ~10x slower);
+# - to spawn a binary of this build (e.g. env!("CARGO_BIN_EXE_vccw")) as
+#   `qemu-s390x <binary> <args>`: there is no binfmt_misc handler on CI machines, so a direct
+#   exec fails (ENOEXEC; glibc then reports exit 126/127). QEMU_LD_PREFIX, inherited by such
+#   children, gives them the s390x libc as -L does for the test binary itself.
+export CARGO_TARGET_S390X_UNKNOWN_LINUX_GNU_RUNNER="env VCCW_UNDER_QEMU=1 \
+QEMU_LD_PREFIX=/usr/s390x-linux-gnu qemu-s390x -L /usr/s390x-linux-gnu"
 
 # --- Which cargo.
 # Debian's cargo (cargo-web) is preferred: the recipe is proven with it, and it runs doctests
