@@ -1,9 +1,9 @@
 //! The `vccw` command line on the shipped examples.
 
-use std::process::Command;
+mod common;
 
 fn vccw(args: &[&str]) -> (i32, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_vccw"))
+    let out = common::command(env!("CARGO_BIN_EXE_vccw"))
         .args(args)
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .output()

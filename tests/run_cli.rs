@@ -1,11 +1,13 @@
 //! `vccw run` on the shipped examples, on a volume made by Hercules `dasdinit` and a tape
 //! made by `AwsTape::create`. Needs the Hercules tools (`apt-get install -y hercules`).
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 fn vccw(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_vccw"))
+    let out = common::command(env!("CARGO_BIN_EXE_vccw"))
         .args(args)
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .output()

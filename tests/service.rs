@@ -1,11 +1,13 @@
 //! `vccw serve` across processes: the built binary serves, this test process (and child
 //! processes of it) are the clients.
 
+mod common;
+
 use std::io::{BufRead, BufReader};
 use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -37,7 +39,7 @@ struct Server {
 impl Server {
     fn start() -> Server {
         let dir = tempfile::tempdir().unwrap();
-        let mut child = Command::new(EXE)
+        let mut child = common::command(EXE)
             .args(["--log-level", "info", "serve", "--data-dir"])
             .arg(dir.path())
             .stdout(Stdio::piped())
@@ -325,7 +327,7 @@ fn child_endless_io() {
 fn client_killed_mid_io_leaks_nothing() {
     let mut s = Server::start();
     let fds_before = s.fd_count();
-    let mut child = Command::new(std::env::current_exe().unwrap())
+    let mut child = common::command(std::env::current_exe().unwrap())
         .args(["--ignored", "--exact", "child_endless_io", "--nocapture"])
         .env("VCCW_TEST_SOCKET", &s.dasd)
         .stdout(Stdio::piped())
@@ -650,7 +652,7 @@ fn serve_given_images_in_a_socket_dir_with_private_sockets() {
     // A file that is not an image is refused, not overwritten.
     let bad = socks.join("bad.ckd");
     std::fs::write(&bad, b"not an image").unwrap();
-    let out = Command::new(EXE)
+    let out = common::command(EXE)
         .args(["serve", "--dasd"])
         .arg(&bad)
         .arg("--socket-dir")

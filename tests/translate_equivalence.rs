@@ -402,7 +402,10 @@ fn run(orb: &Orb, mem: &dyn ChannelMemory, dev: &mut LoopbackDevice) -> (Vec<Scs
 
 proptest! {
     #![proptest_config(ProptestConfig {
-        cases: std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(256),
+        // Fewer cases under qemu-user, where each costs ~30x more.
+        cases: std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(
+            if std::env::var_os("VCCW_UNDER_QEMU").is_some() { 48 } else { 256 },
+        ),
         ..ProptestConfig::default()
     })]
 

@@ -615,6 +615,12 @@ impl Drop for EmulatedSubchannel {
             self.shared.kick(&g);
         }
         if let Some(t) = self.thread.take() {
+            // The last reference can go on the channel thread itself (an interrupt sink that
+            // held the device, which holds us): it cannot join itself, and needs not — it sees
+            // `shutdown` when this returns and exits.
+            if t.thread().id() == std::thread::current().id() {
+                return;
+            }
             if t.join().is_err() {
                 tracing::error!(devno = self.shared.devno, "channel thread panicked");
             }

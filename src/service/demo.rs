@@ -72,7 +72,7 @@ fn wait_timeout(child: &mut Child, timeout: Duration) -> Result<std::process::Ex
 
 /// Starts `exe serve` with `args` and waits for its ready lines.
 pub fn start_server(exe: &Path, args: &[&str]) -> Result<(Child, Vec<ReadyLine>), String> {
-    let mut child = Command::new(exe)
+    let mut child = exe_command(exe)
         .arg("serve")
         .args(args)
         .stdout(Stdio::piped())
@@ -143,7 +143,7 @@ fn demo_in(exe: &Path, dir: &Path, opts: &DemoOptions) -> Result<(), String> {
     }
     let t1 = Instant::now();
     let records = opts.records.to_string();
-    let mut cmd = Command::new(exe);
+    let mut cmd = exe_command(exe);
     cmd.arg("guest").arg("--records").arg(&records);
     for r in &ready {
         cmd.arg(&r.socket);
@@ -182,6 +182,18 @@ fn demo_in(exe: &Path, dir: &Path, opts: &DemoOptions) -> Result<(), String> {
     }
     println!("== demo passed in {} ms", t0.elapsed().as_millis());
     Ok(())
+}
+
+/// A command running `exe`, our own binary. Under qemu-user (the big-endian test suite sets
+/// `VCCW_UNDER_QEMU`) there is no binfmt handler, so it goes through `qemu-s390x`.
+pub fn exe_command(exe: &Path) -> Command {
+    if std::env::var_os("VCCW_UNDER_QEMU").is_some() {
+        let mut c = Command::new("qemu-s390x");
+        c.arg(exe);
+        c
+    } else {
+        Command::new(exe)
+    }
 }
 
 #[cfg(test)]
