@@ -14,6 +14,7 @@ pub mod devices;
 pub mod driver;
 pub mod image;
 pub mod iommu_store;
+pub mod loadtest;
 #[cfg(target_os = "linux")]
 pub mod mdev;
 pub mod orb;

@@ -88,6 +88,24 @@ enum Cmd {
         #[arg(long)]
         keep: bool,
     },
+    /// Load-test `vccw serve` (a child on fresh images): M client threads per device
+    /// connect, run verified DASD/tape I/O and disconnect for T seconds; reports I/Os,
+    /// throughput, p50/p99 latency, errors and leaks (SIGUSR1 stats and fds before/after).
+    /// Exit code 0 only with no errors and no leaks.
+    Load {
+        /// Devices: half (rounded up) 3390 DASD, the rest 3490 tape.
+        #[arg(long, default_value_t = 4)]
+        devices: u32,
+        /// Client threads per device (1..=15).
+        #[arg(long, default_value_t = 2)]
+        clients: u32,
+        /// Seconds the clients run.
+        #[arg(long, default_value_t = 10.0)]
+        seconds: f64,
+        /// I/Os after which a client disconnects and connects again.
+        #[arg(long, default_value_t = 50)]
+        ios_per_connection: u32,
+    },
     /// Drive a real subchannel through a kernel vfio-ccw mdev (s390x Linux).
     #[cfg(target_os = "linux")]
     Mdev {
@@ -151,6 +169,12 @@ fn main() -> ExitCode {
         }),
         Cmd::Guest { sockets, records } => cmd_guest(&sockets, records),
         Cmd::Demo { records, keep } => cmd_demo(records, keep),
+        Cmd::Load {
+            devices,
+            clients,
+            seconds,
+            ios_per_connection,
+        } => cmd_load(devices, clients, seconds, ios_per_connection),
         #[cfg(target_os = "linux")]
         Cmd::Mdev { cmd } => cmd_mdev(cmd),
     }
@@ -329,6 +353,34 @@ fn cmd_demo(records: u32, keep: bool) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("vccw demo: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn cmd_load(devices: u32, clients: u32, seconds: f64, ios_per_connection: u32) -> ExitCode {
+    if !(seconds.is_finite() && seconds > 0.0 && seconds <= 86400.0) {
+        eprintln!("vccw load: --seconds must be in (0, 86400]");
+        return ExitCode::from(2);
+    }
+    let opts = vccw::loadtest::LoadOptions {
+        exe: None,
+        devices,
+        clients,
+        duration: std::time::Duration::from_secs_f64(seconds),
+        ios_per_connection,
+    };
+    match vccw::loadtest::run_load(&opts) {
+        Ok(report) => {
+            let _ = report.print(&mut std::io::stdout());
+            if report.passed() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            }
+        }
+        Err(e) => {
+            eprintln!("vccw load: {e}");
             ExitCode::from(1)
         }
     }
