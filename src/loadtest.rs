@@ -20,7 +20,7 @@
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver};
 use std::sync::Arc;
@@ -105,7 +105,7 @@ impl ServerProcess {
         dasd: &[PathBuf],
         tape: &[PathBuf],
     ) -> Result<ServerProcess, String> {
-        let mut cmd = Command::new(exe);
+        let mut cmd = crate::service::demo::exe_command(exe);
         cmd.arg("--log-level").arg("error").arg("serve");
         cmd.arg("--data-dir").arg(dir);
         for d in dasd {

@@ -1,8 +1,9 @@
 //! `vccw load` for a few seconds with small numbers: the report must show I/O done, no
 //! errors, no leaked mappings, pins, irqfds or fds, and a clean server stop.
 
+mod common;
+
 use std::path::PathBuf;
-use std::process::Command;
 use std::time::Duration;
 
 use vccw::loadtest::{run_load, LoadOptions};
@@ -51,7 +52,7 @@ fn load_report_has_no_errors_and_no_leaks() {
 
 #[test]
 fn load_command_exits_zero_and_prints_the_report() {
-    let out = Command::new(exe())
+    let out = common::command(exe())
         .args(["load", "--devices", "2", "--clients", "1", "--seconds", "1"])
         .output()
         .expect("run vccw load");
@@ -69,7 +70,7 @@ fn load_command_exits_zero_and_prints_the_report() {
     );
     assert!(text.ends_with("RESULT ok\n"), "{text}");
     // Usage errors exit 2.
-    let bad = Command::new(exe())
+    let bad = common::command(exe())
         .args(["load", "--seconds", "0"])
         .output()
         .unwrap();
