@@ -42,7 +42,8 @@ fuzz_target!(|data: &[u8]| {
             Record::EndOfData => break,
             Record::Block { len, segments } => {
                 assert_eq!(buf.len(), len);
-                assert!(len > 0 && len <= MAX_BLOCK_LEN && len as u64 <= tape.len());
+                // A zero-length block (first and last segment, no data) is accepted as one.
+                assert!(len <= MAX_BLOCK_LEN && len as u64 <= tape.len());
                 assert!(segments >= 1);
             }
             Record::TapeMark => {}

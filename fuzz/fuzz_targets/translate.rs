@@ -273,10 +273,11 @@ fuzz_target!(|data: &[u8]| {
     }
 
     // The reference guest memory: a copy with the same layout and keys.
-    let ranges: Vec<(GuestAddress, usize)> = maps
+    let mut ranges: Vec<(GuestAddress, usize)> = maps
         .iter()
         .map(|m| (GuestAddress(m.base), m.size as usize))
         .collect();
+    ranges.sort_unstable_by_key(|r| r.0);
     let gm = GuestMemoryMmap::<()>::from_ranges(&ranges).expect("guest memory");
     for m in &maps {
         let mut buf = vec![0u8; m.size as usize];

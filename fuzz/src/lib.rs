@@ -106,8 +106,9 @@ pub const MAX_COMMANDS: usize = 48;
 pub const MAX_COUNT: usize = 0x1_0000;
 
 /// Decodes commands from `inp` and runs them on `dev`, checking each outcome:
-/// `transferred <= count`, only CE, DE, UC, UX, SM in the status, CE and DE always present,
-/// sense bytes available after a unit check.
+/// `transferred <= count`, only CE, DE, UC, UX, SM in the status, CE and DE present unless
+/// the status is unit check alone (initial status: nothing transferred), sense bytes
+/// available after a unit check.
 ///
 /// Each command is `code u8, flags u8, count u16, dlen u16, data[dlen]`: flags bit 0 starts
 /// a new channel program first (not chained), bit 1 adds 0x10000 to the count (a data chain
@@ -169,12 +170,18 @@ pub fn run_commands(inp: &mut Input, dev: &mut dyn vccw::css::DeviceModel) {
             | dstat::UNIT_EXCEPTION
             | dstat::STATUS_MODIFIER;
         assert_eq!(out.status & !allowed, 0, "{cmd:?}: status {:#04x}", out.status);
-        assert_eq!(
-            out.status & (dstat::CHANNEL_END | dstat::DEVICE_END),
-            dstat::CHANNEL_END | dstat::DEVICE_END,
-            "{cmd:?}: status {:#04x} without CE DE",
-            out.status
-        );
+        // Unit check alone is initial status (command rejected before any data moved);
+        // everything else ends the command with channel end and device end.
+        if out.status == dstat::UNIT_CHECK {
+            assert_eq!(out.transferred, 0, "{cmd:?}: data moved with initial unit check");
+        } else {
+            assert_eq!(
+                out.status & (dstat::CHANNEL_END | dstat::DEVICE_END),
+                dstat::CHANNEL_END | dstat::DEVICE_END,
+                "{cmd:?}: status {:#04x} without CE DE",
+                out.status
+            );
+        }
         if out.status & dstat::UNIT_CHECK != 0 {
             let s = dev.sense();
             assert!(!s.is_empty() && s.len() <= 32, "{cmd:?}: sense {s:02x?}");

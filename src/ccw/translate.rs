@@ -248,6 +248,8 @@ fn walk(orb: &Orb, store: &IommuStore, cfg: &TranslateConfig) -> Result<Vec<Segm
         raw.clear();
         loop {
             let addr = head + CCW_SIZE * ccws.len() as u64;
+            // The CCW as fetched, if it could be: a trap made of it presents its count.
+            let mut fetched: Option<Ccw1> = None;
             let step = (|| {
                 if ccws.len() == cfg.max_segment_ccws {
                     return Err(E::SegmentTooLong(head, cfg.max_segment_ccws));
@@ -260,6 +262,7 @@ fn walk(orb: &Orb, store: &IommuStore, cfg: &TranslateConfig) -> Result<Vec<Segm
                 }
                 let off = (addr - raw_at) as usize;
                 let ccw = decode(&raw[off..off + CCW_SIZE as usize], fmt1);
+                fetched = Some(ccw);
                 validate(&ccw, addr, orb, dc_cmd.is_some())?;
                 let transfers = !ccw.is_tic() && ccw.count != 0 && ccw.cmd != command::NOOP;
                 no_data_run = if transfers { 0 } else { no_data_run + 1 };
@@ -273,7 +276,7 @@ fn walk(orb: &Orb, store: &IommuStore, cfg: &TranslateConfig) -> Result<Vec<Segm
                 Err(_) if speculative => {
                     ccws.push(GuestCcw {
                         addr,
-                        ccw: Ccw1::default(),
+                        ccw: fetched.map_or(Ccw1::default(), |c| trap_of(&c)),
                         cmd: 0,
                         data_chained: false,
                         speculative: true,
@@ -387,7 +390,7 @@ impl<'a> Builder<'a> {
             let seg_end = heads[si] + seg.ccws.len();
             for g in &seg.ccws {
                 let host = if g.trap {
-                    Ok(trap_ccw(g.addr))
+                    Ok(trap_ccw(g))
                 } else if g.ccw.is_tic() {
                     self.tic(g, &segments, &heads)
                 } else {
@@ -396,7 +399,7 @@ impl<'a> Builder<'a> {
                 };
                 let host = match host {
                     Ok(h) => h,
-                    Err(_) if g.speculative => trap_ccw(g.addr),
+                    Err(_) if g.speculative => trap_ccw(g),
                     Err(e) => return Err(e),
                 };
                 self.ccws.push(host);
@@ -864,11 +867,22 @@ fn resolve_slot(slots: &[HostCcw], mut k: usize) -> usize {
     k
 }
 
-fn trap_ccw(addr: u64) -> HostCcw {
+/// The trap form of a guest CCW: command code 0 (a program check when reached), keeping the
+/// count and PCI flag the guest's channel would present with that program check.
+fn trap_of(c: &Ccw1) -> Ccw1 {
+    Ccw1 {
+        cmd: 0,
+        flags: CcwFlags::new().with_pci(c.flags.pci()),
+        count: c.count,
+        cda: 0,
+    }
+}
+
+fn trap_ccw(g: &GuestCcw) -> HostCcw {
     HostCcw {
-        ccw: Ccw1::default(),
+        ccw: trap_of(&g.ccw),
         cda: Cda::Fixed(0),
-        guest: addr,
+        guest: g.addr,
         residual_extra: 0,
     }
 }
@@ -904,4 +918,52 @@ fn split_runs(pieces: &[Piece], bs: u64, backward: bool, input: bool) -> Vec<(bo
         runs.push((skip, vec![*p]));
     }
     runs
+}
+
+#[cfg(test)]
+mod fuzz_regressions {
+    use super::*;
+    use crate::css::{run_to_completion, LoopbackDevice};
+    use crate::iommu_store::{Backing, StoreConfig};
+    use crate::orb::{cstat, OrbControls};
+
+    /// Found by the `translate` fuzz target: a trap slot (an invalid CCW only a
+    /// status-modifier skip reaches) presented residual count 0, where the guest's channel
+    /// presents the invalid CCW's own count (and PCI) with the program check.
+    #[test]
+    fn trap_slot_presents_the_guest_ccws_count() {
+        let store = IommuStore::new(StoreConfig::default());
+        store
+            .map_dma(0x1000, 0x8000, Perm::READ_WRITE, Backing::Anonymous)
+            .unwrap();
+        let ccw = |cmd, flags: CcwFlags, count, cda| Ccw1 {
+            cmd,
+            flags,
+            count,
+            cda,
+        };
+        let f = CcwFlags::new;
+        let mut prog = Vec::new();
+        // Search (CC), TIC back; the slot after the TIC has the suspend flag, which the ORB
+        // does not allow: invalid, reachable only when the search ends with SM.
+        prog.extend(ccw(0x31, f().with_cc(true), 5, 0x2000).to_bytes());
+        prog.extend(ccw(0x08, f(), 0, 0x1000).to_bytes());
+        prog.extend(ccw(0x06, f().with_s(true).with_pci(true), 80, 0x3000).to_bytes());
+        store.write(0x1000, &prog).unwrap();
+        let orb = Orb {
+            intparm: 1,
+            ctl: OrbControls::new().with_format1(true),
+            cpa: 0x1000,
+        };
+        let p = translate(&orb, &store, &TranslateConfig::default()).unwrap();
+        let trap = p.ccws().nth(2).unwrap().1;
+        assert_eq!((trap.cmd, trap.count, trap.flags.pci()), (0, 80, true));
+
+        let mut dev = LoopbackDevice::new();
+        dev.status_modifier_on = Some(0x31);
+        let s = run_to_completion(p.orb(), &p, &mut dev, 100);
+        let g = p.to_guest_scsw(s.last().unwrap());
+        assert_eq!(g.cstat, cstat::PROGRAM_CHECK | cstat::PCI);
+        assert_eq!((g.cpa, g.count), (0x1000 + 24, 80));
+    }
 }
