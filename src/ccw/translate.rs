@@ -16,7 +16,7 @@
 use std::collections::VecDeque;
 
 use crate::ccw::error::TranslateError as E;
-use crate::ccw::program::{HostProgram, Origin, PageRef, SegmentInfo};
+use crate::ccw::program::{key_allows, HostProgram, Origin, PageRef, SegmentInfo};
 use crate::ccw::{
     command, Ccw0, Ccw1, CcwFlags, CommandKind, Idaw, IdawFormat, Midaw, CCW_SIZE, MIDAW_SIZE,
 };
@@ -170,12 +170,41 @@ fn unmapped(addr: u64) -> impl Fn(StoreError) -> E {
     move |_| E::Unmapped(addr)
 }
 
+/// Reads storage the channel itself fetches (CCWs, IDAWs, MIDAWs). As for data, the ORB key
+/// must allow fetching from every page: a fetch-protected page with another key is a
+/// protection check. Pages are checked in address order, each for mapping then key, as a
+/// channel meets them.
+fn fetch(store: &IommuStore, addr: u64, buf: &mut [u8], key: u8) -> Result<(), E> {
+    if key != 0 && !buf.is_empty() {
+        let last = addr.saturating_add(buf.len() as u64 - 1);
+        let mut page = addr - addr % PAGE_SIZE;
+        loop {
+            let at = page.max(addr);
+            let sk = store.storage_key(page).map_err(unmapped(at))?;
+            if !key_allows(key, sk, false) {
+                return Err(E::Protection(at));
+            }
+            match page.checked_add(PAGE_SIZE) {
+                Some(next) if next <= last => page = next,
+                _ => break,
+            }
+        }
+    }
+    store.read(addr, buf).map_err(unmapped(addr))
+}
+
 /// Reads CCWs from `addr` up to the end of its page (one store lookup for many CCWs).
-fn fetch_ccws(store: &IommuStore, addr: u64, max: usize, buf: &mut Vec<u8>) -> Result<(), E> {
+fn fetch_ccws(
+    store: &IommuStore,
+    addr: u64,
+    max: usize,
+    buf: &mut Vec<u8>,
+    key: u8,
+) -> Result<(), E> {
     let in_page = ((PAGE_SIZE - (addr % PAGE_SIZE)) / CCW_SIZE) as usize;
     let n = in_page.min(max).max(1);
     buf.resize(n * CCW_SIZE as usize, 0);
-    store.read(addr, buf).map_err(unmapped(addr))
+    fetch(store, addr, buf, key)
 }
 
 fn decode(raw: &[u8], fmt1: bool) -> Ccw1 {
@@ -257,7 +286,13 @@ fn walk(orb: &Orb, store: &IommuStore, cfg: &TranslateConfig) -> Result<Vec<Segm
                 let off = addr.wrapping_sub(raw_at) as usize;
                 if raw.is_empty() || off + CCW_SIZE as usize > raw.len() {
                     check_ccw_address(addr, fmt1)?;
-                    fetch_ccws(store, addr, cfg.max_segment_ccws - ccws.len(), &mut raw)?;
+                    fetch_ccws(
+                        store,
+                        addr,
+                        cfg.max_segment_ccws - ccws.len(),
+                        &mut raw,
+                        orb.ctl.key(),
+                    )?;
                     raw_at = addr;
                 }
                 let off = (addr - raw_at) as usize;
@@ -601,7 +636,7 @@ impl<'a> Builder<'a> {
         while rest > 0 {
             let at = list + i * fmt.idaw_size();
             let buf = &mut raw[..fmt.idaw_size() as usize];
-            self.store.read(at, buf).map_err(unmapped(at))?;
+            fetch(self.store, at, buf, self.orb.ctl.key())?;
             // Each IDAW is read exactly once; the value used is the value checked.
             let idaw = fmt.decode(buf);
             if !idaw.is_valid(fmt) {
@@ -638,7 +673,7 @@ impl<'a> Builder<'a> {
         let mut raw = [0u8; 16];
         let mut at = list;
         loop {
-            self.store.read(at, &mut raw).map_err(unmapped(at))?;
+            fetch(self.store, at, &mut raw, self.orb.ctl.key())?;
             let m = Midaw::from_bytes(raw);
             if !m.reserved_ok() {
                 return Err(E::Midaw(g.addr, "reserved bits set"));
@@ -731,10 +766,15 @@ impl<'a> Builder<'a> {
             } else {
                 (p.addr, p.addr + p.len as u64 - 1)
             };
+            // The last page of the 64-bit space has no successor: no `pg + PAGE_SIZE` (it
+            // wrapped to 0 and looped for ever in release builds).
             let mut pg = lo & !(PAGE_SIZE - 1);
-            while pg <= hi {
+            loop {
                 pages.push(pg);
-                pg += PAGE_SIZE;
+                match pg.checked_add(PAGE_SIZE) {
+                    Some(next) if next <= hi => pg = next,
+                    _ => break,
+                }
             }
         }
         pages.sort_unstable();
@@ -965,5 +1005,77 @@ mod fuzz_regressions {
         let g = p.to_guest_scsw(s.last().unwrap());
         assert_eq!(g.cstat, cstat::PROGRAM_CHECK | cstat::PCI);
         assert_eq!((g.cpa, g.count), (0x1000 + 24, 80));
+    }
+
+    /// Found by the `translate` fuzz target: CCWs (and IDAWs, MIDAWs) in a fetch-protected
+    /// page were fetched whatever the ORB key, where a channel presents a protection check.
+    #[test]
+    fn ccw_and_idaw_fetches_obey_fetch_protection() {
+        let store = IommuStore::new(StoreConfig::default());
+        store
+            .map_dma(0x1000, 0x8000, Perm::READ_WRITE, Backing::Anonymous)
+            .unwrap();
+        // A Sense (IDA) at 0x1000 whose IDAL is at 0x2000, data at 0x3000.
+        let sense = Ccw1 {
+            cmd: 0x04,
+            flags: CcwFlags::new().with_ida(true),
+            count: 32,
+            cda: 0x2000,
+        };
+        store.write(0x1000, &sense.to_bytes()).unwrap();
+        store.write(0x2000, &0x3000u32.to_be_bytes()).unwrap();
+        let orb = |key| Orb {
+            intparm: 1,
+            ctl: OrbControls::new().with_format1(true).with_key(key),
+            cpa: 0x1000,
+        };
+        let cfg = TranslateConfig::default();
+        store.set_storage_key(0x1000, 0x58).unwrap(); // key 5, fetch protected
+        assert_eq!(
+            translate(&orb(3), &store, &cfg).unwrap_err(),
+            E::Protection(0x1000)
+        );
+        // Key 0 and the matching key may fetch; an unprotected page anyone may.
+        assert!(translate(&orb(0), &store, &cfg).is_ok());
+        store.set_storage_key(0x3000, 0x50).unwrap();
+        assert!(translate(&orb(5), &store, &cfg).is_ok());
+        store.set_storage_key(0x1000, 0x50).unwrap();
+        store.set_storage_key(0x2000, 0x48).unwrap(); // the IDAL: key 4, fetch protected
+        assert_eq!(
+            translate(&orb(5), &store, &cfg).unwrap_err(),
+            E::Protection(0x2000)
+        );
+        assert_eq!(store.stats().pinned_pages, 0);
+    }
+
+    /// Found by the `translate` fuzz target: a format-2 IDAW in the last page of the 64-bit
+    /// space overflowed the page walk (a panic in debug builds, an endless loop in release).
+    #[test]
+    fn idaw_in_the_last_page_of_the_address_space() {
+        let store = IommuStore::new(StoreConfig::default());
+        store
+            .map_dma(0x1000, 0x2000, Perm::READ_WRITE, Backing::Anonymous)
+            .unwrap();
+        let read = Ccw1 {
+            cmd: 0x02,
+            flags: CcwFlags::new().with_ida(true),
+            count: 0x80,
+            cda: 0x2000,
+        };
+        store.write(0x1000, &read.to_bytes()).unwrap();
+        store
+            .write(0x2000, &0xffff_ffff_ffff_ff00u64.to_be_bytes())
+            .unwrap();
+        let orb = Orb {
+            intparm: 1,
+            ctl: OrbControls::new()
+                .with_format1(true)
+                .with_format2_idaw(true),
+            cpa: 0x1000,
+        };
+        assert_eq!(
+            translate(&orb, &store, &TranslateConfig::default()).unwrap_err(),
+            E::Unmapped(0xffff_ffff_ffff_f000)
+        );
     }
 }
