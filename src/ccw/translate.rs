@@ -856,6 +856,11 @@ impl<'a> Builder<'a> {
             ctl: orb
                 .ctl
                 .with_format1(true)
+                // Incorrect-length-suppression mode applies to format-1 CCWs only: a
+                // format-0 guest program must not gain it by becoming format 1.
+                .with_incorrect_length_suppression(
+                    orb.ctl.format1() && orb.ctl.incorrect_length_suppression(),
+                )
                 .with_format2_idaw(true)
                 .with_idaw_2k(host_block == 2048)
                 .with_midaw(false)
@@ -1077,5 +1082,67 @@ mod fuzz_regressions {
             translate(&orb, &store, &TranslateConfig::default()).unwrap_err(),
             E::Unmapped(0xffff_ffff_ffff_f000)
         );
+    }
+
+    /// Found by the `translate` fuzz target: the ORB's incorrect-length-suppression mode
+    /// (which the channel applies to format-1 CCWs only) was kept for a format-0 guest
+    /// program, so its host (format-1) program suppressed incorrect length on an immediate
+    /// operation where the guest's channel ends the chain with it.
+    #[test]
+    fn format0_program_does_not_gain_incorrect_length_suppression() {
+        let store = IommuStore::new(StoreConfig::default());
+        store
+            .map_dma(0x1000, 0x2000, Perm::READ_WRITE, Backing::Anonymous)
+            .unwrap();
+        // NOOP with count 1 (an immediate operation), command-chained to a Sense.
+        let noop = Ccw0 {
+            cmd: 0x03,
+            cda: 0,
+            flags: CcwFlags::new().with_cc(true),
+            count: 1,
+        };
+        let sense = Ccw0 {
+            cmd: 0x04,
+            cda: 0x2000,
+            flags: CcwFlags::new(),
+            count: 32,
+        };
+        let mut prog = noop.to_bytes().to_vec();
+        prog.extend(sense.to_bytes());
+        store.write(0x1000, &prog).unwrap();
+        for fmt1 in [false, true] {
+            let ctl = OrbControls::new()
+                .with_format1(fmt1)
+                .with_incorrect_length_suppression(true);
+            let orb = Orb {
+                intparm: 1,
+                ctl,
+                cpa: 0x1000,
+            };
+            if fmt1 {
+                let c = Ccw1 {
+                    cmd: 0x03,
+                    flags: CcwFlags::new().with_cc(true),
+                    count: 1,
+                    cda: 0,
+                };
+                store.write(0x1000, &c.to_bytes()).unwrap();
+                let s = Ccw1 {
+                    cmd: 0x04,
+                    flags: CcwFlags::new(),
+                    count: 32,
+                    cda: 0x2000,
+                };
+                store.write(0x1008, &s.to_bytes()).unwrap();
+            }
+            let p = translate(&orb, &store, &TranslateConfig::default()).unwrap();
+            assert_eq!(p.orb().ctl.incorrect_length_suppression(), fmt1);
+            let st = run_to_completion(p.orb(), &p, &mut LoopbackDevice::new(), 100);
+            let g = p.to_guest_scsw(st.last().unwrap());
+            // Format 0: the NOOP ends the chain with incorrect length; format 1: suppressed.
+            let ended_at = if fmt1 { 0x1010 } else { 0x1008 };
+            assert_eq!(g.cpa, ended_at);
+            assert_eq!(g.cstat & cstat::INCORRECT_LENGTH != 0, !fmt1);
+        }
     }
 }
