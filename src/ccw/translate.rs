@@ -484,6 +484,28 @@ impl<'a> Builder<'a> {
             || (cmd == command::NOOP && !g.data_chained && !c.flags.cd())
             || (input && c.flags.skp());
         if no_data {
+            if c.count != 0 && !(input && c.flags.skp()) {
+                // A NOOP moves nothing, but a channel still checks its data (or list)
+                // address against the format's limit before starting it.
+                let limit: u64 = if self.orb.ctl.format1() {
+                    0x7fff_ffff
+                } else {
+                    0x00ff_ffff
+                };
+                let a = c.cda as u64;
+                if c.flags.ida() || c.flags.mida() {
+                    let align = if c.flags.ida() {
+                        self.guest_fmt.idaw_size()
+                    } else {
+                        MIDAW_SIZE
+                    };
+                    if a % align != 0 || a > limit {
+                        return Err(E::ListAddress(g.addr));
+                    }
+                } else if a + c.count as u64 - 1 > limit {
+                    return Err(E::DataAddress(g.addr));
+                }
+            }
             return Ok(HostCcw {
                 ccw: Ccw1 {
                     cmd: c.cmd,
@@ -1144,5 +1166,43 @@ mod fuzz_regressions {
             assert_eq!(g.cpa, ended_at);
             assert_eq!(g.cstat & cstat::INCORRECT_LENGTH != 0, !fmt1);
         }
+    }
+
+    /// Found by the `translate` fuzz target: a NOOP's data address was not checked against
+    /// the addressing limit (a channel presents a program check before starting it).
+    #[test]
+    fn noop_data_address_is_checked_against_the_limit() {
+        let store = IommuStore::new(StoreConfig::default());
+        store
+            .map_dma(0x1000, 0x1000, Perm::READ_WRITE, Backing::Anonymous)
+            .unwrap();
+        let orb = Orb {
+            intparm: 1,
+            ctl: OrbControls::new().with_format1(true),
+            cpa: 0x1000,
+        };
+        let noop = |count, cda| Ccw1 {
+            cmd: 0x03,
+            flags: CcwFlags::new().with_sli(true),
+            count,
+            cda,
+        };
+        let cfg = TranslateConfig::default();
+        // Past 2 GiB: refused. In range (even unmapped) or count 0: accepted, nothing pinned.
+        store
+            .write(0x1000, &noop(0x4000, 0x7fff_f000).to_bytes())
+            .unwrap();
+        assert_eq!(
+            translate(&orb, &store, &cfg).unwrap_err(),
+            E::DataAddress(0x1000)
+        );
+        store
+            .write(0x1000, &noop(0x1000, 0x7fff_f000).to_bytes())
+            .unwrap();
+        assert_eq!(translate(&orb, &store, &cfg).unwrap().pin_count(), 0);
+        store
+            .write(0x1000, &noop(0, 0xc800_0000).to_bytes())
+            .unwrap();
+        assert!(translate(&orb, &store, &cfg).is_ok());
     }
 }
