@@ -331,6 +331,14 @@ fuzz_target!(|data: &[u8]| {
     let (hstatus, htrace, hended) = run(prog.orb(), &prog, &mut hdev);
     // The host program is bounded by the translator's limits only through the guest's own
     // program; a guest program that loops (TIC back with data) loops on the host too.
+    // The host channel never leaves the program's CCW slots: every CCW address it stores
+    // designates the ORB's first CCW or one past a host CCW that stands for a guest CCW.
+    for s in &hstatus {
+        assert!(
+            s.cpa == prog.orb().cpa || prog.guest_ccw_address(s.cpa.wrapping_sub(8)).is_some(),
+            "host channel ran outside the CCWs: {s:?}\n{prog}"
+        );
+    }
     // Known deviation (docs/reliability.md, "Fuzzing"): a trap slot (an invalid CCW only a
     // status-modifier skip reaches) presents its program check when fetched, where a channel
     // may first suspend (S flag) or start the command and fail on the data access (CE DE

@@ -317,7 +317,19 @@ fn walk(orb: &Orb, store: &IommuStore, cfg: &TranslateConfig) -> Result<Vec<Segm
                         speculative: true,
                         trap: true,
                     });
-                    break;
+                    // A status-modifier skip from a command-chaining CCW before the trap
+                    // jumps over it: the slot after must exist too (else the channel would
+                    // run into whatever the arena holds next).
+                    let n = ccws.len();
+                    let prev_cc = n >= 2 && {
+                        let p = &ccws[n - 2];
+                        !p.trap && !p.ccw.is_tic() && p.ccw.flags.cc() && !p.ccw.flags.cd()
+                    };
+                    if !prev_cc {
+                        break;
+                    }
+                    dc_cmd = None;
+                    continue;
                 }
                 Err(e) => return Err(e),
             };
@@ -1204,5 +1216,47 @@ mod fuzz_regressions {
             .write(0x1000, &noop(0, 0xc800_0000).to_bytes())
             .unwrap();
         assert!(translate(&orb, &store, &cfg).is_ok());
+    }
+
+    /// Found by the `translate` fuzz target: Search (CC), then [skip], Search (CC), then an
+    /// invalid slot (a trap): a status-modifier skip from the second Search jumps over the
+    /// trap, and the slot it lands on was not in the program, so the channel ran into the
+    /// IDAL area behind the CCWs.
+    #[test]
+    fn skip_over_a_trap_slot_lands_in_the_program() {
+        let store = IommuStore::new(StoreConfig::default());
+        store
+            .map_dma(0x1000, 0x2000, Perm::READ_WRITE, Backing::Anonymous)
+            .unwrap();
+        let search = Ccw1 {
+            cmd: 0x31,
+            flags: CcwFlags::new().with_cc(true),
+            count: 5,
+            cda: 0x2000,
+        };
+        let ctl = Ccw1 {
+            cmd: 0xf7,
+            flags: CcwFlags::new(),
+            count: 0,
+            cda: 0,
+        };
+        let mut prog = Vec::new();
+        prog.extend(search.to_bytes());
+        prog.extend(ctl.to_bytes());
+        prog.extend(search.to_bytes());
+        prog.extend([0u8; 8]); // invalid: a trap; 0x1020 (zeros) is invalid too
+        store.write(0x1000, &prog).unwrap();
+        let orb = Orb {
+            intparm: 1,
+            ctl: OrbControls::new().with_format1(true),
+            cpa: 0x1000,
+        };
+        let p = translate(&orb, &store, &TranslateConfig::default()).unwrap();
+        assert_eq!(p.segments()[0].len, 5);
+        let mut dev = LoopbackDevice::new();
+        dev.status_modifier_on = Some(0x31);
+        let s = run_to_completion(p.orb(), &p, &mut dev, 100);
+        let g = p.to_guest_scsw(s.last().unwrap());
+        assert_eq!((g.cstat, g.cpa, g.count), (cstat::PROGRAM_CHECK, 0x1028, 0));
     }
 }
