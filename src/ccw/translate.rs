@@ -138,7 +138,7 @@ pub fn translate(orb: &Orb, store: &IommuStore, cfg: &TranslateConfig) -> Result
         && segments
             .iter()
             .flat_map(|s| &s.ccws)
-            .any(|g| !g.trap && !g.ccw.is_tic() && g.ccw.flags.ida());
+            .any(|g| !g.trap && !is_tic(&g.ccw) && g.ccw.flags.ida());
     Builder::new(
         orb,
         store,
@@ -217,18 +217,25 @@ fn decode(raw: &[u8], fmt1: bool) -> Ccw1 {
     }
 }
 
+/// Whether a fetched guest CCW (format-0 ones already converted) is a TIC. In format 1 only
+/// command code 0x08 is a TIC; other `xxxx1000` codes are invalid commands (Hercules, and
+/// vccw's channel), so `Ccw1::is_tic` (any `xxxx1000`) is too wide here.
+fn is_tic(c: &Ccw1) -> bool {
+    c.cmd == command::TIC
+}
+
 /// Validates one CCW as a channel would on fetching it (`data_chained`: reached by data
 /// chaining, where only a TIC's command code counts).
 fn validate(c: &Ccw1, addr: u64, orb: &Orb, data_chained: bool) -> Result<(), E> {
     let ctl = &orb.ctl;
     let fmt1 = ctl.format1();
-    if c.is_tic() {
+    if is_tic(c) {
         if fmt1 && (c.flags.into_bits() != 0 || c.count != 0) {
             return Err(E::TicFlags(addr));
         }
         return check_ccw_address(c.cda as u64, fmt1);
     }
-    if !data_chained && c.kind() == CommandKind::Invalid {
+    if !data_chained && matches!(c.kind(), CommandKind::Invalid | CommandKind::Tic) {
         return Err(E::InvalidCommand {
             at: addr,
             cmd: c.cmd,
@@ -299,7 +306,7 @@ fn walk(orb: &Orb, store: &IommuStore, cfg: &TranslateConfig) -> Result<Vec<Segm
                 let ccw = decode(&raw[off..off + CCW_SIZE as usize], fmt1);
                 fetched = Some(ccw);
                 validate(&ccw, addr, orb, dc_cmd.is_some())?;
-                let transfers = !ccw.is_tic() && ccw.count != 0 && ccw.cmd != command::NOOP;
+                let transfers = !is_tic(&ccw) && ccw.count != 0 && ccw.cmd != command::NOOP;
                 no_data_run = if transfers { 0 } else { no_data_run + 1 };
                 if no_data_run > MAX_NO_DATA_CCWS {
                     return Err(E::NoDataLoop(addr));
@@ -323,7 +330,7 @@ fn walk(orb: &Orb, store: &IommuStore, cfg: &TranslateConfig) -> Result<Vec<Segm
                     let n = ccws.len();
                     let prev_cc = n >= 2 && {
                         let p = &ccws[n - 2];
-                        !p.trap && !p.ccw.is_tic() && p.ccw.flags.cc() && !p.ccw.flags.cd()
+                        !p.trap && !is_tic(&p.ccw) && p.ccw.flags.cc() && !p.ccw.flags.cd()
                     };
                     if !prev_cc {
                         break;
@@ -333,8 +340,8 @@ fn walk(orb: &Orb, store: &IommuStore, cfg: &TranslateConfig) -> Result<Vec<Segm
                 }
                 Err(e) => return Err(e),
             };
-            let is_tic = ccw.is_tic();
-            let cmd = match (is_tic, dc_cmd) {
+            let tic = is_tic(&ccw);
+            let cmd = match (tic, dc_cmd) {
                 (false, Some(c)) => c,
                 _ => ccw.cmd,
             };
@@ -342,11 +349,11 @@ fn walk(orb: &Orb, store: &IommuStore, cfg: &TranslateConfig) -> Result<Vec<Segm
                 addr,
                 ccw,
                 cmd,
-                data_chained: dc_cmd.is_some() && !is_tic,
+                data_chained: dc_cmd.is_some() && !tic,
                 speculative,
                 trap: false,
             });
-            if is_tic {
+            if tic {
                 // Data chaining carries through a TIC to its target.
                 queue.push_back((ccw.cda as u64, speculative, dc_cmd));
             } else if ccw.flags.cd() {
@@ -362,7 +369,7 @@ fn walk(orb: &Orb, store: &IommuStore, cfg: &TranslateConfig) -> Result<Vec<Segm
             let n = ccws.len();
             let prev_cc = n >= 2 && {
                 let p = &ccws[n - 2].ccw;
-                !p.is_tic() && p.flags.cc() && !p.flags.cd()
+                !is_tic(p) && p.flags.cc() && !p.flags.cd()
             };
             if !prev_cc {
                 break;
@@ -438,7 +445,7 @@ impl<'a> Builder<'a> {
             for g in &seg.ccws {
                 let host = if g.trap {
                     Ok(trap_ccw(g))
-                } else if g.ccw.is_tic() {
+                } else if is_tic(&g.ccw) {
                     self.tic(g, &segments, &heads)
                 } else {
                     let slot = self.ccws.len();
@@ -460,7 +467,7 @@ impl<'a> Builder<'a> {
         let target = g.ccw.cda as u64;
         let (si, ci) = find_in(segments, target).ok_or(E::CcwAddress(target))?;
         let t = &segments[si].ccws[ci];
-        if !t.trap && t.ccw.is_tic() {
+        if !t.trap && is_tic(&t.ccw) {
             return Err(E::TicToTic(g.addr));
         }
         Ok(HostCcw {
@@ -1258,5 +1265,52 @@ mod fuzz_regressions {
         let s = run_to_completion(p.orb(), &p, &mut dev, 100);
         let g = p.to_guest_scsw(s.last().unwrap());
         assert_eq!((g.cstat, g.cpa, g.count), (cstat::PROGRAM_CHECK, 0x1028, 0));
+    }
+
+    /// Found by the `translate` fuzz target: a format-1 CCW with command code 0x28 (low
+    /// bits 1000 but not 0x08) was translated as a TIC, where a channel presents a program
+    /// check for an invalid command.
+    #[test]
+    fn format1_tic_is_only_command_code_08() {
+        let store = IommuStore::new(StoreConfig::default());
+        store
+            .map_dma(0x1000, 0x1000, Perm::READ_WRITE, Backing::Anonymous)
+            .unwrap();
+        let tic28 = Ccw1 {
+            cmd: 0x28,
+            flags: CcwFlags::new(),
+            count: 0,
+            cda: 0x1000,
+        };
+        store.write(0x1008, &tic28.to_bytes()).unwrap();
+        let orb = |cpa, fmt1| Orb {
+            intparm: 1,
+            ctl: OrbControls::new().with_format1(fmt1),
+            cpa,
+        };
+        let cfg = TranslateConfig::default();
+        assert_eq!(
+            translate(&orb(0x1008, true), &store, &cfg).unwrap_err(),
+            E::InvalidCommand {
+                at: 0x1008,
+                cmd: 0x28
+            }
+        );
+        // Format 0: any xxxx1000 code is a TIC (here to 0x1000, a NOOP).
+        let tic0 = Ccw0 {
+            cmd: 0x28,
+            cda: 0x1000,
+            flags: CcwFlags::new(),
+            count: 0,
+        };
+        let noop0 = Ccw0 {
+            cmd: 0x03,
+            cda: 0,
+            flags: CcwFlags::new().with_sli(true),
+            count: 1,
+        };
+        store.write(0x1000, &noop0.to_bytes()).unwrap();
+        store.write(0x1008, &tic0.to_bytes()).unwrap();
+        assert!(translate(&orb(0x1008, false), &store, &cfg).is_ok());
     }
 }
