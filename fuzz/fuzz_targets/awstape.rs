@@ -37,7 +37,9 @@ fuzz_target!(|data: &[u8]| {
     let mut seen = Vec::new();
     loop {
         let at = tape.position();
-        let r = tape.read_forward(&mut buf).expect("read of a verified tape");
+        let r = tape
+            .read_forward(&mut buf)
+            .expect("read of a verified tape");
         match r {
             Record::EndOfData => break,
             Record::Block { len, segments } => {
@@ -58,7 +60,9 @@ fuzz_target!(|data: &[u8]| {
     assert_eq!(seen, listed, "forward reads and map() disagree");
 
     for (at, r) in seen.iter().rev() {
-        let got = tape.read_backward(&mut buf).expect("backward read of a verified tape");
+        let got = tape
+            .read_backward(&mut buf)
+            .expect("backward read of a verified tape");
         assert_eq!(got, *r);
         assert_eq!(tape.position(), *at);
     }

@@ -29,7 +29,10 @@ fn check_layout(t: &TrackLayout, buf: &[u8]) {
         at = r.offset + r.count.total_len();
     }
     assert_eq!(t.end, at, "end marker not after the last record");
-    assert!(t.end + COUNT_SIZE <= buf.len(), "end marker outside the slot");
+    assert!(
+        t.end + COUNT_SIZE <= buf.len(),
+        "end marker outside the slot"
+    );
     assert_eq!(buf[t.end..t.end + COUNT_SIZE], END_OF_TRACK);
 }
 
@@ -39,7 +42,10 @@ fn check_err(e: &CkdError) {
         [libc::EINVAL, libc::EOPNOTSUPP, libc::EIO].contains(&errno),
         "{e}: errno {errno}"
     );
-    assert!(!matches!(e, CkdError::Io { .. }), "host I/O error on a memfd: {e}");
+    assert!(
+        !matches!(e, CkdError::Io { .. }),
+        "host I/O error on a memfd: {e}"
+    );
 }
 
 fuzz_target!(|data: &[u8]| {
@@ -95,7 +101,10 @@ fuzz_target!(|data: &[u8]| {
         img.read_track(img.cylinders(), 0, &mut buf),
         Err(CkdError::TrackOutOfRange { .. })
     ));
-    assert!(matches!(img.write_track(0, 0, &buf), Err(CkdError::ReadOnly)));
+    assert!(matches!(
+        img.write_track(0, 0, &buf),
+        Err(CkdError::ReadOnly)
+    ));
     if let Err(e) = Dasd3390::new(img, 0x100) {
         assert_eq!(e.errno(), libc::EINVAL);
     }

@@ -67,7 +67,10 @@ fuzz_target!(|data: &[u8]| {
         },
     )
     .expect("image no longer opens");
-    assert_eq!(std::fs::metadata(&f.path).unwrap().len(), f.pristine.len() as u64);
+    assert_eq!(
+        std::fs::metadata(&f.path).unwrap().len(),
+        f.pristine.len() as u64
+    );
     let mut buf = vec![0u8; img.track_size()];
     for c in 0..img.cylinders() {
         for h in 0..img.heads() {

@@ -31,7 +31,8 @@ fn fixture() -> &'static Fixture {
         let path = scratch_dir("tape").join("t.aws");
         let mut t = AwsTape::create(&path).expect("create tape");
         t.write_block(&[0xC1; 80]).unwrap();
-        t.write_block(&(0..=255u8).cycle().take(5000).collect::<Vec<_>>()).unwrap();
+        t.write_block(&(0..=255u8).cycle().take(5000).collect::<Vec<_>>())
+            .unwrap();
         t.write_tape_mark().unwrap();
         t.write_block(&[0x40; 800]).unwrap();
         t.write_tape_mark().unwrap();
@@ -68,6 +69,9 @@ fuzz_target!(|data: &[u8]| {
     let t = AwsTape::open(&f.path, OpenMode::ReadOnly)
         .unwrap_or_else(|e| panic!("tape malformed after the commands: {e}"));
     if limited {
-        assert!(t.len() <= MAX_SIZE.max(f.pristine.len() as u64), "tape grew past its limit");
+        assert!(
+            t.len() <= MAX_SIZE.max(f.pristine.len() as u64),
+            "tape grew past its limit"
+        );
     }
 });

@@ -97,7 +97,11 @@ fn device(inp: &mut Input) -> LoopbackDevice {
     d
 }
 
-fn run(orb: &Orb, mem: &dyn ChannelMemory, dev: &mut LoopbackDevice) -> (Vec<Scsw>, Vec<Transfer>, bool) {
+fn run(
+    orb: &Orb,
+    mem: &dyn ChannelMemory,
+    dev: &mut LoopbackDevice,
+) -> (Vec<Scsw>, Vec<Transfer>, bool) {
     let mut r = ChannelRun::new(orb);
     r.set_trace(true);
     let mut out = Vec::new();
@@ -194,7 +198,11 @@ fn check_program(prog: &HostProgram, maps: &[Map], store: &IommuStore) {
             .iter()
             .find(|m| p.iova >= m.base && p.iova < m.base + m.size)
             .unwrap_or_else(|| panic!("pinned page {:#x} is in no mapping", p.iova));
-        assert!(!(p.writable && m.read_only), "read-only page {:#x} pinned for input", p.iova);
+        assert!(
+            !(p.writable && m.read_only),
+            "read-only page {:#x} pinned for input",
+            p.iova
+        );
         // The host page is the mapping's own memory at the same offset.
         assert_eq!(p.host, m.region.as_ptr() as u64 + (p.iova - m.base));
     }
@@ -352,11 +360,19 @@ fuzz_target!(|data: &[u8]| {
     // (A suspended guest run may present nothing: the ORB can suppress that interruption.)
     if let (true, false, Some(g)) = (at_trap, gmem.self_modified.get(), gstatus.last()) {
         let h = prog.to_guest_scsw(hstatus.last().unwrap());
-        assert_eq!(h.cpa, g.cpa, "trap slot at another CCW\n{prog}\nguest {g:?}\nhost {h:?}");
+        assert_eq!(
+            h.cpa, g.cpa,
+            "trap slot at another CCW\n{prog}\nguest {g:?}\nhost {h:?}"
+        );
     }
     if !gmem.self_modified.get() && !at_trap {
         let ctx = || format!("{prog}\nguest {gstatus:?}\nhost  {hstatus:?}");
-        assert_eq!(hended, gended, "one run ended, the other did not\n{}", ctx());
+        assert_eq!(
+            hended,
+            gended,
+            "one run ended, the other did not\n{}",
+            ctx()
+        );
         let h2g = |a: u64| {
             prog.host_to_guest(a)
                 .unwrap_or_else(|| panic!("host data address {a:#x} not in a pinned page"))
@@ -367,7 +383,12 @@ fuzz_target!(|data: &[u8]| {
             "moved bytes differ\n{}",
             ctx()
         );
-        assert_eq!(hdev.written(), gdev.written(), "device saw different data\n{}", ctx());
+        assert_eq!(
+            hdev.written(),
+            gdev.written(),
+            "device saw different data\n{}",
+            ctx()
+        );
         assert_eq!(hdev.commands().len(), gdev.commands().len(), "{}", ctx());
         let hguest: Vec<Scsw> = hstatus.iter().map(|s| prog.to_guest_scsw(s)).collect();
         assert_eq!(hguest, gstatus, "status differs\n{}", ctx());

@@ -26,8 +26,7 @@ use std::time::Duration;
 use libfuzzer_sys::fuzz_target;
 use vccw::vfio_user::protocol::{Capabilities, Command, Header, Version, HEADER_SIZE};
 use vccw::vfio_user::server::{
-    serve_connection, DeviceDesc, DmaBacking, IrqDesc, RegionDesc, ServerConfig,
-    VfioUserBackend,
+    serve_connection, DeviceDesc, DmaBacking, IrqDesc, RegionDesc, ServerConfig, VfioUserBackend,
 };
 
 const FLAGS_CCW_RESET: u32 = (1 << 4) | 1; // VFIO_DEVICE_FLAGS_CCW | _RESET
@@ -84,7 +83,10 @@ impl VfioUserBackend for Backend {
     fn region_write(&self, index: u32, offset: u64, data: &[u8]) -> Result<usize, i32> {
         let size = self.region_info(index)?.size;
         assert!(offset + data.len() as u64 <= size, "write past region end");
-        assert!(index != 2, "write to a read-only region reached the backend");
+        assert!(
+            index != 2,
+            "write to a read-only region reached the backend"
+        );
         if index == 0 {
             self.regs.lock().unwrap()[offset as usize..offset as usize + data.len()]
                 .copy_from_slice(data);
@@ -111,7 +113,13 @@ impl VfioUserBackend for Backend {
         self.regs.lock().unwrap().fill(0);
         Ok(())
     }
-    fn dma_map(&self, iova: u64, size: u64, _prot: (bool, bool), backing: DmaBacking) -> Result<(), i32> {
+    fn dma_map(
+        &self,
+        iova: u64,
+        size: u64,
+        _prot: (bool, bool),
+        backing: DmaBacking,
+    ) -> Result<(), i32> {
         assert!(matches!(backing, DmaBacking::Client), "no fds are sent");
         assert_eq!((iova | size) % 4096, 0, "unaligned map reached the backend");
         let end = iova.checked_add(size).ok_or(libc::EINVAL)?;
@@ -119,7 +127,10 @@ impl VfioUserBackend for Backend {
             return Err(libc::EINVAL);
         }
         let mut m = self.maps.lock().unwrap();
-        if m.range(..end).next_back().is_some_and(|(&a, &s)| a + s > iova) {
+        if m.range(..end)
+            .next_back()
+            .is_some_and(|(&a, &s)| a + s > iova)
+        {
             return Err(libc::EEXIST);
         }
         if m.len() >= 64 {
@@ -191,11 +202,15 @@ fn check_replies(replies: &[u8], sent: &[u8]) {
     let mut n = 0;
     while !s.is_empty() {
         let h = Header::decode(s).expect("reply stream ends inside a header");
-        h.validate().unwrap_or_else(|e| panic!("malformed reply header {h:?}: {e}"));
+        h.validate()
+            .unwrap_or_else(|e| panic!("malformed reply header {h:?}: {e}"));
         assert!(h.is_reply(), "server sent a command {h:?}");
         assert!(!h.no_reply(), "reply with NO_REPLY {h:?}");
         let size = h.size as usize;
-        assert!(size >= HEADER_SIZE && size <= s.len(), "reply {h:?} truncated");
+        assert!(
+            size >= HEADER_SIZE && size <= s.len(),
+            "reply {h:?} truncated"
+        );
         if h.is_error() {
             assert_eq!(size, HEADER_SIZE, "error reply with payload {h:?}");
             assert!(h.error != 0 && h.error < 4096, "bad errno in {h:?}");
@@ -259,6 +274,9 @@ fuzz_target!(|data: &[u8]| {
         let _ = srv.join().expect("server thread panicked");
         replies
     });
-    assert!(backend.disconnected.load(Ordering::SeqCst), "disconnected not called");
+    assert!(
+        backend.disconnected.load(Ordering::SeqCst),
+        "disconnected not called"
+    );
     check_replies(&replies, &stream);
 });

@@ -169,11 +169,19 @@ pub fn run_commands(inp: &mut Input, dev: &mut dyn vccw::css::DeviceModel) {
             | dstat::UNIT_CHECK
             | dstat::UNIT_EXCEPTION
             | dstat::STATUS_MODIFIER;
-        assert_eq!(out.status & !allowed, 0, "{cmd:?}: status {:#04x}", out.status);
+        assert_eq!(
+            out.status & !allowed,
+            0,
+            "{cmd:?}: status {:#04x}",
+            out.status
+        );
         // Unit check alone is initial status (command rejected before any data moved);
         // everything else ends the command with channel end and device end.
         if out.status == dstat::UNIT_CHECK {
-            assert_eq!(out.transferred, 0, "{cmd:?}: data moved with initial unit check");
+            assert_eq!(
+                out.transferred, 0,
+                "{cmd:?}: data moved with initial unit check"
+            );
         } else {
             assert_eq!(
                 out.status & (dstat::CHANNEL_END | dstat::DEVICE_END),
