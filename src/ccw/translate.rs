@@ -63,6 +63,8 @@ struct GuestCcw {
     speculative: bool,
     /// Invalid but only speculatively reachable: becomes a trap slot.
     trap: bool,
+    /// A trap because the CCW could not be fetched (address invalid, unmapped, protected).
+    unfetched: bool,
 }
 
 struct Segment {
@@ -323,6 +325,7 @@ fn walk(orb: &Orb, store: &IommuStore, cfg: &TranslateConfig) -> Result<Vec<Segm
                         data_chained: false,
                         speculative: true,
                         trap: true,
+                        unfetched: fetched.is_none(),
                     });
                     // A status-modifier skip from a command-chaining CCW before the trap
                     // jumps over it: the slot after must exist too (else the channel would
@@ -352,6 +355,7 @@ fn walk(orb: &Orb, store: &IommuStore, cfg: &TranslateConfig) -> Result<Vec<Segm
                 data_chained: dc_cmd.is_some() && !tic,
                 speculative,
                 trap: false,
+                unfetched: false,
             });
             if tic {
                 // Data chaining carries through a TIC to its target.
@@ -469,6 +473,16 @@ impl<'a> Builder<'a> {
         let t = &segments[si].ccws[ci];
         if !t.trap && is_tic(&t.ccw) {
             return Err(E::TicToTic(g.addr));
+        }
+        if t.unfetched {
+            // A channel reports a CCW address a TIC leads to that cannot be fetched at the
+            // TIC (CPA = TIC + 8, count 0), not at the target: the TIC's slot is the trap.
+            return Ok(HostCcw {
+                ccw: Ccw1::default(),
+                cda: Cda::Fixed(0),
+                guest: g.addr,
+                residual_extra: 0,
+            });
         }
         Ok(HostCcw {
             ccw: Ccw1 {
@@ -1312,5 +1326,50 @@ mod fuzz_regressions {
         store.write(0x1000, &noop0.to_bytes()).unwrap();
         store.write(0x1008, &tic0.to_bytes()).unwrap();
         assert!(translate(&orb(0x1008, false), &store, &cfg).is_ok());
+    }
+
+    /// Found by the `translate` fuzz target: a speculative TIC to an unmapped CCW address
+    /// put the trap at the target, so the program check carried the target's address + 8;
+    /// a channel reports the TIC's address + 8.
+    #[test]
+    fn tic_to_an_unfetchable_ccw_traps_at_the_tic() {
+        let store = IommuStore::new(StoreConfig::default());
+        store
+            .map_dma(0x1000, 0x2000, Perm::READ_WRITE, Backing::Anonymous)
+            .unwrap();
+        let search = Ccw1 {
+            cmd: 0x31,
+            flags: CcwFlags::new().with_cc(true),
+            count: 5,
+            cda: 0x2000,
+        };
+        let ctl = Ccw1 {
+            cmd: 0xf7,
+            flags: CcwFlags::new(),
+            count: 0,
+            cda: 0,
+        };
+        let tic = Ccw1 {
+            cmd: 0x08,
+            flags: CcwFlags::new(),
+            count: 0,
+            cda: 0xe8, // not mapped
+        };
+        let mut prog = Vec::new();
+        for c in [search, ctl, tic] {
+            prog.extend(c.to_bytes());
+        }
+        store.write(0x1000, &prog).unwrap();
+        let orb = Orb {
+            intparm: 1,
+            ctl: OrbControls::new().with_format1(true),
+            cpa: 0x1000,
+        };
+        let p = translate(&orb, &store, &TranslateConfig::default()).unwrap();
+        let mut dev = LoopbackDevice::new();
+        dev.status_modifier_on = Some(0x31);
+        let s = run_to_completion(p.orb(), &p, &mut dev, 100);
+        let g = p.to_guest_scsw(s.last().unwrap());
+        assert_eq!((g.cstat, g.cpa, g.count), (cstat::PROGRAM_CHECK, 0x1018, 0));
     }
 }
