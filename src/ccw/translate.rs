@@ -733,6 +733,10 @@ impl<'a> Builder<'a> {
             if !m.reserved_ok() {
                 return Err(E::Midaw(g.addr, "reserved bits set"));
             }
+            // The channel does not do data-transfer interruptions: DTIC is a program check.
+            if m.flags.dtic() {
+                return Err(E::Midaw(g.addr, "DTIC flag set"));
+            }
             if m.count == 0 {
                 return Err(E::Midaw(g.addr, "count zero"));
             }
@@ -1371,5 +1375,40 @@ mod fuzz_regressions {
         let s = run_to_completion(p.orb(), &p, &mut dev, 100);
         let g = p.to_guest_scsw(s.last().unwrap());
         assert_eq!((g.cstat, g.cpa, g.count), (cstat::PROGRAM_CHECK, 0x1018, 0));
+    }
+
+    /// Found by the `translate` fuzz target: a MIDAW with the DTIC flag was translated; the
+    /// channel presents a program check for it.
+    #[test]
+    fn midaw_with_dtic_is_refused() {
+        let store = IommuStore::new(StoreConfig::default());
+        store
+            .map_dma(0x1000, 0x4000, Perm::READ_WRITE, Backing::Anonymous)
+            .unwrap();
+        let write = Ccw1 {
+            cmd: 0x01,
+            flags: CcwFlags::new().with_mida(true),
+            count: 100,
+            cda: 0x1800,
+        };
+        store.write(0x1000, &write.to_bytes()).unwrap();
+        let orb = Orb {
+            intparm: 1,
+            ctl: OrbControls::new().with_format1(true).with_midaw(true),
+            cpa: 0x1000,
+        };
+        let cfg = TranslateConfig::default();
+        for (flags, ok) in [(0x80u8, true), (0xa0, false)] {
+            let mut m = [0u8; 16];
+            m[5] = flags; // last (0x80), DTIC (0x20)
+            m[6..8].copy_from_slice(&100u16.to_be_bytes());
+            m[8..].copy_from_slice(&0x3000u64.to_be_bytes());
+            store.write(0x1800, &m).unwrap();
+            assert_eq!(
+                translate(&orb, &store, &cfg).is_ok(),
+                ok,
+                "flags {flags:#x}"
+            );
+        }
     }
 }
