@@ -45,13 +45,14 @@ struct Map {
     region: Arc<MmapRegion<AtomicBitmap>>,
 }
 
-/// The reference memory, recording whether the channel fetched bytes it had stored into
-/// earlier (a self-modifying program: the translator copied the old CCWs/IDAWs, as Linux
+/// The reference memory (refusing stores into read-only mappings), recording whether the
+/// channel fetched bytes it had stored into earlier (a self-modifying program: the translator copied the old CCWs/IDAWs, as Linux
 /// does, so the runs may legitimately differ).
 struct Recording<M: ChannelMemory> {
     inner: M,
     stores: RefCell<Vec<(u64, u64)>>,
     self_modified: Cell<bool>,
+    read_only: Vec<(u64, u64)>,
 }
 
 impl<M: ChannelMemory> ChannelMemory for Recording<M> {
@@ -73,6 +74,11 @@ impl<M: ChannelMemory> ChannelMemory for Recording<M> {
     }
 
     fn write(&self, addr: u64, data: &[u8], key: u8) -> Result<(), AccessFault> {
+        // Read-only mappings refuse stores as the host program's pages do (addressing).
+        let end = addr.saturating_add(data.len() as u64);
+        if let Some(&(a, _)) = self.read_only.iter().find(|&&(a, e)| a < end && addr < e) {
+            return Err(AccessFault::Addressing(a.max(addr)));
+        }
         let r = self.inner.write(addr, data, key);
         if r.is_ok() {
             self.stores
@@ -332,6 +338,11 @@ fuzz_target!(|data: &[u8]| {
         inner: gmem,
         stores: RefCell::new(Vec::new()),
         self_modified: Cell::new(false),
+        read_only: maps
+            .iter()
+            .filter(|m| m.read_only)
+            .map(|m| (m.base, m.base + m.size))
+            .collect(),
     };
     let mut gdev = dev.clone();
     let (gstatus, gtrace, gended) = run(&orb, &gmem, &mut gdev);
