@@ -16,7 +16,7 @@
 use std::collections::VecDeque;
 
 use crate::ccw::error::TranslateError as E;
-use crate::ccw::program::{HostProgram, Origin, PageRef, ScswMapper, SegmentInfo};
+use crate::ccw::program::{key_allows, HostProgram, Origin, PageRef, ScswMapper, SegmentInfo};
 use crate::ccw::{
     command, Ccw0, Ccw1, CcwFlags, CommandKind, Idaw, IdawFormat, Midaw, CCW_SIZE, MIDAW_SIZE,
 };
@@ -63,6 +63,8 @@ struct GuestCcw {
     speculative: bool,
     /// Invalid but only speculatively reachable: becomes a trap slot.
     trap: bool,
+    /// A trap because the CCW could not be fetched (address invalid, unmapped, protected).
+    unfetched: bool,
 }
 
 struct Segment {
@@ -138,7 +140,7 @@ pub fn translate(orb: &Orb, store: &IommuStore, cfg: &TranslateConfig) -> Result
         && segments
             .iter()
             .flat_map(|s| &s.ccws)
-            .any(|g| !g.trap && !g.ccw.is_tic() && g.ccw.flags.ida());
+            .any(|g| !g.trap && !is_tic(&g.ccw) && g.ccw.flags.ida());
     Builder::new(
         orb,
         store,
@@ -170,12 +172,41 @@ fn unmapped(addr: u64) -> impl Fn(StoreError) -> E {
     move |_| E::Unmapped(addr)
 }
 
+/// Reads storage the channel itself fetches (CCWs, IDAWs, MIDAWs). As for data, the ORB key
+/// must allow fetching from every page: a fetch-protected page with another key is a
+/// protection check. Pages are checked in address order, each for mapping then key, as a
+/// channel meets them.
+fn fetch(store: &IommuStore, addr: u64, buf: &mut [u8], key: u8) -> Result<(), E> {
+    if key != 0 && !buf.is_empty() {
+        let last = addr.saturating_add(buf.len() as u64 - 1);
+        let mut page = addr - addr % PAGE_SIZE;
+        loop {
+            let at = page.max(addr);
+            let sk = store.storage_key(page).map_err(unmapped(at))?;
+            if !key_allows(key, sk, false) {
+                return Err(E::Protection(at));
+            }
+            match page.checked_add(PAGE_SIZE) {
+                Some(next) if next <= last => page = next,
+                _ => break,
+            }
+        }
+    }
+    store.read(addr, buf).map_err(unmapped(addr))
+}
+
 /// Reads CCWs from `addr` up to the end of its page (one store lookup for many CCWs).
-fn fetch_ccws(store: &IommuStore, addr: u64, max: usize, buf: &mut Vec<u8>) -> Result<(), E> {
+fn fetch_ccws(
+    store: &IommuStore,
+    addr: u64,
+    max: usize,
+    buf: &mut Vec<u8>,
+    key: u8,
+) -> Result<(), E> {
     let in_page = ((PAGE_SIZE - (addr % PAGE_SIZE)) / CCW_SIZE) as usize;
     let n = in_page.min(max).max(1);
     buf.resize(n * CCW_SIZE as usize, 0);
-    store.read(addr, buf).map_err(unmapped(addr))
+    fetch(store, addr, buf, key)
 }
 
 fn decode(raw: &[u8], fmt1: bool) -> Ccw1 {
@@ -188,18 +219,25 @@ fn decode(raw: &[u8], fmt1: bool) -> Ccw1 {
     }
 }
 
+/// Whether a fetched guest CCW (format-0 ones already converted) is a TIC. In format 1 only
+/// command code 0x08 is a TIC; other `xxxx1000` codes are invalid commands (Hercules, and
+/// vccw's channel), so `Ccw1::is_tic` (any `xxxx1000`) is too wide here.
+fn is_tic(c: &Ccw1) -> bool {
+    c.cmd == command::TIC
+}
+
 /// Validates one CCW as a channel would on fetching it (`data_chained`: reached by data
 /// chaining, where only a TIC's command code counts).
 fn validate(c: &Ccw1, addr: u64, orb: &Orb, data_chained: bool) -> Result<(), E> {
     let ctl = &orb.ctl;
     let fmt1 = ctl.format1();
-    if c.is_tic() {
+    if is_tic(c) {
         if fmt1 && (c.flags.into_bits() != 0 || c.count != 0) {
             return Err(E::TicFlags(addr));
         }
         return check_ccw_address(c.cda as u64, fmt1);
     }
-    if !data_chained && c.kind() == CommandKind::Invalid {
+    if !data_chained && matches!(c.kind(), CommandKind::Invalid | CommandKind::Tic) {
         return Err(E::InvalidCommand {
             at: addr,
             cmd: c.cmd,
@@ -248,20 +286,30 @@ fn walk(orb: &Orb, store: &IommuStore, cfg: &TranslateConfig) -> Result<Vec<Segm
         raw.clear();
         loop {
             let addr = head + CCW_SIZE * ccws.len() as u64;
+            // The CCW as fetched, if it could be: a trap made of it presents its count.
+            let mut fetched: Option<Ccw1> = None;
             let step = (|| {
-                if ccws.len() == cfg.max_segment_ccws {
+                // (trap slots may sit past the limit: `>=`)
+                if ccws.len() >= cfg.max_segment_ccws {
                     return Err(E::SegmentTooLong(head, cfg.max_segment_ccws));
                 }
                 let off = addr.wrapping_sub(raw_at) as usize;
                 if raw.is_empty() || off + CCW_SIZE as usize > raw.len() {
                     check_ccw_address(addr, fmt1)?;
-                    fetch_ccws(store, addr, cfg.max_segment_ccws - ccws.len(), &mut raw)?;
+                    fetch_ccws(
+                        store,
+                        addr,
+                        cfg.max_segment_ccws - ccws.len(),
+                        &mut raw,
+                        orb.ctl.key(),
+                    )?;
                     raw_at = addr;
                 }
                 let off = (addr - raw_at) as usize;
                 let ccw = decode(&raw[off..off + CCW_SIZE as usize], fmt1);
+                fetched = Some(ccw);
                 validate(&ccw, addr, orb, dc_cmd.is_some())?;
-                let transfers = !ccw.is_tic() && ccw.count != 0 && ccw.cmd != command::NOOP;
+                let transfers = !is_tic(&ccw) && ccw.count != 0 && ccw.cmd != command::NOOP;
                 no_data_run = if transfers { 0 } else { no_data_run + 1 };
                 if no_data_run > MAX_NO_DATA_CCWS {
                     return Err(E::NoDataLoop(addr));
@@ -273,18 +321,31 @@ fn walk(orb: &Orb, store: &IommuStore, cfg: &TranslateConfig) -> Result<Vec<Segm
                 Err(_) if speculative => {
                     ccws.push(GuestCcw {
                         addr,
-                        ccw: Ccw1::default(),
+                        ccw: fetched.map_or(Ccw1::default(), |c| trap_of(&c)),
                         cmd: 0,
                         data_chained: false,
                         speculative: true,
                         trap: true,
+                        unfetched: fetched.is_none(),
                     });
-                    break;
+                    // A status-modifier skip from a command-chaining CCW before the trap
+                    // jumps over it: the slot after must exist too (else the channel would
+                    // run into whatever the arena holds next).
+                    let n = ccws.len();
+                    let prev_cc = n >= 2 && {
+                        let p = &ccws[n - 2];
+                        !p.trap && !is_tic(&p.ccw) && p.ccw.flags.cc() && !p.ccw.flags.cd()
+                    };
+                    if !prev_cc {
+                        break;
+                    }
+                    dc_cmd = None;
+                    continue;
                 }
                 Err(e) => return Err(e),
             };
-            let is_tic = ccw.is_tic();
-            let cmd = match (is_tic, dc_cmd) {
+            let tic = is_tic(&ccw);
+            let cmd = match (tic, dc_cmd) {
                 (false, Some(c)) => c,
                 _ => ccw.cmd,
             };
@@ -292,11 +353,12 @@ fn walk(orb: &Orb, store: &IommuStore, cfg: &TranslateConfig) -> Result<Vec<Segm
                 addr,
                 ccw,
                 cmd,
-                data_chained: dc_cmd.is_some() && !is_tic,
+                data_chained: dc_cmd.is_some() && !tic,
                 speculative,
                 trap: false,
+                unfetched: false,
             });
-            if is_tic {
+            if tic {
                 // Data chaining carries through a TIC to its target.
                 queue.push_back((ccw.cda as u64, speculative, dc_cmd));
             } else if ccw.flags.cd() {
@@ -312,7 +374,7 @@ fn walk(orb: &Orb, store: &IommuStore, cfg: &TranslateConfig) -> Result<Vec<Segm
             let n = ccws.len();
             let prev_cc = n >= 2 && {
                 let p = &ccws[n - 2].ccw;
-                !p.is_tic() && p.flags.cc() && !p.flags.cd()
+                !is_tic(p) && p.flags.cc() && !p.flags.cd()
             };
             if !prev_cc {
                 break;
@@ -395,8 +457,8 @@ impl<'a> Builder<'a> {
             let seg_end = heads[si] + seg.ccws.len();
             for g in &seg.ccws {
                 let host = if g.trap {
-                    Ok(trap_ccw(g.addr))
-                } else if g.ccw.is_tic() {
+                    Ok(trap_ccw(g))
+                } else if is_tic(&g.ccw) {
                     self.tic(g, &segments, &heads)
                 } else {
                     let slot = self.ccws.len();
@@ -404,7 +466,7 @@ impl<'a> Builder<'a> {
                 };
                 let host = match host {
                     Ok(h) => h,
-                    Err(_) if g.speculative => trap_ccw(g.addr),
+                    Err(_) if g.speculative => trap_ccw(g),
                     Err(e) => return Err(e),
                 };
                 self.ccws.push(host);
@@ -432,8 +494,18 @@ impl<'a> Builder<'a> {
         let target = g.ccw.cda as u64;
         let (si, ci) = find_in(segments, target).ok_or(E::CcwAddress(target))?;
         let t = &segments[si].ccws[ci];
-        if !t.trap && t.ccw.is_tic() {
+        if !t.trap && is_tic(&t.ccw) {
             return Err(E::TicToTic(g.addr));
+        }
+        if t.unfetched {
+            // A channel reports a CCW address a TIC leads to that cannot be fetched at the
+            // TIC (CPA = TIC + 8, count 0), not at the target: the TIC's slot is the trap.
+            return Ok(HostCcw {
+                ccw: Ccw1::default(),
+                cda: Cda::Fixed(0),
+                guest: g.addr,
+                residual_extra: 0,
+            });
         }
         Ok(HostCcw {
             ccw: Ccw1 {
@@ -468,6 +540,28 @@ impl<'a> Builder<'a> {
             || (cmd == command::NOOP && !g.data_chained && !c.flags.cd())
             || (input && c.flags.skp());
         if no_data {
+            if c.count != 0 && !(input && c.flags.skp()) {
+                // A NOOP moves nothing, but a channel still checks its data (or list)
+                // address against the format's limit before starting it.
+                let limit: u64 = if self.orb.ctl.format1() {
+                    0x7fff_ffff
+                } else {
+                    0x00ff_ffff
+                };
+                let a = c.cda as u64;
+                if c.flags.ida() || c.flags.mida() {
+                    let align = if c.flags.ida() {
+                        self.guest_fmt.idaw_size()
+                    } else {
+                        MIDAW_SIZE
+                    };
+                    if a % align != 0 || a > limit {
+                        return Err(E::ListAddress(g.addr));
+                    }
+                } else if a + c.count as u64 - 1 > limit {
+                    return Err(E::DataAddress(g.addr));
+                }
+            }
             return Ok(HostCcw {
                 ccw: Ccw1 {
                     cmd: c.cmd,
@@ -641,7 +735,7 @@ impl<'a> Builder<'a> {
         while rest > 0 {
             let at = list + i * fmt.idaw_size();
             let buf = &mut raw[..fmt.idaw_size() as usize];
-            self.store.read(at, buf).map_err(unmapped(at))?;
+            fetch(self.store, at, buf, self.orb.ctl.key())?;
             // Each IDAW is read exactly once; the value used is the value checked.
             let idaw = fmt.decode(buf);
             if !idaw.is_valid(fmt) {
@@ -677,10 +771,14 @@ impl<'a> Builder<'a> {
         let mut raw = [0u8; 16];
         let mut at = list;
         loop {
-            self.store.read(at, &mut raw).map_err(unmapped(at))?;
+            fetch(self.store, at, &mut raw, self.orb.ctl.key())?;
             let m = Midaw::from_bytes(raw);
             if !m.reserved_ok() {
                 return Err(E::Midaw(g.addr, "reserved bits set"));
+            }
+            // The channel does not do data-transfer interruptions: DTIC is a program check.
+            if m.flags.dtic() {
+                return Err(E::Midaw(g.addr, "DTIC flag set"));
             }
             if m.count == 0 {
                 return Err(E::Midaw(g.addr, "count zero"));
@@ -857,6 +955,11 @@ impl<'a> Builder<'a> {
             ctl: orb
                 .ctl
                 .with_format1(true)
+                // Incorrect-length-suppression mode applies to format-1 CCWs only: a
+                // format-0 guest program must not gain it by becoming format 1.
+                .with_incorrect_length_suppression(
+                    orb.ctl.format1() && orb.ctl.incorrect_length_suppression(),
+                )
                 .with_format2_idaw(true)
                 .with_idaw_2k(host_block == 2048)
                 .with_midaw(false)
@@ -912,11 +1015,22 @@ fn resolve_slot(slots: &[HostCcw], mut k: usize) -> usize {
     k
 }
 
-fn trap_ccw(addr: u64) -> HostCcw {
+/// The trap form of a guest CCW: command code 0 (a program check when reached), keeping the
+/// count and PCI flag the guest's channel would present with that program check.
+fn trap_of(c: &Ccw1) -> Ccw1 {
+    Ccw1 {
+        cmd: 0,
+        flags: CcwFlags::new().with_pci(c.flags.pci()),
+        count: c.count,
+        cda: 0,
+    }
+}
+
+fn trap_ccw(g: &GuestCcw) -> HostCcw {
     HostCcw {
-        ccw: Ccw1::default(),
+        ccw: trap_of(&g.ccw),
         cda: Cda::Fixed(0),
-        guest: addr,
+        guest: g.addr,
         residual_extra: 0,
     }
 }
@@ -946,10 +1060,15 @@ fn push_pages(out: &mut Vec<(u64, u8)>, pieces: &[Piece], backward: bool, acc: u
         } else {
             (p.addr, p.addr + p.len as u64 - 1)
         };
+        // The last page of the 64-bit space has no successor: no `page + PAGE_SIZE` (it
+        // would wrap to 0 and loop for ever; found by fuzzing).
         let mut page = lo & !(PAGE_SIZE - 1);
-        while page <= hi {
+        loop {
             out.push((page, acc));
-            page += PAGE_SIZE;
+            match page.checked_add(PAGE_SIZE) {
+                Some(next) if next <= hi => page = next,
+                _ => break,
+            }
         }
     }
 }
@@ -989,4 +1108,393 @@ fn split_runs(pieces: &[Piece], bs: u64, backward: bool, input: bool) -> Vec<(bo
         runs.push((skip, vec![*p]));
     }
     runs
+}
+
+#[cfg(test)]
+mod fuzz_regressions {
+    use super::*;
+    use crate::css::{run_to_completion, LoopbackDevice};
+    use crate::iommu_store::{Backing, StoreConfig};
+    use crate::orb::{cstat, OrbControls};
+
+    /// Found by the `translate` fuzz target: a trap slot (an invalid CCW only a
+    /// status-modifier skip reaches) presented residual count 0, where the guest's channel
+    /// presents the invalid CCW's own count (and PCI) with the program check.
+    #[test]
+    fn trap_slot_presents_the_guest_ccws_count() {
+        let store = IommuStore::new(StoreConfig::default());
+        store
+            .map_dma(0x1000, 0x8000, Perm::READ_WRITE, Backing::Anonymous)
+            .unwrap();
+        let ccw = |cmd, flags: CcwFlags, count, cda| Ccw1 {
+            cmd,
+            flags,
+            count,
+            cda,
+        };
+        let f = CcwFlags::new;
+        let mut prog = Vec::new();
+        // Search (CC), TIC back; the slot after the TIC has the suspend flag, which the ORB
+        // does not allow: invalid, reachable only when the search ends with SM.
+        prog.extend(ccw(0x31, f().with_cc(true), 5, 0x2000).to_bytes());
+        prog.extend(ccw(0x08, f(), 0, 0x1000).to_bytes());
+        prog.extend(ccw(0x06, f().with_s(true).with_pci(true), 80, 0x3000).to_bytes());
+        store.write(0x1000, &prog).unwrap();
+        let orb = Orb {
+            intparm: 1,
+            ctl: OrbControls::new().with_format1(true),
+            cpa: 0x1000,
+        };
+        let p = translate(&orb, &store, &TranslateConfig::default()).unwrap();
+        let trap = p.ccws().nth(2).unwrap().1;
+        assert_eq!((trap.cmd, trap.count, trap.flags.pci()), (0, 80, true));
+
+        let mut dev = LoopbackDevice::new();
+        dev.status_modifier_on = Some(0x31);
+        let s = run_to_completion(p.orb(), &p, &mut dev, 100);
+        let g = p.to_guest_scsw(s.last().unwrap());
+        assert_eq!(g.cstat, cstat::PROGRAM_CHECK | cstat::PCI);
+        assert_eq!((g.cpa, g.count), (0x1000 + 24, 80));
+    }
+
+    /// Found by the `translate` fuzz target: CCWs (and IDAWs, MIDAWs) in a fetch-protected
+    /// page were fetched whatever the ORB key, where a channel presents a protection check.
+    #[test]
+    fn ccw_and_idaw_fetches_obey_fetch_protection() {
+        let store = IommuStore::new(StoreConfig::default());
+        store
+            .map_dma(0x1000, 0x8000, Perm::READ_WRITE, Backing::Anonymous)
+            .unwrap();
+        // A Sense (IDA) at 0x1000 whose IDAL is at 0x2000, data at 0x3000.
+        let sense = Ccw1 {
+            cmd: 0x04,
+            flags: CcwFlags::new().with_ida(true),
+            count: 32,
+            cda: 0x2000,
+        };
+        store.write(0x1000, &sense.to_bytes()).unwrap();
+        store.write(0x2000, &0x3000u32.to_be_bytes()).unwrap();
+        let orb = |key| Orb {
+            intparm: 1,
+            ctl: OrbControls::new().with_format1(true).with_key(key),
+            cpa: 0x1000,
+        };
+        let cfg = TranslateConfig::default();
+        store.set_storage_key(0x1000, 0x58).unwrap(); // key 5, fetch protected
+        assert_eq!(
+            translate(&orb(3), &store, &cfg).unwrap_err(),
+            E::Protection(0x1000)
+        );
+        // Key 0 and the matching key may fetch; an unprotected page anyone may.
+        assert!(translate(&orb(0), &store, &cfg).is_ok());
+        store.set_storage_key(0x3000, 0x50).unwrap();
+        assert!(translate(&orb(5), &store, &cfg).is_ok());
+        store.set_storage_key(0x1000, 0x50).unwrap();
+        store.set_storage_key(0x2000, 0x48).unwrap(); // the IDAL: key 4, fetch protected
+        assert_eq!(
+            translate(&orb(5), &store, &cfg).unwrap_err(),
+            E::Protection(0x2000)
+        );
+        assert_eq!(store.stats().pinned_pages, 0);
+    }
+
+    /// Found by the `translate` fuzz target: a format-2 IDAW in the last page of the 64-bit
+    /// space overflowed the page walk (a panic in debug builds, an endless loop in release).
+    #[test]
+    fn idaw_in_the_last_page_of_the_address_space() {
+        let store = IommuStore::new(StoreConfig::default());
+        store
+            .map_dma(0x1000, 0x2000, Perm::READ_WRITE, Backing::Anonymous)
+            .unwrap();
+        let read = Ccw1 {
+            cmd: 0x02,
+            flags: CcwFlags::new().with_ida(true),
+            count: 0x80,
+            cda: 0x2000,
+        };
+        store.write(0x1000, &read.to_bytes()).unwrap();
+        store
+            .write(0x2000, &0xffff_ffff_ffff_ff00u64.to_be_bytes())
+            .unwrap();
+        let orb = Orb {
+            intparm: 1,
+            ctl: OrbControls::new()
+                .with_format1(true)
+                .with_format2_idaw(true),
+            cpa: 0x1000,
+        };
+        assert_eq!(
+            translate(&orb, &store, &TranslateConfig::default()).unwrap_err(),
+            E::Unmapped(0xffff_ffff_ffff_f000)
+        );
+    }
+
+    /// Found by the `translate` fuzz target: the ORB's incorrect-length-suppression mode
+    /// (which the channel applies to format-1 CCWs only) was kept for a format-0 guest
+    /// program, so its host (format-1) program suppressed incorrect length on an immediate
+    /// operation where the guest's channel ends the chain with it.
+    #[test]
+    fn format0_program_does_not_gain_incorrect_length_suppression() {
+        let store = IommuStore::new(StoreConfig::default());
+        store
+            .map_dma(0x1000, 0x2000, Perm::READ_WRITE, Backing::Anonymous)
+            .unwrap();
+        // NOOP with count 1 (an immediate operation), command-chained to a Sense.
+        let noop = Ccw0 {
+            cmd: 0x03,
+            cda: 0,
+            flags: CcwFlags::new().with_cc(true),
+            count: 1,
+        };
+        let sense = Ccw0 {
+            cmd: 0x04,
+            cda: 0x2000,
+            flags: CcwFlags::new(),
+            count: 32,
+        };
+        let mut prog = noop.to_bytes().to_vec();
+        prog.extend(sense.to_bytes());
+        store.write(0x1000, &prog).unwrap();
+        for fmt1 in [false, true] {
+            let ctl = OrbControls::new()
+                .with_format1(fmt1)
+                .with_incorrect_length_suppression(true);
+            let orb = Orb {
+                intparm: 1,
+                ctl,
+                cpa: 0x1000,
+            };
+            if fmt1 {
+                let c = Ccw1 {
+                    cmd: 0x03,
+                    flags: CcwFlags::new().with_cc(true),
+                    count: 1,
+                    cda: 0,
+                };
+                store.write(0x1000, &c.to_bytes()).unwrap();
+                let s = Ccw1 {
+                    cmd: 0x04,
+                    flags: CcwFlags::new(),
+                    count: 32,
+                    cda: 0x2000,
+                };
+                store.write(0x1008, &s.to_bytes()).unwrap();
+            }
+            let p = translate(&orb, &store, &TranslateConfig::default()).unwrap();
+            assert_eq!(p.orb().ctl.incorrect_length_suppression(), fmt1);
+            let st = run_to_completion(p.orb(), &p, &mut LoopbackDevice::new(), 100);
+            let g = p.to_guest_scsw(st.last().unwrap());
+            // Format 0: the NOOP ends the chain with incorrect length; format 1: suppressed.
+            let ended_at = if fmt1 { 0x1010 } else { 0x1008 };
+            assert_eq!(g.cpa, ended_at);
+            assert_eq!(g.cstat & cstat::INCORRECT_LENGTH != 0, !fmt1);
+        }
+    }
+
+    /// Found by the `translate` fuzz target: a NOOP's data address was not checked against
+    /// the addressing limit (a channel presents a program check before starting it).
+    #[test]
+    fn noop_data_address_is_checked_against_the_limit() {
+        let store = IommuStore::new(StoreConfig::default());
+        store
+            .map_dma(0x1000, 0x1000, Perm::READ_WRITE, Backing::Anonymous)
+            .unwrap();
+        let orb = Orb {
+            intparm: 1,
+            ctl: OrbControls::new().with_format1(true),
+            cpa: 0x1000,
+        };
+        let noop = |count, cda| Ccw1 {
+            cmd: 0x03,
+            flags: CcwFlags::new().with_sli(true),
+            count,
+            cda,
+        };
+        let cfg = TranslateConfig::default();
+        // Past 2 GiB: refused. In range (even unmapped) or count 0: accepted, nothing pinned.
+        store
+            .write(0x1000, &noop(0x4000, 0x7fff_f000).to_bytes())
+            .unwrap();
+        assert_eq!(
+            translate(&orb, &store, &cfg).unwrap_err(),
+            E::DataAddress(0x1000)
+        );
+        store
+            .write(0x1000, &noop(0x1000, 0x7fff_f000).to_bytes())
+            .unwrap();
+        assert_eq!(translate(&orb, &store, &cfg).unwrap().pin_count(), 0);
+        store
+            .write(0x1000, &noop(0, 0xc800_0000).to_bytes())
+            .unwrap();
+        assert!(translate(&orb, &store, &cfg).is_ok());
+    }
+
+    /// Found by the `translate` fuzz target: Search (CC), then [skip], Search (CC), then an
+    /// invalid slot (a trap): a status-modifier skip from the second Search jumps over the
+    /// trap, and the slot it lands on was not in the program, so the channel ran into the
+    /// IDAL area behind the CCWs.
+    #[test]
+    fn skip_over_a_trap_slot_lands_in_the_program() {
+        let store = IommuStore::new(StoreConfig::default());
+        store
+            .map_dma(0x1000, 0x2000, Perm::READ_WRITE, Backing::Anonymous)
+            .unwrap();
+        let search = Ccw1 {
+            cmd: 0x31,
+            flags: CcwFlags::new().with_cc(true),
+            count: 5,
+            cda: 0x2000,
+        };
+        let ctl = Ccw1 {
+            cmd: 0xf7,
+            flags: CcwFlags::new(),
+            count: 0,
+            cda: 0,
+        };
+        let mut prog = Vec::new();
+        prog.extend(search.to_bytes());
+        prog.extend(ctl.to_bytes());
+        prog.extend(search.to_bytes());
+        prog.extend([0u8; 8]); // invalid: a trap; 0x1020 (zeros) is invalid too
+        store.write(0x1000, &prog).unwrap();
+        let orb = Orb {
+            intparm: 1,
+            ctl: OrbControls::new().with_format1(true),
+            cpa: 0x1000,
+        };
+        let p = translate(&orb, &store, &TranslateConfig::default()).unwrap();
+        assert_eq!(p.segments()[0].len, 5);
+        let mut dev = LoopbackDevice::new();
+        dev.status_modifier_on = Some(0x31);
+        let s = run_to_completion(p.orb(), &p, &mut dev, 100);
+        let g = p.to_guest_scsw(s.last().unwrap());
+        assert_eq!((g.cstat, g.cpa, g.count), (cstat::PROGRAM_CHECK, 0x1028, 0));
+    }
+
+    /// Found by the `translate` fuzz target: a format-1 CCW with command code 0x28 (low
+    /// bits 1000 but not 0x08) was translated as a TIC, where a channel presents a program
+    /// check for an invalid command.
+    #[test]
+    fn format1_tic_is_only_command_code_08() {
+        let store = IommuStore::new(StoreConfig::default());
+        store
+            .map_dma(0x1000, 0x1000, Perm::READ_WRITE, Backing::Anonymous)
+            .unwrap();
+        let tic28 = Ccw1 {
+            cmd: 0x28,
+            flags: CcwFlags::new(),
+            count: 0,
+            cda: 0x1000,
+        };
+        store.write(0x1008, &tic28.to_bytes()).unwrap();
+        let orb = |cpa, fmt1| Orb {
+            intparm: 1,
+            ctl: OrbControls::new().with_format1(fmt1),
+            cpa,
+        };
+        let cfg = TranslateConfig::default();
+        assert_eq!(
+            translate(&orb(0x1008, true), &store, &cfg).unwrap_err(),
+            E::InvalidCommand {
+                at: 0x1008,
+                cmd: 0x28
+            }
+        );
+        // Format 0: any xxxx1000 code is a TIC (here to 0x1000, a NOOP).
+        let tic0 = Ccw0 {
+            cmd: 0x28,
+            cda: 0x1000,
+            flags: CcwFlags::new(),
+            count: 0,
+        };
+        let noop0 = Ccw0 {
+            cmd: 0x03,
+            cda: 0,
+            flags: CcwFlags::new().with_sli(true),
+            count: 1,
+        };
+        store.write(0x1000, &noop0.to_bytes()).unwrap();
+        store.write(0x1008, &tic0.to_bytes()).unwrap();
+        assert!(translate(&orb(0x1008, false), &store, &cfg).is_ok());
+    }
+
+    /// Found by the `translate` fuzz target: a speculative TIC to an unmapped CCW address
+    /// put the trap at the target, so the program check carried the target's address + 8;
+    /// a channel reports the TIC's address + 8.
+    #[test]
+    fn tic_to_an_unfetchable_ccw_traps_at_the_tic() {
+        let store = IommuStore::new(StoreConfig::default());
+        store
+            .map_dma(0x1000, 0x2000, Perm::READ_WRITE, Backing::Anonymous)
+            .unwrap();
+        let search = Ccw1 {
+            cmd: 0x31,
+            flags: CcwFlags::new().with_cc(true),
+            count: 5,
+            cda: 0x2000,
+        };
+        let ctl = Ccw1 {
+            cmd: 0xf7,
+            flags: CcwFlags::new(),
+            count: 0,
+            cda: 0,
+        };
+        let tic = Ccw1 {
+            cmd: 0x08,
+            flags: CcwFlags::new(),
+            count: 0,
+            cda: 0xe8, // not mapped
+        };
+        let mut prog = Vec::new();
+        for c in [search, ctl, tic] {
+            prog.extend(c.to_bytes());
+        }
+        store.write(0x1000, &prog).unwrap();
+        let orb = Orb {
+            intparm: 1,
+            ctl: OrbControls::new().with_format1(true),
+            cpa: 0x1000,
+        };
+        let p = translate(&orb, &store, &TranslateConfig::default()).unwrap();
+        let mut dev = LoopbackDevice::new();
+        dev.status_modifier_on = Some(0x31);
+        let s = run_to_completion(p.orb(), &p, &mut dev, 100);
+        let g = p.to_guest_scsw(s.last().unwrap());
+        assert_eq!((g.cstat, g.cpa, g.count), (cstat::PROGRAM_CHECK, 0x1018, 0));
+    }
+
+    /// Found by the `translate` fuzz target: a MIDAW with the DTIC flag was translated; the
+    /// channel presents a program check for it.
+    #[test]
+    fn midaw_with_dtic_is_refused() {
+        let store = IommuStore::new(StoreConfig::default());
+        store
+            .map_dma(0x1000, 0x4000, Perm::READ_WRITE, Backing::Anonymous)
+            .unwrap();
+        let write = Ccw1 {
+            cmd: 0x01,
+            flags: CcwFlags::new().with_mida(true),
+            count: 100,
+            cda: 0x1800,
+        };
+        store.write(0x1000, &write.to_bytes()).unwrap();
+        let orb = Orb {
+            intparm: 1,
+            ctl: OrbControls::new().with_format1(true).with_midaw(true),
+            cpa: 0x1000,
+        };
+        let cfg = TranslateConfig::default();
+        for (flags, ok) in [(0x80u8, true), (0xa0, false)] {
+            let mut m = [0u8; 16];
+            m[5] = flags; // last (0x80), DTIC (0x20)
+            m[6..8].copy_from_slice(&100u16.to_be_bytes());
+            m[8..].copy_from_slice(&0x3000u64.to_be_bytes());
+            store.write(0x1800, &m).unwrap();
+            assert_eq!(
+                translate(&orb, &store, &cfg).is_ok(),
+                ok,
+                "flags {flags:#x}"
+            );
+        }
+    }
 }
