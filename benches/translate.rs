@@ -104,6 +104,9 @@ fn program(s: &IommuStore, kind: Kind, n: usize) -> Orb {
         };
         s.write(PROG + 8 * i, &ccw.to_bytes()).unwrap();
     }
+    // End the chain with an invalid CCW: otherwise a longer chain written earlier would be
+    // reached speculatively (the slot after the last one is reachable by status modifier).
+    s.write(PROG + 8 * n as u64, &[0; 8]).unwrap();
     Orb {
         intparm: 1,
         ctl,
