@@ -639,3 +639,122 @@ mod tests {
         assert_ne!(pattern(5, 1, 64), pattern(6, 1, 64));
     }
 }
+
+#[cfg(test)]
+mod virtio_tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::css::device::{Command, DeviceIdentity, DeviceModel, Outcome};
+    use crate::css::subchannel::{EmulatedSubchannel, SubchannelConfig};
+    use crate::driver::{DeviceConfig, VfioCcwDevice};
+    use crate::iommu_store::{IommuStore, StoreConfig};
+    use crate::service::backend::CcwBackend;
+    use crate::service::listener::DeviceListener;
+    use crate::vfio_user::server::ServerConfig;
+
+    /// A legacy virtio-blk-ccw device as QEMU presents it: CU 3832-02, READ_CONF answering
+    /// a 60-byte configuration that starts with the big-endian capacity.
+    struct VirtioBlk {
+        capacity: u64,
+        reads: u32,
+    }
+
+    impl DeviceModel for VirtioBlk {
+        fn execute(&mut self, cmd: &Command, data: &mut [u8]) -> Outcome {
+            let src: Vec<u8> = match cmd.code {
+                0xE4 => self.identity().sense_id_bytes().to_vec(),
+                VIRTIO_READ_CONF => {
+                    self.reads += 1;
+                    let mut c = vec![0u8; 60];
+                    c[..8].copy_from_slice(&self.capacity.to_be_bytes());
+                    c
+                }
+                _ => return Outcome::unit_check(),
+            };
+            let n = src.len().min(cmd.count).min(data.len());
+            data[..n].copy_from_slice(&src[..n]);
+            Outcome {
+                more: src.len() > n,
+                ..Outcome::done(n)
+            }
+        }
+
+        fn sense(&self) -> Vec<u8> {
+            vec![0; 32]
+        }
+
+        fn identity(&self) -> DeviceIdentity {
+            DeviceIdentity {
+                cu_type: VIRTIO_CU_TYPE,
+                cu_model: 2,
+                dev_type: 0,
+                dev_model: 0,
+            }
+        }
+    }
+
+    fn serve_virtio(socket: &Path, capacity: u64) -> DeviceListener {
+        let model = Box::new(VirtioBlk { capacity, reads: 0 });
+        let cfg = SubchannelConfig {
+            devno: 5,
+            ..Default::default()
+        };
+        let sch = EmulatedSubchannel::new(model, cfg).unwrap();
+        let store = IommuStore::new(StoreConfig::default());
+        let dev = VfioCcwDevice::new(Arc::new(sch), store.clone(), DeviceConfig::default());
+        let backend = CcwBackend::new(dev, store, "0.0.0005").unwrap();
+        DeviceListener::start(socket, Arc::new(backend), ServerConfig::default()).unwrap()
+    }
+
+    #[test]
+    fn midaw_list_bytes() {
+        // Reserved 5 bytes, flags (0x80 = last on the second), count 4, 64-bit address.
+        let l = virtio_midaws(0x10100);
+        assert_eq!(l[0], [0, 0, 0, 0, 0, 0, 0, 4, 0, 0, 0, 0, 0, 1, 0x01, 0x00]);
+        assert_eq!(
+            l[1],
+            [0, 0, 0, 0, 0, 0x80, 0, 4, 0, 0, 0, 0, 0, 1, 0x01, 0x04]
+        );
+    }
+
+    #[test]
+    fn virtio_workload_over_the_service() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("v.sock");
+        let l = serve_virtio(&sock, 32768);
+        let mut out = Vec::new();
+        let opts = WorkloadOptions {
+            expect_capacity: Some(32768),
+            ..Default::default()
+        };
+        let sum = run_guest(&sock, &opts, &mut out).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert_eq!(sum.capacity, Some(32768));
+        assert_eq!(sum.identity.cu_type, 0x3832);
+        // SENSE ID, READ_CONF direct, READ_CONF through MIDAWs.
+        assert_eq!(sum.ios, 3);
+        assert!(
+            text.lines()
+                .any(|l| l == "RESULT ok guest-virtio capacity=32768"),
+            "{text}"
+        );
+        l.shutdown();
+
+        // A wrong expectation fails, and no RESULT ok line is printed.
+        let sock2 = dir.path().join("w.sock");
+        let l = serve_virtio(&sock2, 1);
+        let mut out = Vec::new();
+        let e = run_guest(&sock2, &opts, &mut out).unwrap_err();
+        assert!(matches!(e, WorkloadError::Mismatch(_)), "{e}");
+        assert!(!String::from_utf8(out).unwrap().contains("RESULT ok"));
+        l.shutdown();
+
+        // Capacity 0 fails without an expectation.
+        let sock3 = dir.path().join("z.sock");
+        let l = serve_virtio(&sock3, 0);
+        let e = run_guest(&sock3, &WorkloadOptions::default(), &mut Vec::new()).unwrap_err();
+        assert!(matches!(e, WorkloadError::Mismatch(_)), "{e}");
+        l.shutdown();
+    }
+}
