@@ -449,3 +449,45 @@ pub fn serve(opts: &ServeOptions, out: &mut dyn Write) -> Result<(), ServiceErro
     eprintln!("vccw serve: stopped {n} devices, images flushed, sockets removed");
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mdev_only_creates_no_images_and_reports_the_errno() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        let opts = ServeOptions {
+            data_dir: data.clone(),
+            mdev: vec!["../../etc".into()],
+            ..Default::default()
+        };
+        let e = start_devices(&opts).unwrap_err();
+        let want = if cfg!(target_os = "linux") {
+            libc::EINVAL
+        } else {
+            libc::ENOSYS
+        };
+        assert!(
+            matches!(e, ServiceError::Mdev { errno, .. } if errno == want),
+            "{e}"
+        );
+        assert!(!data.join("dasd0.ckd").exists());
+        assert!(!data.join("tape0.aws").exists());
+        // A well-formed UUID of no mdev: the sysfs link is missing.
+        #[cfg(target_os = "linux")]
+        {
+            let opts = ServeOptions {
+                mdev: vec!["00000000-0000-0000-0000-000000000000".into()],
+                ..opts
+            };
+            let e = start_devices(&opts).unwrap_err();
+            assert!(
+                matches!(e, ServiceError::Mdev { errno, .. } if errno == libc::ENOENT),
+                "{e}"
+            );
+        }
+        assert_eq!(DeviceKind::Mdev.label(), "mdev");
+    }
+}
