@@ -51,7 +51,7 @@ enum Cmd {
         /// The program file (see examples/dasd-*.ccw, examples/tape-*.ccw).
         program: PathBuf,
     },
-    /// Serve vccw devices over vfio-user, one socket per device. With no --dasd/--tape,
+    /// Serve vccw devices over vfio-user, one socket per device. With no --dasd/--tape/--mdev,
     /// creates (or reuses) a small 3390 image and an AWSTAPE file in the data directory.
     Serve {
         /// Data directory for the default images.
@@ -66,6 +66,10 @@ enum Cmd {
         /// An AWSTAPE file to serve (repeatable).
         #[arg(long)]
         tape: Vec<PathBuf>,
+        /// The UUID of a kernel vfio-ccw mdev to serve, socket mdevN.sock (repeatable).
+        #[cfg(target_os = "linux")]
+        #[arg(long)]
+        mdev: Vec<String>,
         /// Cylinders of a created default 3390 image.
         #[arg(long, default_value_t = vccw::service::DEFAULT_CYLINDERS)]
         cylinders: u32,
@@ -78,6 +82,10 @@ enum Cmd {
         /// Records (3390) or blocks (3490) to write and read back.
         #[arg(long, default_value_t = 16)]
         records: u32,
+        /// For a virtio-ccw device (control unit 3832): the capacity in 512-byte sectors
+        /// READ_CONF must report.
+        #[arg(long)]
+        expect_capacity: Option<u64>,
     },
     /// Run the service end to end: a server child, a guest child, clean shutdown.
     Demo {
@@ -159,15 +167,25 @@ fn main() -> ExitCode {
             socket_dir,
             dasd,
             tape,
+            #[cfg(target_os = "linux")]
+            mdev,
             cylinders,
         } => cmd_serve(vccw::service::ServeOptions {
             data_dir,
             socket_dir,
             dasd,
             tape,
+            #[cfg(target_os = "linux")]
+            mdev,
+            #[cfg(not(target_os = "linux"))]
+            mdev: Vec::new(),
             cylinders,
         }),
-        Cmd::Guest { sockets, records } => cmd_guest(&sockets, records),
+        Cmd::Guest {
+            sockets,
+            records,
+            expect_capacity,
+        } => cmd_guest(&sockets, records, expect_capacity),
         Cmd::Demo { records, keep } => cmd_demo(records, keep),
         Cmd::Load {
             devices,
@@ -313,10 +331,11 @@ fn cmd_serve(opts: vccw::service::ServeOptions) -> ExitCode {
     }
 }
 
-fn cmd_guest(sockets: &[PathBuf], records: u32) -> ExitCode {
+fn cmd_guest(sockets: &[PathBuf], records: u32, expect_capacity: Option<u64>) -> ExitCode {
     use vccw::client::workload::{run_guest, WorkloadOptions};
     let opts = WorkloadOptions {
         records,
+        expect_capacity,
         ..Default::default()
     };
     let mut failed = 0;

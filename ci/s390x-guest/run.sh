@@ -1,7 +1,7 @@
 #!/bin/bash
 # vccw integration test on real subchannels: an s390x Linux guest under QEMU TCG binds the
 # virtio-blk subchannel 0.0.0001 to vfio_ccw, creates an mdev, and drives it with vccw's own
-# s390x binary (`vccw mdev probe`, `vccw mdev bench`, and `vccw serve --mdev` when present).
+# s390x binary (`vccw mdev probe`, `vccw mdev bench`, `vccw serve --mdev` + `vccw guest`).
 #
 # Everything heavy is cached outside the checkout, under ${VCCW_CACHE:-/var/cache/vccw}:
 # the QEMU 7.2 debs (unpacked, never apt-installed: apt would remove the host's qemu-utils 10),
@@ -186,6 +186,8 @@ REQUIRED=(
   "schib devno=0005 "
   "passthrough cu=3832/02 capacity=32768 "
   "bench "
+  "guest-virtio capacity=32768$"
+  "serve-stop rc=0$"
 )
 for r in "${REQUIRED[@]}"; do
   tr -d '\r' < "$LOG" | grep -qE "^RESULT ok $r" || { echo "missing: RESULT ok $r"; fails=$((fails + 1)); }

@@ -7,6 +7,11 @@
 //!   per track), read them back (Locate Record + Read Data) and compare.
 //! * 3490: rewind, write N blocks and two tape marks, rewind, read the blocks back and the
 //!   tape mark (unit exception), compare.
+//! * virtio-ccw (control unit 3832, e.g. a real subchannel served with `vccw serve --mdev`):
+//!   READ_CONF (0x22) of the first 8 configuration bytes, which a legacy virtio-blk device
+//!   answers with its capacity in 512-byte sectors (big-endian); then the same read through
+//!   a MIDAW list of two 4-byte pieces, which only vccw's translator makes runnable (the
+//!   kernel's vfio-ccw refuses MIDAWs), and must give the same capacity.
 //!
 //! Every I/O prints one line with its device and channel status.
 
@@ -17,7 +22,7 @@ use std::time::{Duration, Instant};
 use thiserror::Error;
 
 use super::{CcwClient, CcwClientError, GuestMemory};
-use crate::ccw::{Ccw1, CcwFlags};
+use crate::ccw::{Ccw1, CcwFlags, Midaw, MidawFlags};
 use crate::image::ckd::{ascii_label, ebcdic_label};
 use crate::orb::{dstat, Irb, Orb, OrbControls};
 
@@ -31,6 +36,16 @@ const PARAM_AREA: u64 = 0x3000;
 const DATA_AREA: u64 = 0x10000;
 /// 3390 data record size used by the workload.
 pub const RECORD_SIZE: usize = 4096;
+/// Control-unit type of a virtio-ccw device (QEMU's, as SENSE ID reports it).
+pub const VIRTIO_CU_TYPE: u16 = 0x3832;
+/// Virtio-ccw READ_CONF command code.
+pub const VIRTIO_READ_CONF: u8 = 0x22;
+/// Offset in the data area of the first MIDAW piece of the virtio workload; the second
+/// follows it, 4 bytes on, in the same page (QEMU 7.2's channel does not cross pages within
+/// one MIDAW list correctly: see `docs/kernel-backend.md`).
+const MIDAW_PIECE: u64 = 0x100;
+/// Fill byte around the MIDAW pieces: a translation that stores outside them shows.
+const GUARD: u8 = 0xEE;
 /// 4 KiB records on one 3390 track.
 pub const RECORDS_PER_TRACK: u32 = 12;
 /// Tracks per 3390 cylinder.
@@ -66,6 +81,9 @@ pub struct WorkloadOptions {
     pub records: u32,
     /// Timeout of each I/O.
     pub timeout: Duration,
+    /// virtio-ccw: the capacity (512-byte sectors) READ_CONF must report; any non-zero
+    /// value when None.
+    pub expect_capacity: Option<u64>,
 }
 
 impl Default for WorkloadOptions {
@@ -73,6 +91,7 @@ impl Default for WorkloadOptions {
         WorkloadOptions {
             records: 16,
             timeout: Duration::from_secs(10),
+            expect_capacity: None,
         }
     }
 }
@@ -97,8 +116,10 @@ pub struct Summary {
     pub identity: Identity,
     /// I/Os run.
     pub ios: u32,
-    /// Payload bytes written and read back.
+    /// Payload bytes written and read back (virtio: configuration bytes read).
     pub bytes: u64,
+    /// virtio-ccw: the capacity in 512-byte sectors.
+    pub capacity: Option<u64>,
 }
 
 fn describe(irb: &Irb) -> String {
@@ -130,6 +151,8 @@ pub type Op = (u8, u16, u64, u8);
 
 const CC: u8 = 0x40;
 const SLI: u8 = 0x20;
+/// Format-1 CCW flag: the data address designates a MIDAW list.
+const MIDA: u8 = 0x01;
 
 impl<'a> Guest<'a> {
     /// A guest over a connected device whose memory `mem` is mapped at 0.
@@ -152,6 +175,15 @@ impl<'a> Guest<'a> {
     /// Runs a command-chained program of `ops` and returns its final IRB, printing `what`
     /// with the status and latency.
     pub fn chain(&mut self, what: &str, ops: &[Op]) -> Result<Irb, WorkloadError> {
+        self.run_ops(what, ops, false)
+    }
+
+    /// As [`Guest::chain`], with the ORB's MIDAW control bit set (for CCWs flagged MIDA).
+    pub fn chain_midaw(&mut self, what: &str, ops: &[Op]) -> Result<Irb, WorkloadError> {
+        self.run_ops(what, ops, true)
+    }
+
+    fn run_ops(&mut self, what: &str, ops: &[Op], midaw: bool) -> Result<Irb, WorkloadError> {
         let ccws: Vec<Ccw1> = ops
             .iter()
             .enumerate()
@@ -169,6 +201,7 @@ impl<'a> Guest<'a> {
             ctl: OrbControls::new()
                 .with_format1(true)
                 .with_prefetch(true)
+                .with_midaw(midaw)
                 .with_lpm(0xff),
             cpa: CCW_AREA as u32,
         };
@@ -187,13 +220,20 @@ impl<'a> Guest<'a> {
     /// Runs `ops` and requires channel end + device end with no other status.
     pub fn chain_ok(&mut self, what: &str, ops: &[Op]) -> Result<Irb, WorkloadError> {
         let irb = self.chain(what, ops)?;
-        let s = irb.scsw;
-        if s.dstat != dstat::CHANNEL_END | dstat::DEVICE_END || s.cstat != 0 {
-            return Err(WorkloadError::Status(format!("{what}: {}", describe(&irb))));
-        }
-        Ok(irb)
+        check_ok(what, &irb)
     }
+}
 
+/// Requires channel end + device end with no other status.
+fn check_ok(what: &str, irb: &Irb) -> Result<Irb, WorkloadError> {
+    let s = irb.scsw;
+    if s.dstat != dstat::CHANNEL_END | dstat::DEVICE_END || s.cstat != 0 {
+        return Err(WorkloadError::Status(format!("{what}: {}", describe(irb))));
+    }
+    Ok(*irb)
+}
+
+impl Guest<'_> {
     /// SENSE ID.
     pub fn sense_id(&mut self) -> Result<Identity, WorkloadError> {
         self.mem.write(DATA_AREA, &[0; 7])?;
@@ -395,6 +435,94 @@ fn dasd(g: &mut Guest<'_>, opts: &WorkloadOptions, seed: u32) -> Result<u64, Wor
     Ok(opts.records as u64 * RECORD_SIZE as u64)
 }
 
+/// The MIDAW list of the virtio workload: two 4-byte pieces, adjacent in one page.
+pub fn virtio_midaws(first: u64) -> [[u8; 16]; 2] {
+    [
+        Midaw {
+            count: 4,
+            data: first,
+            ..Default::default()
+        }
+        .to_bytes(),
+        Midaw {
+            flags: MidawFlags::new().with_last(true),
+            count: 4,
+            data: first + 4,
+            ..Default::default()
+        }
+        .to_bytes(),
+    ]
+}
+
+/// Checks a one-CCW program's end as a channel reports it: clean status, every byte
+/// transferred, and the SCSW's CCW address (guest-physical, after the last CCW) pointing just
+/// past it: the service must not show the guest a host address.
+fn check_single(what: &str, irb: &Irb) -> Result<(), WorkloadError> {
+    check_ok(what, irb)?;
+    let want = CCW_AREA as u32 + 8;
+    if irb.scsw.count != 0 || irb.scsw.cpa != want {
+        return Err(WorkloadError::Status(format!(
+            "{what}: residual {} and CCW address {:#x}, want 0 and {want:#x}",
+            irb.scsw.count, irb.scsw.cpa
+        )));
+    }
+    Ok(())
+}
+
+/// The virtio-ccw workload (SENSE ID already ran): READ_CONF direct, then through MIDAWs.
+/// Returns the capacity in 512-byte sectors.
+fn virtio(g: &mut Guest<'_>, opts: &WorkloadOptions) -> Result<u64, WorkloadError> {
+    g.mem.write(DATA_AREA, &[0u8; 8])?;
+    let irb = g.chain(
+        "read conf (virtio 0x22, 8 bytes)",
+        &[(VIRTIO_READ_CONF, 8, DATA_AREA, SLI)],
+    )?;
+    check_single("read conf", &irb)?;
+    let mut b = [0u8; 8];
+    g.mem.read(DATA_AREA, &mut b)?;
+    let capacity = u64::from_be_bytes(b);
+    writeln!(g.out, "  capacity {capacity} sectors")?;
+    match opts.expect_capacity {
+        Some(want) if want != capacity => {
+            return Err(WorkloadError::Mismatch(format!(
+                "capacity {capacity} sectors, expected {want}"
+            )))
+        }
+        None if capacity == 0 => {
+            return Err(WorkloadError::Mismatch("capacity 0 sectors".into()));
+        }
+        _ => {}
+    }
+    // The same 8 bytes through a MIDAW list, guarded on both sides.
+    let piece = DATA_AREA + MIDAW_PIECE;
+    g.mem.write(piece - 8, &[GUARD; 24])?;
+    let list = virtio_midaws(piece);
+    g.mem.write(PARAM_AREA, &list[0])?;
+    g.mem.write(PARAM_AREA + 16, &list[1])?;
+    let irb = g.chain_midaw(
+        "read conf through 2 MIDAWs",
+        &[(VIRTIO_READ_CONF, 8, PARAM_AREA, SLI | MIDA)],
+    )?;
+    check_single("read conf (MIDAW)", &irb)?;
+    let mut m = [0u8; 24];
+    g.mem.read(piece - 8, &mut m)?;
+    if m[..8] != [GUARD; 8] || m[16..] != [GUARD; 8] {
+        return Err(WorkloadError::Mismatch(format!(
+            "the MIDAW read stored outside its pieces: {m:02x?}"
+        )));
+    }
+    let mut got = [0u8; 8];
+    got.copy_from_slice(&m[8..16]);
+    let via_midaw = u64::from_be_bytes(got);
+    if via_midaw != capacity {
+        return Err(WorkloadError::Mismatch(format!(
+            "capacity through MIDAWs {via_midaw}, direct {capacity}"
+        )));
+    }
+    writeln!(g.out, "RESULT ok guest-virtio capacity={capacity}")?;
+    Ok(capacity)
+}
+
 /// Tape block size used by the workload.
 pub const BLOCK_SIZE: usize = 4096;
 
@@ -472,7 +600,12 @@ pub fn run_guest(
         "  sense id: control unit {:04x}-{:02x}, device {:04x}-{:02x}",
         id.cu_type, id.cu_model, id.dev_type, id.dev_model
     )?;
+    let mut capacity = None;
     let bytes = match id.dev_type {
+        _ if id.cu_type == VIRTIO_CU_TYPE => {
+            capacity = Some(virtio(&mut g, opts)?);
+            16
+        }
         0x3390 => dasd(&mut g, opts, seed)?,
         0x3490 => tape(&mut g, opts, seed)?,
         t => return Err(WorkloadError::Unsupported(t)),
@@ -483,6 +616,7 @@ pub fn run_guest(
         identity: id,
         ios,
         bytes,
+        capacity,
     })
 }
 
@@ -503,5 +637,124 @@ mod tests {
         let p = pattern(5, 0x01020304, 16);
         assert_eq!(&p[..8], &[0, 0, 0, 5, 1, 2, 3, 4]);
         assert_ne!(pattern(5, 1, 64), pattern(6, 1, 64));
+    }
+}
+
+#[cfg(test)]
+mod virtio_tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::css::device::{Command, DeviceIdentity, DeviceModel, Outcome};
+    use crate::css::subchannel::{EmulatedSubchannel, SubchannelConfig};
+    use crate::driver::{DeviceConfig, VfioCcwDevice};
+    use crate::iommu_store::{IommuStore, StoreConfig};
+    use crate::service::backend::CcwBackend;
+    use crate::service::listener::DeviceListener;
+    use crate::vfio_user::server::ServerConfig;
+
+    /// A legacy virtio-blk-ccw device as QEMU presents it: CU 3832-02, READ_CONF answering
+    /// a 60-byte configuration that starts with the big-endian capacity.
+    struct VirtioBlk {
+        capacity: u64,
+        reads: u32,
+    }
+
+    impl DeviceModel for VirtioBlk {
+        fn execute(&mut self, cmd: &Command, data: &mut [u8]) -> Outcome {
+            let src: Vec<u8> = match cmd.code {
+                0xE4 => self.identity().sense_id_bytes().to_vec(),
+                VIRTIO_READ_CONF => {
+                    self.reads += 1;
+                    let mut c = vec![0u8; 60];
+                    c[..8].copy_from_slice(&self.capacity.to_be_bytes());
+                    c
+                }
+                _ => return Outcome::unit_check(),
+            };
+            let n = src.len().min(cmd.count).min(data.len());
+            data[..n].copy_from_slice(&src[..n]);
+            Outcome {
+                more: src.len() > n,
+                ..Outcome::done(n)
+            }
+        }
+
+        fn sense(&self) -> Vec<u8> {
+            vec![0; 32]
+        }
+
+        fn identity(&self) -> DeviceIdentity {
+            DeviceIdentity {
+                cu_type: VIRTIO_CU_TYPE,
+                cu_model: 2,
+                dev_type: 0,
+                dev_model: 0,
+            }
+        }
+    }
+
+    fn serve_virtio(socket: &Path, capacity: u64) -> DeviceListener {
+        let model = Box::new(VirtioBlk { capacity, reads: 0 });
+        let cfg = SubchannelConfig {
+            devno: 5,
+            ..Default::default()
+        };
+        let sch = EmulatedSubchannel::new(model, cfg).unwrap();
+        let store = IommuStore::new(StoreConfig::default());
+        let dev = VfioCcwDevice::new(Arc::new(sch), store.clone(), DeviceConfig::default());
+        let backend = CcwBackend::new(dev, store, "0.0.0005").unwrap();
+        DeviceListener::start(socket, Arc::new(backend), ServerConfig::default()).unwrap()
+    }
+
+    #[test]
+    fn midaw_list_bytes() {
+        // Reserved 5 bytes, flags (0x80 = last on the second), count 4, 64-bit address.
+        let l = virtio_midaws(0x10100);
+        assert_eq!(l[0], [0, 0, 0, 0, 0, 0, 0, 4, 0, 0, 0, 0, 0, 1, 0x01, 0x00]);
+        assert_eq!(
+            l[1],
+            [0, 0, 0, 0, 0, 0x80, 0, 4, 0, 0, 0, 0, 0, 1, 0x01, 0x04]
+        );
+    }
+
+    #[test]
+    fn virtio_workload_over_the_service() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("v.sock");
+        let l = serve_virtio(&sock, 32768);
+        let mut out = Vec::new();
+        let opts = WorkloadOptions {
+            expect_capacity: Some(32768),
+            ..Default::default()
+        };
+        let sum = run_guest(&sock, &opts, &mut out).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert_eq!(sum.capacity, Some(32768));
+        assert_eq!(sum.identity.cu_type, 0x3832);
+        // SENSE ID, READ_CONF direct, READ_CONF through MIDAWs.
+        assert_eq!(sum.ios, 3);
+        assert!(
+            text.lines()
+                .any(|l| l == "RESULT ok guest-virtio capacity=32768"),
+            "{text}"
+        );
+        l.shutdown();
+
+        // A wrong expectation fails, and no RESULT ok line is printed.
+        let sock2 = dir.path().join("w.sock");
+        let l = serve_virtio(&sock2, 1);
+        let mut out = Vec::new();
+        let e = run_guest(&sock2, &opts, &mut out).unwrap_err();
+        assert!(matches!(e, WorkloadError::Mismatch(_)), "{e}");
+        assert!(!String::from_utf8(out).unwrap().contains("RESULT ok"));
+        l.shutdown();
+
+        // Capacity 0 fails without an expectation.
+        let sock3 = dir.path().join("z.sock");
+        let l = serve_virtio(&sock3, 0);
+        let e = run_guest(&sock3, &WorkloadOptions::default(), &mut Vec::new()).unwrap_err();
+        assert!(matches!(e, WorkloadError::Mismatch(_)), "{e}");
+        l.shutdown();
     }
 }

@@ -71,6 +71,16 @@ pub enum ServiceError {
         /// errno.
         errno: i32,
     },
+    /// A kernel vfio-ccw mdev could not be opened (its errno; ENOSYS off Linux).
+    #[error("mdev {uuid}: {detail} (errno {errno})")]
+    Mdev {
+        /// The mdev's UUID.
+        uuid: String,
+        /// Why.
+        detail: String,
+        /// errno.
+        errno: i32,
+    },
 }
 
 fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> ServiceError {
@@ -85,14 +95,17 @@ pub enum DeviceKind {
     Dasd3390,
     /// A 3490 tape drive on an AWSTAPE file.
     Tape3490,
+    /// A real subchannel through a kernel vfio-ccw mdev (Linux).
+    Mdev,
 }
 
 impl DeviceKind {
-    /// "3390" or "3490" (as the ready line prints it).
+    /// "3390", "3490" or "mdev" (as the ready line prints it).
     pub fn label(&self) -> &'static str {
         match self {
             DeviceKind::Dasd3390 => "3390",
             DeviceKind::Tape3490 => "3490",
+            DeviceKind::Mdev => "mdev",
         }
     }
 }
@@ -104,10 +117,12 @@ pub struct ServeOptions {
     pub data_dir: PathBuf,
     /// Where sockets go (default: the data directory).
     pub socket_dir: Option<PathBuf>,
-    /// DASD images to serve (none and no tapes: create and serve the defaults).
+    /// DASD images to serve (none, no tapes and no mdevs: create and serve the defaults).
     pub dasd: Vec<PathBuf>,
     /// Tape files to serve.
     pub tape: Vec<PathBuf>,
+    /// UUIDs of kernel vfio-ccw mdevs to serve (Linux only).
+    pub mdev: Vec<String>,
     /// Cylinders of a created default image.
     pub cylinders: u32,
 }
@@ -119,6 +134,7 @@ impl Default for ServeOptions {
             socket_dir: None,
             dasd: Vec::new(),
             tape: Vec::new(),
+            mdev: Vec::new(),
             cylinders: DEFAULT_CYLINDERS,
         }
     }
@@ -130,11 +146,11 @@ pub struct ServedDevice {
     pub devno: u16,
     /// Kind.
     pub kind: DeviceKind,
-    /// Image file.
+    /// Image file, or for an mdev its sysfs directory (`/sys/bus/mdev/devices/UUID`).
     pub image: PathBuf,
     listener: DeviceListener,
-    /// A handle on the image, for the final fsync.
-    sync_file: File,
+    /// A handle on the image, for the final fsync (none for an mdev).
+    sync_file: Option<File>,
 }
 
 impl std::fmt::Debug for ServedDevice {
@@ -182,8 +198,11 @@ impl ServedDevice {
         } = self;
         listener.shutdown();
         // The listener's threads are gone, so this drops the device and its channel
-        // thread; the image's writes all went to the file.
-        sync_file.sync_all()
+        // thread (or closes the mdev); the image's writes all went to the file.
+        match sync_file {
+            Some(f) => f.sync_all(),
+            None => Ok(()),
+        }
     }
 }
 
@@ -247,6 +266,9 @@ fn start_device(
             )
             .map_err(|e| img_err(format!("not a usable 3390 image: {e}")))?,
         ),
+        DeviceKind::Mdev => {
+            return Err(img_err("an mdev is started with start_mdev".into()));
+        }
         DeviceKind::Tape3490 => {
             let tape = AwsTape::open(image, OpenMode::ReadWrite)
                 .map_err(|e| img_err(format!("not a usable AWSTAPE file: {e}")))?;
@@ -260,6 +282,7 @@ fn start_device(
         }
     };
     let sync_file = File::open(image).map_err(io_err(format!("open {}", image.display())))?;
+    let sync_file = Some(sync_file);
     let sch = EmulatedSubchannel::new(
         model,
         SubchannelConfig {
@@ -284,10 +307,55 @@ fn start_device(
     })
 }
 
-/// Creates (or reuses) the default images and starts every device of `opts`.
+/// Serves the kernel vfio-ccw mdev `uuid` on `socket`: a [`VfioCcwDevice`] over an
+/// [`crate::mdev::MdevSubchannel`] sharing the device's store. The device number is the real
+/// subchannel's (from its SCHIB), or 0 when the SCHIB region is missing.
+#[cfg(target_os = "linux")]
+pub fn start_mdev(uuid: &str, socket: &Path) -> Result<ServedDevice, ServiceError> {
+    use crate::driver::Subchannel;
+    use crate::mdev::MdevSubchannel;
+    let mdev = MdevSubchannel::open(uuid).map_err(|e| ServiceError::Mdev {
+        uuid: uuid.to_string(),
+        detail: e.to_string(),
+        errno: e.errno(),
+    })?;
+    let devno = match mdev.store_schib() {
+        Ok(s) if s.pmcw.flags.devno_valid() => s.pmcw.devno,
+        _ => 0,
+    };
+    let store = IommuStore::new(StoreConfig::default());
+    // Without the store the mdev cannot map the translated program's pages: every start
+    // would end with condition code 3.
+    mdev.attach_store(store.clone());
+    let dev = VfioCcwDevice::new(mdev, store.clone(), DeviceConfig::default());
+    let backend = CcwBackend::new(dev, store, &format!("0.0.{devno:04x}"))
+        .map_err(|errno| ServiceError::Device { devno, errno })?;
+    let listener = DeviceListener::start(socket, Arc::new(backend), ServerConfig::default())
+        .map_err(io_err(format!("listen on {}", socket.display())))?;
+    Ok(ServedDevice {
+        devno,
+        kind: DeviceKind::Mdev,
+        image: PathBuf::from(format!("/sys/bus/mdev/devices/{uuid}")),
+        listener,
+        sync_file: None,
+    })
+}
+
+/// Off Linux there is no vfio-ccw: always [`ServiceError::Mdev`] with ENOSYS.
+#[cfg(not(target_os = "linux"))]
+pub fn start_mdev(uuid: &str, _socket: &Path) -> Result<ServedDevice, ServiceError> {
+    Err(ServiceError::Mdev {
+        uuid: uuid.to_string(),
+        detail: "vfio-ccw mdevs exist only on Linux".into(),
+        errno: libc::ENOSYS,
+    })
+}
+
+/// Creates (or reuses) the default images and starts every device of `opts`. With only
+/// mdevs given, no image is created.
 pub fn start_devices(opts: &ServeOptions) -> Result<Vec<ServedDevice>, ServiceError> {
     let (mut dasd, mut tape) = (opts.dasd.clone(), opts.tape.clone());
-    if dasd.is_empty() && tape.is_empty() {
+    if dasd.is_empty() && tape.is_empty() && opts.mdev.is_empty() {
         std::fs::create_dir_all(&opts.data_dir)
             .map_err(io_err(format!("create {}", opts.data_dir.display())))?;
         let d = opts.data_dir.join("dasd0.ckd");
@@ -325,13 +393,16 @@ pub fn start_devices(opts: &ServeOptions) -> Result<Vec<ServedDevice>, ServiceEr
             &sock,
         )?);
     }
+    for (i, uuid) in opts.mdev.iter().enumerate() {
+        out.push(start_mdev(uuid, &sdir.join(format!("mdev{i}.sock")))?);
+    }
     Ok(out)
 }
 
 /// `vccw serve`: serves the devices until SIGINT or SIGTERM, printing the ready lines on
 /// `out`. SIGUSR1 prints one stats line per device on stderr. On exit every client is
-/// disconnected (in-flight I/O cleared by the device reset), images are fsynced and sockets
-/// removed.
+/// disconnected (in-flight I/O cleared by the device reset), images are fsynced, mdevs
+/// closed and sockets removed.
 pub fn serve(opts: &ServeOptions, out: &mut dyn Write) -> Result<(), ServiceError> {
     // Blocked before any thread exists, so every thread inherits the mask and the signals
     // are only ever read from the signalfd.
@@ -377,4 +448,46 @@ pub fn serve(opts: &ServeOptions, out: &mut dyn Write) -> Result<(), ServiceErro
     }
     eprintln!("vccw serve: stopped {n} devices, images flushed, sockets removed");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mdev_only_creates_no_images_and_reports_the_errno() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        let opts = ServeOptions {
+            data_dir: data.clone(),
+            mdev: vec!["../../etc".into()],
+            ..Default::default()
+        };
+        let e = start_devices(&opts).unwrap_err();
+        let want = if cfg!(target_os = "linux") {
+            libc::EINVAL
+        } else {
+            libc::ENOSYS
+        };
+        assert!(
+            matches!(e, ServiceError::Mdev { errno, .. } if errno == want),
+            "{e}"
+        );
+        assert!(!data.join("dasd0.ckd").exists());
+        assert!(!data.join("tape0.aws").exists());
+        // A well-formed UUID of no mdev: the sysfs link is missing.
+        #[cfg(target_os = "linux")]
+        {
+            let opts = ServeOptions {
+                mdev: vec!["00000000-0000-0000-0000-000000000000".into()],
+                ..opts
+            };
+            let e = start_devices(&opts).unwrap_err();
+            assert!(
+                matches!(e, ServiceError::Mdev { errno, .. } if errno == libc::ENOENT),
+                "{e}"
+            );
+        }
+        assert_eq!(DeviceKind::Mdev.label(), "mdev");
+    }
 }
