@@ -8,7 +8,7 @@
 //! # Design
 //! * The authoritative table is a `BTreeMap` (O(log n) overlap and bisect checks) behind a
 //!   mutex that only MAP/UNMAP/VADDR/dirty operations take.
-//! * Lookups go through a vm-memory `GuestRegionCollection` of [`StoreRegion`]s published
+//! * Lookups go through a vm-memory `GuestRegionCollection` of `StoreRegion`s published
 //!   with `GuestMemoryAtomic` (an RCU-style snapshot): binary search, no lock. A change marks
 //!   the snapshot stale and the next lookup rebuilds it once, so a burst of 65,535 MAP_DMA
 //!   calls costs one rebuild, not O(n²) vector clones.
