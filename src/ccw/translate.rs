@@ -1117,15 +1117,37 @@ mod fuzz_regressions {
     use crate::iommu_store::{Backing, StoreConfig};
     use crate::orb::{cstat, OrbControls};
 
+    fn store(base: u64, size: u64) -> IommuStore {
+        let store = IommuStore::new(StoreConfig::default());
+        store
+            .map_dma(base, size, Perm::READ_WRITE, Backing::Anonymous)
+            .unwrap();
+        store
+    }
+
+    fn orb_at_1000() -> Orb {
+        Orb {
+            intparm: 1,
+            ctl: OrbControls::new().with_format1(true),
+            cpa: 0x1000,
+        }
+    }
+
+    /// Runs `p` on the reference channel with a device answering Search ID Equal (0x31) with
+    /// status modifier; the final status as the guest sees it.
+    fn run_with_sm(p: &HostProgram) -> crate::orb::Scsw {
+        let mut dev = LoopbackDevice::new();
+        dev.status_modifier_on = Some(0x31);
+        let s = run_to_completion(p.orb(), p, &mut dev, 100);
+        p.to_guest_scsw(s.last().unwrap())
+    }
+
     /// Found by the `translate` fuzz target: a trap slot (an invalid CCW only a
     /// status-modifier skip reaches) presented residual count 0, where the guest's channel
     /// presents the invalid CCW's own count (and PCI) with the program check.
     #[test]
     fn trap_slot_presents_the_guest_ccws_count() {
-        let store = IommuStore::new(StoreConfig::default());
-        store
-            .map_dma(0x1000, 0x8000, Perm::READ_WRITE, Backing::Anonymous)
-            .unwrap();
+        let store = store(0x1000, 0x8000);
         let ccw = |cmd, flags: CcwFlags, count, cda| Ccw1 {
             cmd,
             flags,
@@ -1140,19 +1162,12 @@ mod fuzz_regressions {
         prog.extend(ccw(0x08, f(), 0, 0x1000).to_bytes());
         prog.extend(ccw(0x06, f().with_s(true).with_pci(true), 80, 0x3000).to_bytes());
         store.write(0x1000, &prog).unwrap();
-        let orb = Orb {
-            intparm: 1,
-            ctl: OrbControls::new().with_format1(true),
-            cpa: 0x1000,
-        };
+        let orb = orb_at_1000();
         let p = translate(&orb, &store, &TranslateConfig::default()).unwrap();
         let trap = p.ccws().nth(2).unwrap().1;
         assert_eq!((trap.cmd, trap.count, trap.flags.pci()), (0, 80, true));
 
-        let mut dev = LoopbackDevice::new();
-        dev.status_modifier_on = Some(0x31);
-        let s = run_to_completion(p.orb(), &p, &mut dev, 100);
-        let g = p.to_guest_scsw(s.last().unwrap());
+        let g = run_with_sm(&p);
         assert_eq!(g.cstat, cstat::PROGRAM_CHECK | cstat::PCI);
         assert_eq!((g.cpa, g.count), (0x1000 + 24, 80));
     }
@@ -1161,10 +1176,7 @@ mod fuzz_regressions {
     /// page were fetched whatever the ORB key, where a channel presents a protection check.
     #[test]
     fn ccw_and_idaw_fetches_obey_fetch_protection() {
-        let store = IommuStore::new(StoreConfig::default());
-        store
-            .map_dma(0x1000, 0x8000, Perm::READ_WRITE, Backing::Anonymous)
-            .unwrap();
+        let store = store(0x1000, 0x8000);
         // A Sense (IDA) at 0x1000 whose IDAL is at 0x2000, data at 0x3000.
         let sense = Ccw1 {
             cmd: 0x04,
@@ -1202,10 +1214,7 @@ mod fuzz_regressions {
     /// space overflowed the page walk (a panic in debug builds, an endless loop in release).
     #[test]
     fn idaw_in_the_last_page_of_the_address_space() {
-        let store = IommuStore::new(StoreConfig::default());
-        store
-            .map_dma(0x1000, 0x2000, Perm::READ_WRITE, Backing::Anonymous)
-            .unwrap();
+        let store = store(0x1000, 0x2000);
         let read = Ccw1 {
             cmd: 0x02,
             flags: CcwFlags::new().with_ida(true),
@@ -1235,10 +1244,7 @@ mod fuzz_regressions {
     /// operation where the guest's channel ends the chain with it.
     #[test]
     fn format0_program_does_not_gain_incorrect_length_suppression() {
-        let store = IommuStore::new(StoreConfig::default());
-        store
-            .map_dma(0x1000, 0x2000, Perm::READ_WRITE, Backing::Anonymous)
-            .unwrap();
+        let store = store(0x1000, 0x2000);
         // NOOP with count 1 (an immediate operation), command-chained to a Sense.
         let noop = Ccw0 {
             cmd: 0x03,
@@ -1295,15 +1301,8 @@ mod fuzz_regressions {
     /// the addressing limit (a channel presents a program check before starting it).
     #[test]
     fn noop_data_address_is_checked_against_the_limit() {
-        let store = IommuStore::new(StoreConfig::default());
-        store
-            .map_dma(0x1000, 0x1000, Perm::READ_WRITE, Backing::Anonymous)
-            .unwrap();
-        let orb = Orb {
-            intparm: 1,
-            ctl: OrbControls::new().with_format1(true),
-            cpa: 0x1000,
-        };
+        let store = store(0x1000, 0x1000);
+        let orb = orb_at_1000();
         let noop = |count, cda| Ccw1 {
             cmd: 0x03,
             flags: CcwFlags::new().with_sli(true),
@@ -1335,10 +1334,7 @@ mod fuzz_regressions {
     /// IDAL area behind the CCWs.
     #[test]
     fn skip_over_a_trap_slot_lands_in_the_program() {
-        let store = IommuStore::new(StoreConfig::default());
-        store
-            .map_dma(0x1000, 0x2000, Perm::READ_WRITE, Backing::Anonymous)
-            .unwrap();
+        let store = store(0x1000, 0x2000);
         let search = Ccw1 {
             cmd: 0x31,
             flags: CcwFlags::new().with_cc(true),
@@ -1357,17 +1353,10 @@ mod fuzz_regressions {
         prog.extend(search.to_bytes());
         prog.extend([0u8; 8]); // invalid: a trap; 0x1020 (zeros) is invalid too
         store.write(0x1000, &prog).unwrap();
-        let orb = Orb {
-            intparm: 1,
-            ctl: OrbControls::new().with_format1(true),
-            cpa: 0x1000,
-        };
+        let orb = orb_at_1000();
         let p = translate(&orb, &store, &TranslateConfig::default()).unwrap();
         assert_eq!(p.segments()[0].len, 5);
-        let mut dev = LoopbackDevice::new();
-        dev.status_modifier_on = Some(0x31);
-        let s = run_to_completion(p.orb(), &p, &mut dev, 100);
-        let g = p.to_guest_scsw(s.last().unwrap());
+        let g = run_with_sm(&p);
         assert_eq!((g.cstat, g.cpa, g.count), (cstat::PROGRAM_CHECK, 0x1028, 0));
     }
 
@@ -1376,10 +1365,7 @@ mod fuzz_regressions {
     /// check for an invalid command.
     #[test]
     fn format1_tic_is_only_command_code_08() {
-        let store = IommuStore::new(StoreConfig::default());
-        store
-            .map_dma(0x1000, 0x1000, Perm::READ_WRITE, Backing::Anonymous)
-            .unwrap();
+        let store = store(0x1000, 0x1000);
         let tic28 = Ccw1 {
             cmd: 0x28,
             flags: CcwFlags::new(),
@@ -1423,10 +1409,7 @@ mod fuzz_regressions {
     /// a channel reports the TIC's address + 8.
     #[test]
     fn tic_to_an_unfetchable_ccw_traps_at_the_tic() {
-        let store = IommuStore::new(StoreConfig::default());
-        store
-            .map_dma(0x1000, 0x2000, Perm::READ_WRITE, Backing::Anonymous)
-            .unwrap();
+        let store = store(0x1000, 0x2000);
         let search = Ccw1 {
             cmd: 0x31,
             flags: CcwFlags::new().with_cc(true),
@@ -1450,16 +1433,9 @@ mod fuzz_regressions {
             prog.extend(c.to_bytes());
         }
         store.write(0x1000, &prog).unwrap();
-        let orb = Orb {
-            intparm: 1,
-            ctl: OrbControls::new().with_format1(true),
-            cpa: 0x1000,
-        };
+        let orb = orb_at_1000();
         let p = translate(&orb, &store, &TranslateConfig::default()).unwrap();
-        let mut dev = LoopbackDevice::new();
-        dev.status_modifier_on = Some(0x31);
-        let s = run_to_completion(p.orb(), &p, &mut dev, 100);
-        let g = p.to_guest_scsw(s.last().unwrap());
+        let g = run_with_sm(&p);
         assert_eq!((g.cstat, g.cpa, g.count), (cstat::PROGRAM_CHECK, 0x1018, 0));
     }
 
@@ -1467,10 +1443,7 @@ mod fuzz_regressions {
     /// channel presents a program check for it.
     #[test]
     fn midaw_with_dtic_is_refused() {
-        let store = IommuStore::new(StoreConfig::default());
-        store
-            .map_dma(0x1000, 0x4000, Perm::READ_WRITE, Backing::Anonymous)
-            .unwrap();
+        let store = store(0x1000, 0x4000);
         let write = Ccw1 {
             cmd: 0x01,
             flags: CcwFlags::new().with_mida(true),
