@@ -309,7 +309,7 @@ fn unmap_during_io_resets_the_device_and_releases_pins() {
 /// Child mode of `client_killed_mid_io`: starts an endless program, says so, then waits to
 /// be killed.
 #[test]
-#[ignore]
+#[ignore = "the child half of the kill -9 test: it runs only when that test spawns it"]
 fn child_endless_io() {
     let Ok(sock) = std::env::var("VCCW_TEST_SOCKET") else {
         return;
