@@ -27,10 +27,10 @@ use nix::sys::eventfd::{EfdFlags, EventFd};
 use vccw::ccw::{Ccw1, CcwFlags};
 use vccw::css::SpinPolicy;
 use vccw::devices::dasd3390::Dasd3390;
+use vccw::driver::State;
 use vccw::image::ckd::{CkdImage, CkdOpenOptions};
 use vccw::iommu_store::{Backing, IommuStore, Perm, StoreConfig};
 use vccw::orb::{dstat, Orb, OrbControls};
-use vccw::driver::State;
 use vccw::runner::{is_final, Stack, Wait};
 
 const T: Duration = Duration::from_secs(10);
