@@ -160,7 +160,12 @@ impl Bench {
             }
         };
         let t = t0.elapsed();
-        assert_eq!(irb.scsw.dstat, dstat::CHANNEL_END | dstat::DEVICE_END);
+        assert_eq!(
+            irb.scsw.dstat,
+            dstat::CHANNEL_END | dstat::DEVICE_END,
+            "{:?}",
+            irb.scsw
+        );
         black_box(irb);
         t
     }

@@ -137,7 +137,14 @@ fn format0_program_is_converted_to_format1() {
     assert_eq!(c[0].cmd, 0x02);
     assert!(c[0].flags.cc() && c[0].flags.ida());
     assert_eq!(c[1].cmd, 0x08);
-    assert_eq!(c[1].cda, p.base() + 16, "TIC rewritten to the host copy");
+    // The TIC's target is also the slot after it (speculatively fetched in segment 0); the
+    // certain path gets its own segment, as Linux chains a forward TIC.
+    assert_eq!(
+        c[1].cda,
+        p.segments()[1].host,
+        "TIC rewritten to the host copy"
+    );
+    assert_eq!(p.guest_ccw_address(c[1].cda), Some(PROG as u32 + 16));
     assert_eq!(c[2].cmd, 0x03);
 }
 
@@ -738,4 +745,29 @@ fn read_backward_direct_area_ends_at_the_address() {
     let g: Vec<u64> = w.iter().map(|a| p.host_to_guest(*a).unwrap()).collect();
     assert_eq!(g, vec![0x3_1007, 0x3_0fff]);
     assert_eq!(p.pin_count(), 2);
+}
+
+#[test]
+fn tic_to_the_next_slot_past_the_segment_limit_runs_to_the_end() {
+    // 200 CCWs, `TIC *+8`, 100 more: 301 CCWs in one guest area. The slot after the TIC is
+    // also reachable by status modifier (speculative); the certain path through the TIC must
+    // get its own segment instead of inheriting the speculative copy cut at 256 slots.
+    let s = store();
+    let mut chain: Vec<Ccw1> = (0..200)
+        .map(|i| ccw(0x01, f().with_cc(true), 4, 0x3_0000 + 4 * i))
+        .collect();
+    chain.push(ccw(0x08, f(), 0, (PROG + 8 * 201) as u32));
+    chain.extend((0..100).map(|i| ccw(0x01, f().with_cc(i < 99), 4, 0x3_1000 + 4 * i)));
+    put(&s, PROG, &chain);
+    let p = tr(&s, &orb1(PROG)).unwrap();
+    let mut dev = vccw::css::LoopbackDevice::new();
+    let st = vccw::css::run_to_completion(p.orb(), &p, &mut dev, 1000);
+    let g = p.to_guest_scsw(st.last().unwrap());
+    assert_eq!(
+        (g.dstat, g.cstat),
+        (dstat::CHANNEL_END | dstat::DEVICE_END, 0),
+        "{g:?}"
+    );
+    assert_eq!(g.cpa as u64, PROG + 8 * 301);
+    assert_eq!(dev.written().len(), 300 * 4);
 }

@@ -269,8 +269,13 @@ fn walk(orb: &Orb, store: &IommuStore, cfg: &TranslateConfig) -> Result<Vec<Segm
     let mut raw = Vec::with_capacity(PAGE_SIZE as usize);
 
     while let Some((head, spec_head, dc_head)) = queue.pop_front() {
-        if find_in(&segments, head).is_some() {
-            continue;
+        // Already fetched: reuse it, unless a certain path reaches a slot so far only
+        // reached speculatively (e.g. `TIC *+8` after a CC CCW): a speculative copy may end
+        // in a trap at the segment limit, so the certain path gets a segment of its own.
+        if let Some((si, ci)) = find_in(&segments, head) {
+            if spec_head || !segments[si].ccws[ci].speculative {
+                continue;
+            }
         }
         if segments.len() == cfg.max_segments {
             if spec_head {
@@ -387,12 +392,23 @@ fn walk(orb: &Orb, store: &IommuStore, cfg: &TranslateConfig) -> Result<Vec<Segm
     Ok(segments)
 }
 
+/// The slot holding the CCW at `addr`: one reached with certainty if there is one (see the
+/// walk), else a speculative one.
 fn find_in(segments: &[Segment], addr: u64) -> Option<(usize, usize)> {
-    segments.iter().enumerate().find_map(|(i, s)| {
-        let off = addr.checked_sub(s.head)?;
-        (off % CCW_SIZE == 0 && ((off / CCW_SIZE) as usize) < s.ccws.len())
-            .then_some((i, (off / CCW_SIZE) as usize))
-    })
+    let mut found = None;
+    for (i, s) in segments.iter().enumerate() {
+        let Some(off) = addr.checked_sub(s.head) else {
+            continue;
+        };
+        let ci = (off / CCW_SIZE) as usize;
+        if off % CCW_SIZE == 0 && ci < s.ccws.len() {
+            if !s.ccws[ci].speculative {
+                return Some((i, ci));
+            }
+            found = found.or(Some((i, ci)));
+        }
+    }
+    found
 }
 
 /// Passes 2 and 3.
