@@ -15,6 +15,8 @@
 //!
 //! Needs the Hercules utilities (`apt-get install hercules`).
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -102,14 +104,35 @@ fn stream(srv: &ServerProcess, round: u32, expect: &mut Expect, killed: &AtomicB
             .unwrap()
     };
     let far = Instant::now() + Duration::from_secs(10);
-    let dasd = connect_retry(&sock("3390"), far).unwrap().0.unwrap();
-    let tape = connect_retry(&sock("3490"), far).unwrap().0.unwrap();
-    let (dm, tm) = (
-        GuestMemory::new(128 << 10).unwrap(),
-        GuestMemory::new(128 << 10).unwrap(),
-    );
-    dasd.map_memory(&dm, 0).unwrap();
-    tape.map_memory(&tm, 0).unwrap();
+    // The kill may come before the clients are even set up (slow machines, qemu-user): that
+    // round then acknowledges nothing. Before the kill, any failure is a real error.
+    let setup = (|| -> Result<_, String> {
+        let dasd = connect_retry(&sock("3390"), far)
+            .map_err(|e| e.to_string())?
+            .0
+            .ok_or("connect: still refused at the deadline")?;
+        let tape = connect_retry(&sock("3490"), far)
+            .map_err(|e| e.to_string())?
+            .0
+            .ok_or("connect: still refused at the deadline")?;
+        let (dm, tm) = (
+            GuestMemory::new(128 << 10).map_err(|e| e.to_string())?,
+            GuestMemory::new(128 << 10).map_err(|e| e.to_string())?,
+        );
+        dasd.map_memory(&dm, 0).map_err(|e| e.to_string())?;
+        tape.map_memory(&tm, 0).map_err(|e| e.to_string())?;
+        Ok((dasd, tape, dm, tm))
+    })();
+    let (dasd, tape, dm, tm) = match setup {
+        Ok(x) => x,
+        Err(e) => {
+            assert!(
+                killed.load(Ordering::SeqCst),
+                "setup failed before the kill: {e}"
+            );
+            return Round::default();
+        }
+    };
     let (mut s1, mut s2) = (std::io::sink(), std::io::sink());
     let timeout = Duration::from_secs(1);
     let mut dg = Guest::new(&dasd, &dm, &mut s1, timeout);
@@ -348,7 +371,7 @@ fn kill_9_mid_stream_loses_no_acknowledged_write() {
         if let Some((r, blocks)) = last {
             verify_through_server(&srv, &expect, r, blocks);
         }
-        let delay = Duration::from_millis(30 + rng.next() % 300);
+        let delay = Duration::from_millis((30 + rng.next() % 300) * common::slowdown() as u64);
         let killed = Arc::new(AtomicBool::new(false));
         let pid = Pid::from_raw(srv.pid() as i32);
         let k = killed.clone();
