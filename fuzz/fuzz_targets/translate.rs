@@ -368,8 +368,14 @@ fuzz_target!(|data: &[u8]| {
                 .ccws()
                 .any(|(a, c)| a.wrapping_add(8) == s.cpa && c.cmd == 0)
     });
-    // (A suspended guest run may present nothing: the ORB can suppress that interruption.)
-    if let (true, false, Some(g)) = (at_trap, gmem.self_modified.get(), gstatus.last()) {
+    // (A suspended guest run may present nothing: the ORB can suppress that interruption, and
+    // its last status is then an earlier intermediate one; only primary status compares.)
+    let primary = |s: &&vccw::orb::Scsw| s.flags.stctl() & vccw::orb::stctl::PRIMARY != 0;
+    if let (true, false, Some(g)) = (
+        at_trap,
+        gmem.self_modified.get(),
+        gstatus.last().filter(primary),
+    ) {
         let h = prog.to_guest_scsw(hstatus.last().unwrap());
         assert_eq!(
             h.cpa, g.cpa,
