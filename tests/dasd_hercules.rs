@@ -4,7 +4,10 @@
 //! These tests need the Hercules utilities (`apt-get install hercules`); they fail, not skip,
 //! when the tools are missing.
 
-use std::path::{Path, PathBuf};
+mod common;
+use common::{dasdinit, tool};
+
+use std::path::Path;
 use std::process::Command as Proc;
 
 use vccw::ccw::CommandKind;
@@ -12,33 +15,6 @@ use vccw::css::{Command, DeviceModel, Outcome};
 use vccw::devices::dasd3390::{Dasd3390, Dasd3390Options, DasdError};
 use vccw::image::ckd::{ascii_label, ebcdic_label, CkdError, CkdImage, CkdOpenOptions};
 use vccw::orb::dstat;
-
-fn tool(name: &str) -> PathBuf {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    for dir in std::env::split_paths(&path) {
-        let p = dir.join(name);
-        if p.is_file() {
-            return p;
-        }
-    }
-    panic!("Hercules tool `{name}` not found in PATH: install it with `apt-get install hercules`");
-}
-
-/// `dasdinit <path> 3390 <volser> <cyls>`: an uncompressed 3390 with IPL records and VOL1.
-fn dasdinit(path: &Path, volser: &str, cyls: u32) {
-    let out = Proc::new(tool("dasdinit"))
-        .arg(path)
-        .arg("3390")
-        .arg(volser)
-        .arg(cyls.to_string())
-        .output()
-        .expect("run dasdinit");
-    assert!(
-        out.status.success(),
-        "dasdinit failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 /// `dasdseq -expert -ascii <image> -abs <cyl> <head> <tracks> <out>`: the blocks of the
 /// extent as 80-byte records translated to ASCII, one per line.

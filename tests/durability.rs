@@ -16,6 +16,7 @@
 //! Needs the Hercules utilities (`apt-get install hercules`).
 
 mod common;
+use common::tool;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -45,17 +46,6 @@ const DASDSEQ_BLOCK: usize = 52 * 80;
 
 fn exe() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_vccw"))
-}
-
-fn tool(name: &str) -> PathBuf {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    for dir in std::env::split_paths(&path) {
-        let p = dir.join(name);
-        if p.is_file() {
-            return p;
-        }
-    }
-    panic!("Hercules tool `{name}` not found in PATH: install it with `apt-get install hercules`");
 }
 
 /// xorshift64*: reproducible delays from a printed seed.

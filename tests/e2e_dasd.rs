@@ -6,6 +6,9 @@
 //! Needs the Hercules tools (`apt-get install -y hercules`): the tests fail, never skip,
 //! without them.
 
+mod common;
+use common::{dasdinit, tool};
+
 use std::path::{Path, PathBuf};
 use std::process::Command as Proc;
 use std::thread;
@@ -21,34 +24,6 @@ use vccw::runner::{Stack, Wait};
 
 const T: Duration = Duration::from_secs(10);
 const CE_DE: u8 = dstat::CHANNEL_END | dstat::DEVICE_END;
-
-fn tool(name: &str) -> PathBuf {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .map(|d| d.join(name))
-        .find(|p| p.is_file())
-        .unwrap_or_else(|| {
-            panic!(
-                "Hercules tool `{name}` not found: install it with `apt-get install -y hercules`"
-            )
-        })
-}
-
-/// `dasdinit <path> 3390 <volser> <cyls>`.
-fn dasdinit(path: &Path, volser: &str, cyls: u32) {
-    let out = Proc::new(tool("dasdinit"))
-        .arg(path)
-        .arg("3390")
-        .arg(volser)
-        .arg(cyls.to_string())
-        .output()
-        .expect("run dasdinit");
-    assert!(
-        out.status.success(),
-        "dasdinit failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 /// `dasdseq -expert <image> -lrecl 4096 -abs <cyl> <head> <tracks> <out>`: the data blocks
 /// of the tracks as 4096-byte records, concatenated.

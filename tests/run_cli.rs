@@ -4,7 +4,6 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 fn vccw(args: &[&str]) -> (i32, String, String) {
     let out = common::command(env!("CARGO_BIN_EXE_vccw"))
@@ -20,20 +19,8 @@ fn vccw(args: &[&str]) -> (i32, String, String) {
 }
 
 fn dasdinit(dir: &Path) -> PathBuf {
-    let found = std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).any(|d| d.join("dasdinit").is_file()))
-        .unwrap_or(false);
-    assert!(
-        found,
-        "Hercules `dasdinit` not found: install it with `apt-get install -y hercules`"
-    );
     let p = dir.join("vol.3390");
-    let out = Command::new("dasdinit")
-        .arg(&p)
-        .args(["3390", "RUN001", "3"])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "dasdinit failed");
+    common::dasdinit(&p, "RUN001", 3);
     p
 }
 
