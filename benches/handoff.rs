@@ -22,7 +22,6 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use nix::sys::eventfd::{EfdFlags, EventFd};
 use vccw::ccw::{translate, Ccw1, CcwFlags, HostProgram, TranslateConfig};
 use vccw::css::{
     EmulatedSubchannel, LoopbackDevice, SpinPolicy, SubchannelConfig, SubchannelEvent,
@@ -30,25 +29,8 @@ use vccw::css::{
 use vccw::iommu_store::{Backing, IommuStore, Perm, StoreConfig};
 use vccw::orb::{Orb, OrbControls};
 
-fn eventfd_oneway(iters: u64) -> Duration {
-    let ping = Arc::new(EventFd::from_flags(EfdFlags::empty()).expect("eventfd"));
-    let pong = Arc::new(EventFd::from_flags(EfdFlags::empty()).expect("eventfd"));
-    let (pi, po) = (ping.clone(), pong.clone());
-    let b = thread::spawn(move || {
-        for _ in 0..iters {
-            pi.read().expect("read");
-            po.write(1).expect("write");
-        }
-    });
-    let t0 = Instant::now();
-    for _ in 0..iters {
-        ping.write(1).expect("write");
-        pong.read().expect("read");
-    }
-    let t = t0.elapsed();
-    b.join().unwrap();
-    t / 2
-}
+#[path = "common/floors.rs"]
+mod floors;
 
 fn condvar_oneway(iters: u64) -> Duration {
     // The counter is odd when B owes an answer.
@@ -73,29 +55,6 @@ fn condvar_oneway(iters: u64) -> Duration {
         to_b.notify_one();
         while *g != 2 * i + 2 {
             g = to_a.wait(g).unwrap();
-        }
-    }
-    let t = t0.elapsed();
-    b.join().unwrap();
-    t / 2
-}
-
-fn spin_oneway(iters: u64) -> Duration {
-    let x = Arc::new(AtomicU64::new(0));
-    let y = x.clone();
-    let b = thread::spawn(move || {
-        for i in 0..iters {
-            while y.load(Ordering::Acquire) != 2 * i + 1 {
-                spin_loop();
-            }
-            y.store(2 * i + 2, Ordering::Release);
-        }
-    });
-    let t0 = Instant::now();
-    for i in 0..iters {
-        x.store(2 * i + 1, Ordering::Release);
-        while x.load(Ordering::Acquire) != 2 * i + 2 {
-            spin_loop();
         }
     }
     let t = t0.elapsed();
@@ -204,9 +163,9 @@ fn floors(c: &mut Criterion) {
         println!("load average: {}", l.trim());
     }
     let mut g = c.benchmark_group("handoff_oneway");
-    g.bench_function("eventfd", |b| b.iter_custom(eventfd_oneway));
+    g.bench_function("eventfd", |b| b.iter_custom(floors::eventfd_oneway));
     g.bench_function("condvar", |b| b.iter_custom(condvar_oneway));
-    g.bench_function("spin", |b| b.iter_custom(spin_oneway));
+    g.bench_function("spin", |b| b.iter_custom(floors::spin_oneway));
     g.finish();
 
     let mut g = c.benchmark_group("subchannel_roundtrip");

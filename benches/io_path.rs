@@ -17,13 +17,9 @@
 //! default 20000; `IO_PATH_SEQ_ONLY=REPS` / `IO_PATH_RT_ONLY=REPS` run only the 1 MiB read /
 //! the blocking 4 KiB round trip, REPS times, for a profiler).
 
-use std::hint::{black_box, spin_loop};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
-use std::thread;
+use std::hint::black_box;
 use std::time::{Duration, Instant};
 
-use nix::sys::eventfd::{EfdFlags, EventFd};
 use vccw::ccw::{Ccw1, CcwFlags};
 use vccw::css::SpinPolicy;
 use vccw::devices::dasd3390::Dasd3390;
@@ -33,54 +29,14 @@ use vccw::iommu_store::{Backing, IommuStore, Perm, StoreConfig};
 use vccw::orb::{dstat, Orb, OrbControls};
 use vccw::runner::{is_final, Stack, Wait};
 
+#[path = "common/floors.rs"]
+mod floors;
+
 const T: Duration = Duration::from_secs(10);
 const DATA: u64 = 0x10_0000;
 const REC: usize = 4096;
 /// 4 KiB records per 3390 track (Linux's formatting).
 const PER_TRACK: u8 = 12;
-
-fn eventfd_oneway(iters: u64) -> Duration {
-    let ping = Arc::new(EventFd::from_flags(EfdFlags::empty()).expect("eventfd"));
-    let pong = Arc::new(EventFd::from_flags(EfdFlags::empty()).expect("eventfd"));
-    let (pi, po) = (ping.clone(), pong.clone());
-    let b = thread::spawn(move || {
-        for _ in 0..iters {
-            pi.read().expect("read");
-            po.write(1).expect("write");
-        }
-    });
-    let t0 = Instant::now();
-    for _ in 0..iters {
-        ping.write(1).expect("write");
-        pong.read().expect("read");
-    }
-    let t = t0.elapsed();
-    b.join().unwrap();
-    t / (2 * iters as u32)
-}
-
-fn spin_oneway(iters: u64) -> Duration {
-    let x = Arc::new(AtomicU64::new(0));
-    let y = x.clone();
-    let b = thread::spawn(move || {
-        for i in 0..iters {
-            while y.load(Ordering::Acquire) != 2 * i + 1 {
-                spin_loop();
-            }
-            y.store(2 * i + 2, Ordering::Release);
-        }
-    });
-    let t0 = Instant::now();
-    for i in 0..iters {
-        x.store(2 * i + 1, Ordering::Release);
-        while x.load(Ordering::Acquire) != 2 * i + 2 {
-            spin_loop();
-        }
-    }
-    let t = t0.elapsed();
-    b.join().unwrap();
-    t / (2 * iters as u32)
-}
 
 /// CPU time of the whole process (both threads): what the path costs whatever the waits.
 fn cpu_time() -> Duration {
@@ -315,8 +271,8 @@ fn main() {
         return;
     }
     println!("io_path: {n} I/Os per round-trip series");
-    let ev = eventfd_oneway(20_000);
-    let sp = spin_oneway(200_000);
+    let ev = floors::eventfd_oneway(20_000) / 20_000;
+    let sp = floors::spin_oneway(200_000) / 200_000;
     println!("floor/eventfd  one-way blocking wake-up  {:8.2} us", us(ev));
     println!("floor/spin     one-way spinning hand-off {:8.3} us", us(sp));
 
