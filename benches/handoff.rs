@@ -8,7 +8,10 @@
 //!   (round trip / 2).
 //! * `subchannel/spin_*`: `start()` of a 1-CCW program on a loopback device until the event
 //!   sink has seen the final interrupt (full round trip; the caller spins on an atomic the
-//!   sink sets, so the caller side costs no wake-up).
+//!   sink sets, so the caller side costs no wake-up), the program run by the channel thread
+//!   (`InlinePolicy::OFF`).
+//! * `subchannel/inline`: the same with the default inline policy: START runs the program and
+//!   delivers the interrupt on the calling thread (no hand-off at all).
 //!
 //! After the criterion groups it prints the channel thread's spin statistics and CPU time
 //! per I/O, back to back and with 200 us between I/Os (the worst case for spinning).
@@ -24,7 +27,7 @@ use std::time::{Duration, Instant};
 use criterion::{criterion_group, criterion_main, Criterion};
 use vccw::ccw::{translate, Ccw1, CcwFlags, HostProgram, TranslateConfig};
 use vccw::css::{
-    EmulatedSubchannel, LoopbackDevice, SpinPolicy, SubchannelConfig, SubchannelEvent,
+    EmulatedSubchannel, InlinePolicy, LoopbackDevice, SpinPolicy, SubchannelConfig, SubchannelEvent,
 };
 use vccw::iommu_store::{Backing, IommuStore, Perm, StoreConfig};
 use vccw::orb::{Orb, OrbControls};
@@ -70,7 +73,7 @@ struct Rig {
     _store: IommuStore,
 }
 
-fn rig(spin: SpinPolicy) -> Rig {
+fn rig(spin: SpinPolicy, inline: InlinePolicy) -> Rig {
     let store = IommuStore::new(StoreConfig::default());
     store
         .map_dma(0x10000, 0x10000, Perm::READ_WRITE, Backing::Anonymous)
@@ -92,6 +95,7 @@ fn rig(spin: SpinPolicy) -> Rig {
         devno: 0x0100,
         chpid: 0,
         spin,
+        inline,
     };
     let sub = EmulatedSubchannel::new(Box::new(LoopbackDevice::new()), cfg).unwrap();
     let done = Arc::new(AtomicU64::new(0));
@@ -133,8 +137,8 @@ fn cpu_time() -> Duration {
 }
 
 /// Prints spin statistics and process CPU per I/O for `n` I/Os with `gap` between them.
-fn cpu_report(name: &str, spin: SpinPolicy, n: u32, gap: Duration) {
-    let r = rig(spin);
+fn cpu_report(name: &str, spin: SpinPolicy, inline: InlinePolicy, n: u32, gap: Duration) {
+    let r = rig(spin, inline);
     let c0 = cpu_time();
     let t0 = Instant::now();
     for _ in 0..n {
@@ -148,12 +152,13 @@ fn cpu_report(name: &str, spin: SpinPolicy, n: u32, gap: Duration) {
     let st = r.sub.handoff_stats();
     println!(
         "{name}: {n} I/Os, gap {gap:?}: wall {:.1} us/IO, process CPU {:.1} us/IO, \
-         channel spin {:.1} us/IO, picked up by spin {} / parked {}",
+         channel spin {:.1} us/IO, picked up by spin {} / parked {}, ended inline {}",
         wall.as_secs_f64() * 1e6 / n as f64,
         cpu.as_secs_f64() * 1e6 / n as f64,
         st.spin_ns as f64 / 1e3 / n as f64,
         st.spin_hits,
-        st.parks
+        st.parks,
+        st.inline_done
     );
 }
 
@@ -168,22 +173,21 @@ fn floors(c: &mut Criterion) {
     g.bench_function("spin", |b| b.iter_custom(floors::spin_oneway));
     g.finish();
 
+    let cases = [
+        ("spin_50us", SpinPolicy::default(), InlinePolicy::OFF),
+        ("spin_off", SpinPolicy::OFF, InlinePolicy::OFF),
+        ("inline", SpinPolicy::default(), InlinePolicy::default()),
+    ];
     let mut g = c.benchmark_group("subchannel_roundtrip");
-    for (name, spin) in [
-        ("spin_50us", SpinPolicy::default()),
-        ("spin_off", SpinPolicy::OFF),
-    ] {
-        let r = rig(spin);
+    for (name, spin, inline) in cases {
+        let r = rig(spin, inline);
         g.bench_function(name, |b| b.iter(|| r.io()));
     }
     g.finish();
 
-    for (name, spin) in [
-        ("spin_50us", SpinPolicy::default()),
-        ("spin_off", SpinPolicy::OFF),
-    ] {
-        cpu_report(name, spin, 20_000, Duration::ZERO);
-        cpu_report(name, spin, 2_000, Duration::from_micros(200));
+    for (name, spin, inline) in cases {
+        cpu_report(name, spin, inline, 20_000, Duration::ZERO);
+        cpu_report(name, spin, inline, 2_000, Duration::from_micros(200));
     }
 }
 

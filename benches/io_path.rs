@@ -2,26 +2,32 @@
 //!
 //! * `floor/eventfd`: one-way blocking wake-up between two threads (eventfd ping-pong / 2).
 //! * `floor/spin`: one-way hand-off between two spinning threads (atomic ping-pong / 2).
-//! * `rt4k/<spin>/<wait>`: SSCH -> IRB for a Linux-style 4 KiB DASD read (Define Extent +
+//! * `floor/signal`: an eventfd write + non-blocking read on one thread (the notification
+//!   alone, no thread woken).
+//! * `rt4k/<mode>/<wait>`: SSCH -> IRB for a Linux-style 4 KiB DASD read (Define Extent +
 //!   Locate Record + Read Data MT through a one-IDAW IDAL): write ORB + SCSW into the I/O
 //!   region, wait for the IO eventfd (blocking `poll`+`read`, or a spin on a non-blocking
-//!   `read`), read the IRB. p50 / p99 over `N` I/Os. The channel thread spins (`spin50`,
-//!   50 us) or blocks at once (`nospin`) when idle.
+//!   `read`), read the IRB. p50 / p99 over `N` I/Os. Modes: `inline` (the default policy:
+//!   START runs the program and presents the status on the client's thread, no hand-off),
+//!   or the program on the channel thread, which spins (`spin50`, 50 us) or blocks at once
+//!   (`nospin`) when idle.
 //! * `seq1m`: 1 MiB sequential read (256 x 4 KiB records, one program: DE, LR 128, 128 Read
 //!   Data, TIC, LR 128, 128 Read Data) through the whole stack vs `memcpy` of 1 MiB.
 //!
-//! Every figure is also given as a ratio to the floor the path pays: a round trip is two
-//! hand-offs (client -> channel thread, channel thread -> client).
+//! Every figure is also given as a ratio to the floor the path pays: on the channel thread a
+//! round trip is two hand-offs (client -> channel thread, channel thread -> client); inline
+//! it is none, only the eventfd signal.
 //!
 //! Run: `cargo bench --bench io_path` (env `IO_PATH_N` = I/Os per round-trip series,
 //! default 20000; `IO_PATH_SEQ_ONLY=REPS` / `IO_PATH_RT_ONLY=REPS` run only the 1 MiB read /
-//! the blocking 4 KiB round trip, REPS times, for a profiler).
+//! the blocking 4 KiB round trip, REPS times, for a profiler; inline unless `IO_PATH_THREAD`
+//! is set).
 
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
 use vccw::ccw::{Ccw1, CcwFlags};
-use vccw::css::SpinPolicy;
+use vccw::css::{InlinePolicy, SpinPolicy, SubchannelConfig};
 use vccw::devices::dasd3390::Dasd3390;
 use vccw::driver::State;
 use vccw::image::ckd::{CkdImage, CkdOpenOptions};
@@ -129,7 +135,18 @@ impl Bench {
 
 /// A volume with cylinder 1 and 2 formatted with 12 x 4 KiB records per track (patterned),
 /// behind the whole stack.
+/// For the single-series runs: inline (the default) unless `IO_PATH_THREAD` is set.
 fn setup(spin: SpinPolicy) -> Bench {
+    let inline = if std::env::var_os("IO_PATH_THREAD").is_some() {
+        InlinePolicy::OFF
+    } else {
+        InlinePolicy::default()
+    };
+    setup_with(spin, inline)
+}
+
+/// As [`setup`], with the subchannel's inline policy given.
+fn setup_with(spin: SpinPolicy, inline: InlinePolicy) -> Bench {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("bench.3390");
     drop(CkdImage::create_3390(&path, 4, Some("BENCH1")).unwrap());
@@ -149,7 +166,12 @@ fn setup(spin: SpinPolicy) -> Bench {
     store
         .map_dma(DATA, 0x20_0000, Perm::READ_WRITE, Backing::Anonymous)
         .unwrap();
-    let stack = Stack::new(Box::new(dev), store, spin).unwrap();
+    let cfg = SubchannelConfig {
+        spin,
+        inline,
+        ..Default::default()
+    };
+    let stack = Stack::with_config(Box::new(dev), store, cfg).unwrap();
     let mut b = Bench { stack, _dir: dir };
     // Format (Write CKD, count fields only + SLI, as Linux does) then write the data.
     for cyl in 1..=2u16 {
@@ -264,7 +286,7 @@ fn main() {
         let mut v: Vec<Duration> = (0..reps).map(|_| b.io(cpa, Wait::Block)).collect();
         v.sort_unstable();
         println!(
-            "rt4k/nospin/block x{reps}: p50 {:.2} us, CPU {:.2} us per I/O",
+            "rt4k/block x{reps}: p50 {:.2} us, CPU {:.2} us per I/O",
             us(pct(&v, 0.5)),
             us(cpu_time() - c0) / reps as f64
         );
@@ -276,12 +298,20 @@ fn main() {
     println!("floor/eventfd  one-way blocking wake-up  {:8.2} us", us(ev));
     println!("floor/spin     one-way spinning hand-off {:8.3} us", us(sp));
 
-    for (sname, spin) in [
-        ("nospin", SpinPolicy::OFF),
-        ("spin50", SpinPolicy::default()),
+    let sig = floors::eventfd_signal(200_000) / 200_000;
+    println!(
+        "floor/signal   eventfd write + read, no wake-up {:6.3} us",
+        us(sig)
+    );
+
+    for (sname, spin, inline) in [
+        ("inline", SpinPolicy::OFF, InlinePolicy::default()),
+        ("nospin", SpinPolicy::OFF, InlinePolicy::OFF),
+        ("spin50", SpinPolicy::default(), InlinePolicy::OFF),
     ] {
-        let mut b = setup(spin);
+        let mut b = setup_with(spin, inline);
         let cpa = program_4k(&b);
+        let inline_on = inline != InlinePolicy::OFF;
         for (wname, wait) in [("block", Wait::Block), ("spin", Wait::Spin)] {
             for _ in 0..n / 10 {
                 b.io(cpa, wait);
@@ -291,11 +321,13 @@ fn main() {
             let cpu = us(cpu_time() - c0) / n as f64;
             v.sort_unstable();
             let (p50, p99) = (pct(&v, 0.5), pct(&v, 0.99));
-            // Which floor: a blocking wake-up on either side that blocks.
-            let floor = match (spin == SpinPolicy::OFF, wait) {
-                (true, Wait::Block) => 2.0 * us(ev),
-                (false, Wait::Spin) => 2.0 * us(sp),
-                _ => us(ev) + us(sp),
+            // Which floor: inline, only the signal; else a blocking wake-up on either side
+            // that blocks.
+            let (floor, fname) = match (inline_on, spin == SpinPolicy::OFF, wait) {
+                (true, _, _) => (us(sig), "eventfd signal, no wake-up"),
+                (false, true, Wait::Block) => (2.0 * us(ev), "2 x eventfd"),
+                (false, false, Wait::Spin) => (2.0 * us(sp), "2 x spin"),
+                _ => (us(ev) + us(sp), "eventfd + spin"),
             };
             println!(
                 "rt4k/{sname}/{wname:<5} p50 {:7.2} us  p99 {:7.2} us  \
@@ -304,20 +336,19 @@ fn main() {
                 us(p99),
                 us(p50) / floor,
                 floor,
-                match (spin == SpinPolicy::OFF, wait) {
-                    (true, Wait::Block) => "2 x eventfd",
-                    (false, Wait::Spin) => "2 x spin",
-                    _ => "eventfd + spin",
-                },
+                fname,
                 cpu
             );
         }
         let st = b.stack.subchannel().handoff_stats();
         println!(
-            "  channel thread ({sname}): picked up by spin {} / parked {} / spun {:.1} ms",
+            "  channel thread ({sname}): picked up by spin {} / parked {} / spun {:.1} ms; \
+             programs ended inline {} / handed over {}",
             st.spin_hits,
             st.parks,
-            st.spin_ns as f64 / 1e6
+            st.spin_ns as f64 / 1e6,
+            st.inline_done,
+            st.inline_handoffs
         );
         if spin == SpinPolicy::OFF {
             // 1 MiB sequential through the stack vs memcpy of 1 MiB, same run.
@@ -349,7 +380,7 @@ fn main() {
             let (io, mc) = (pct(&t, 0.5), pct(&m, 0.5));
             let gbs = |d: Duration| (1u64 << 20) as f64 / d.as_secs_f64() / 1e9;
             println!(
-                "seq1m  stack p50 {:8.1} us ({:.2} GB/s)  memcpy p50 {:7.1} us ({:.2} GB/s)  \
+                "seq1m/{sname} stack p50 {:8.1} us ({:.2} GB/s)  memcpy p50 {:7.1} us ({:.2} GB/s)  \
                  stack/memcpy throughput {:.0}% (best run {:.0}%)  CPU {:.1} us/IO",
                 us(io),
                 gbs(io),

@@ -90,8 +90,9 @@ impl std::fmt::Debug for Stack {
 
 impl Stack {
     /// Builds and opens the stack over `model`, with `store` as guest memory and the
-    /// channel thread spinning as `spin` says. The device has default options except a
-    /// 1 s quiesce timeout.
+    /// channel thread spinning as `spin` says (other subchannel options default, so short
+    /// programs run inline in START). The device has default options except a 1 s quiesce
+    /// timeout.
     pub fn new(
         model: Box<dyn DeviceModel>,
         store: IommuStore,
@@ -101,6 +102,15 @@ impl Stack {
             spin,
             ..Default::default()
         };
+        Self::with_config(model, store, cfg)
+    }
+
+    /// As [`Stack::new`], with every subchannel option given.
+    pub fn with_config(
+        model: Box<dyn DeviceModel>,
+        store: IommuStore,
+        cfg: SubchannelConfig,
+    ) -> Result<Self, RunError> {
         let subchannel = Arc::new(EmulatedSubchannel::new(model, cfg).map_err(RunError::Thread)?);
         let device = VfioCcwDevice::new(
             subchannel.clone(),

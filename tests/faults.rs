@@ -19,7 +19,7 @@ use nix::errno::Errno;
 use nix::sys::eventfd::{EfdFlags, EventFd};
 use vccw::ccw::{Ccw1, CcwFlags};
 use vccw::css::device::{Command, DeviceIdentity, DeviceModel, Outcome};
-use vccw::css::{EmulatedSubchannel, SpinPolicy, SubchannelConfig};
+use vccw::css::{EmulatedSubchannel, InlinePolicy, SpinPolicy, SubchannelConfig};
 use vccw::devices::dasd3390::{Dasd3390, DasdError};
 use vccw::devices::tape3490::{cmd, Tape3490, Tape3490Config};
 use vccw::driver::regions::{
@@ -273,6 +273,7 @@ fn rig_with(model: Box<dyn DeviceModel>, devno: u16, cfg: DeviceConfig) -> Rig {
                 devno,
                 chpid: CHPID,
                 spin: SpinPolicy::OFF,
+                inline: InlinePolicy::OFF,
             },
         )
         .unwrap(),

@@ -9,7 +9,7 @@ use vccw::ccw::{translate, Ccw1, CcwFlags, HostProgram, TranslateConfig};
 use vccw::css::device::{Command, DeviceIdentity, DeviceModel, Outcome};
 use vccw::css::subchannel::SENSE_EQUIPMENT_CHECK;
 use vccw::css::{
-    EmulatedSubchannel, LoopbackDevice, SpinPolicy, SubchannelConfig, SubchannelEvent,
+    EmulatedSubchannel, InlinePolicy, LoopbackDevice, SpinPolicy, SubchannelConfig, SubchannelEvent,
 };
 use vccw::iommu_store::{Backing, IommuStore, Perm, StoreConfig};
 use vccw::orb::{actl, cstat, dstat, fctl, stctl, Crw, Irb, Orb, OrbControls};
@@ -202,6 +202,9 @@ fn subchannel(dev: TestDevice) -> (EmulatedSubchannel, Arc<Events>) {
         devno: 0x1234,
         chpid: 0x42,
         spin: SpinPolicy::default(),
+        // These tests are about the channel thread (a gated command would block the test's
+        // own thread in START); inline execution has its own tests below.
+        inline: InlinePolicy::OFF,
     };
     let sub = EmulatedSubchannel::new(Box::new(dev), cfg).unwrap();
     let ev = Arc::new(Events::default());
@@ -546,6 +549,8 @@ fn drop_joins_the_channel_thread() {
     let dropped = dev.dropped.clone();
     let cfg = SubchannelConfig {
         devno: 0xbeef,
+        // The program must run on the channel thread for the thread-name check below.
+        inline: InlinePolicy::OFF,
         ..Default::default()
     };
     let sub = EmulatedSubchannel::new(Box::new(dev), cfg).unwrap();
@@ -634,6 +639,7 @@ fn spin_off_still_wakes() {
     let s = store();
     let cfg = SubchannelConfig {
         spin: SpinPolicy::OFF,
+        inline: InlinePolicy::OFF,
         ..Default::default()
     };
     let sub = EmulatedSubchannel::new(Box::new(TestDevice::new()), cfg).unwrap();
@@ -655,6 +661,7 @@ fn spinning_thread_picks_up_the_next_start() {
         spin: SpinPolicy {
             spin: Duration::from_millis(500),
         },
+        inline: InlinePolicy::OFF,
         ..Default::default()
     };
     let sub = EmulatedSubchannel::new(Box::new(TestDevice::new()), cfg).unwrap();
@@ -669,4 +676,141 @@ fn spinning_thread_picks_up_the_next_start() {
     let st = sub.handoff_stats();
     assert!(st.spin_hits >= 1, "{st:?}");
     assert!(st.spin_ns > 0);
+}
+
+// ---- Inline execution (the default policy): START runs the program on the calling thread.
+
+fn inline_subchannel(dev: TestDevice, budget: Duration) -> (EmulatedSubchannel, Arc<Events>) {
+    let cfg = SubchannelConfig {
+        devno: 0x4321,
+        spin: SpinPolicy::OFF,
+        inline: InlinePolicy { budget },
+        ..Default::default()
+    };
+    let sub = EmulatedSubchannel::new(Box::new(dev), cfg).unwrap();
+    let ev = Arc::new(Events::default());
+    ev.install(&sub);
+    (sub, ev)
+}
+
+#[test]
+fn inline_start_presents_the_final_status_before_returning() {
+    let s = store();
+    let (sub, ev) = inline_subchannel(TestDevice::new(), Duration::from_secs(10));
+    let p = two_writes(&s);
+    ev.watch(&p);
+    assert_eq!(sub.start(p), 0);
+    // No waiting: the interrupt was delivered by the START itself.
+    assert_eq!(ev.len(), 1, "final interrupt delivered inside start()");
+    let (irb, strong) = ev.irb(1);
+    assert_eq!(irb.scsw.dstat, dstat::CHANNEL_END | dstat::DEVICE_END);
+    assert_eq!(irb.scsw.flags.fctl(), fctl::START);
+    assert_eq!(irb.scsw.flags.actl(), 0);
+    // The subchannel let go of the program before presenting the status (the test gave
+    // away its only clone).
+    assert_eq!(strong, 0, "program released before the interrupt");
+    let st = sub.handoff_stats();
+    assert_eq!(
+        (st.inline_done, st.inline_handoffs, st.parks),
+        (1, 0, st.parks)
+    );
+    // Back to back: the next START is accepted at once and also ends inline.
+    assert_eq!(sub.start(one_write(&s)), 0);
+    assert_eq!(ev.len(), 2);
+    assert_eq!(sub.handoff_stats().inline_done, 2);
+}
+
+#[test]
+fn inline_pci_then_final_in_order() {
+    let s = store();
+    let (sub, ev) = inline_subchannel(TestDevice::new(), Duration::from_secs(10));
+    let p = program(
+        &s,
+        &[
+            ccw(0x01, CcwFlags::new().with_cc(true).with_pci(true), 4, DATA),
+            ccw(0x09, CcwFlags::new(), 4, DATA + 4),
+        ],
+        false,
+    );
+    assert_eq!(sub.start(p), 0);
+    // Intermediate status is either presented on its own (first) or folded into the final
+    // status as PCI; either way the final status comes last and nothing is lost.
+    let n = ev.len();
+    assert!(n == 1 || n == 2, "{n} events");
+    let (last, _) = ev.irb(n);
+    assert_eq!(last.scsw.flags.stctl() & stctl::PRIMARY, stctl::PRIMARY);
+    let pci_seen = (1..=n).any(|i| ev.irb(i).0.scsw.cstat & cstat::PCI != 0);
+    assert!(pci_seen, "PCI presented");
+}
+
+#[test]
+fn inline_budget_hands_a_long_program_to_the_channel_thread() {
+    let s = store();
+    // A zero-ish budget: the first command runs inline, the rest on the channel thread.
+    let (sub, ev) = inline_subchannel(TestDevice::new(), Duration::from_nanos(1));
+    let ccws: Vec<Ccw1> = (0..64)
+        .map(|i| ccw(0x01, CcwFlags::new().with_cc(i < 63), 4, DATA))
+        .collect();
+    let p = program(&s, &ccws, false);
+    assert_eq!(sub.start(p.clone()), 0);
+    let (irb, _) = ev.irb(1);
+    assert_eq!(irb.scsw.dstat, dstat::CHANNEL_END | dstat::DEVICE_END);
+    assert_eq!(p.to_guest_scsw(&irb.scsw).cpa as u64, PROG + 8 * 64);
+    let st = sub.handoff_stats();
+    assert_eq!((st.inline_done, st.inline_handoffs), (0, 1));
+    assert_eq!(ev.len(), 1);
+}
+
+#[test]
+fn inline_program_halted_and_cleared_from_other_threads() {
+    let s = store();
+    // START on a helper thread blocks inside the gated command, inline; HSCH and CSCH from
+    // this thread must be performed by that inline runner at the next command boundary.
+    let (dev, gate) = gated(0x01);
+    let (sub, ev) = inline_subchannel(dev, Duration::from_secs(10));
+    let sub = Arc::new(sub);
+    let p = two_writes(&s);
+    let w = Arc::downgrade(&p);
+    let starter = {
+        let sub = sub.clone();
+        std::thread::spawn(move || sub.start(p))
+    };
+    gate.wait_entered();
+    assert_eq!(sub.halt(), 0, "halt accepted while the command runs inline");
+    let clearer = {
+        let sub = sub.clone();
+        std::thread::spawn(move || sub.clear())
+    };
+    // The clear waits for the command in progress.
+    std::thread::sleep(Duration::from_millis(20));
+    assert!(
+        !clearer.is_finished(),
+        "clear returned while the device call was running"
+    );
+    gate.release();
+    assert_eq!(clearer.join().unwrap(), 0);
+    assert_eq!(starter.join().unwrap(), 0);
+    // Clear wins: its status is the one presented, and the program is gone.
+    let (irb, _) = ev.irb(ev.len());
+    assert_eq!(irb.scsw.flags.fctl(), fctl::CLEAR);
+    assert!(w.upgrade().is_none(), "program released by the clear");
+    // The subchannel is usable again, inline.
+    let before = ev.len();
+    assert_eq!(sub.start(one_write(&s)), 0);
+    assert_eq!(ev.len(), before + 1);
+}
+
+#[test]
+fn inline_start_while_the_channel_thread_delivers_stays_ordered() {
+    // Many back-to-back starts with a sink that re-enters the subchannel (STORE SUBCHANNEL):
+    // every program ends with exactly one final interrupt, in order.
+    let s = store();
+    let (sub, ev) = inline_subchannel(TestDevice::new(), Duration::from_micros(500));
+    for i in 0..200 {
+        assert_eq!(sub.start(one_write(&s)), 0, "start {i}");
+        let (irb, _) = ev.irb(i + 1);
+        assert_eq!(irb.scsw.flags.fctl(), fctl::START);
+        assert_eq!(sub.store_schib().unwrap().scsw.flags.fctl(), 0);
+    }
+    assert_eq!(ev.len(), 200);
 }

@@ -32,6 +32,20 @@ pub fn eventfd_oneway(iters: u64) -> Duration {
     t / 2
 }
 
+/// `iters` signals of an eventfd that nobody waits on, each consumed by a non-blocking read
+/// on the same thread: the cost of the notification alone when no thread must be woken
+/// (what an I/O completed inline pays).
+#[allow(dead_code)] // not every bench uses every floor
+pub fn eventfd_signal(iters: u64) -> Duration {
+    let e = EventFd::from_flags(EfdFlags::EFD_NONBLOCK).expect("eventfd");
+    let t0 = Instant::now();
+    for _ in 0..iters {
+        e.write(1).expect("write");
+        e.read().expect("read");
+    }
+    t0.elapsed()
+}
+
 /// `iters` spinning hand-offs each way through one atomic, halved.
 pub fn spin_oneway(iters: u64) -> Duration {
     let x = Arc::new(AtomicU64::new(0));

@@ -13,6 +13,7 @@ pub use device::{Command, DeviceIdentity, DeviceModel, Outcome};
 pub use guest::GuestChannelMemory;
 pub use memory::{AccessFault, ChannelMemory};
 pub use subchannel::{
-    EmulatedSubchannel, EventSink, HandoffStats, SpinPolicy, SubchannelConfig, SubchannelEvent,
+    EmulatedSubchannel, EventSink, HandoffStats, InlinePolicy, SpinPolicy, SubchannelConfig,
+    SubchannelEvent,
 };
 pub use testdev::LoopbackDevice;
