@@ -10,6 +10,10 @@
 //!   (its region, reset or close methods) on the calling thread: the device's lock is not
 //!   re-entrant. They may wait for the backend's own threads, even ones that are delivering
 //!   events, because event delivery never waits for the device.
+//! * Events may be reported from any thread, including the caller's own thread from inside
+//!   `start` (the emulated subchannel runs short programs inline): the device queues them and
+//!   handles them when it unlocks, so the interrupt of a program is never handled before
+//!   `start` has returned and the state is CP_PENDING.
 //! * A program handed to `start` is kept (one `Arc` clone) only when `start` returns 0, and
 //!   until the program ends: the clone must be dropped *before* the final interrupt is
 //!   delivered and before `clear` returns, so that the device freeing its own clone really
