@@ -605,11 +605,24 @@ fn unit_check_carries_concurrent_sense() {
 
 #[test]
 fn panicking_device_gives_equipment_check() {
+    panicking_device(false);
+}
+
+#[test]
+fn panicking_device_inline_gives_equipment_check_and_start_returns() {
+    panicking_device(true);
+}
+
+fn panicking_device(inline: bool) {
     let s = store();
     let mut dev = TestDevice::new();
     dev.panic_on = Some(0x01);
     let resets = dev.resets.clone();
-    let (sub, ev) = subchannel(dev);
+    let (sub, ev) = if inline {
+        inline_subchannel(dev, Duration::from_secs(10))
+    } else {
+        subchannel(dev)
+    };
     let p = one_write(&s);
     ev.watch(&p);
     assert_eq!(sub.start(p.clone()), 0);
