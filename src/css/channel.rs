@@ -267,6 +267,9 @@ pub struct ChannelRun {
     /// The data buffer of the last command, kept so a long chain does not allocate (and
     /// free) one per CCW.
     buf: Vec<u8>,
+    /// The CCWs and storage pieces of the last command's data chain, kept for reuse too.
+    segs: Vec<Seg>,
+    pieces: Vec<Piece>,
 }
 
 impl ChannelRun {
@@ -287,6 +290,8 @@ impl ChannelRun {
             trace: false,
             transfers: Vec::new(),
             buf: Vec::new(),
+            segs: Vec::new(),
+            pieces: Vec::new(),
         }
     }
 
@@ -777,8 +782,10 @@ impl ChannelRun {
         first: Ccw1,
         kind: CommandKind,
     ) -> (Vec<Seg>, Vec<Piece>, usize, Option<ChainErr>) {
-        let mut segs = Vec::new();
-        let mut pieces = Vec::new();
+        let mut segs = std::mem::take(&mut self.segs);
+        let mut pieces = std::mem::take(&mut self.pieces);
+        segs.clear();
+        pieces.clear();
         let mut offered = 0usize;
         let (mut at, mut ccw) = (first_at, first);
         let mut data_chained = false;
@@ -856,9 +863,29 @@ impl ChannelRun {
         ccw: Ccw1,
     ) -> Step {
         let kind = ccw.kind();
+        let (segs, pieces, offered, err) = self.walk(mem, at, ccw, kind);
+        let step = self.transfer(mem, dev, at, ccw, &segs, &pieces, offered, err);
+        self.segs = segs;
+        self.pieces = pieces;
+        step
+    }
+
+    /// Runs the device for the command at `at` whose data chain `walk` resolved.
+    #[allow(clippy::too_many_arguments)]
+    fn transfer(
+        &mut self,
+        mem: &dyn ChannelMemory,
+        dev: &mut dyn DeviceModel,
+        at: u32,
+        ccw: Ccw1,
+        segs: &[Seg],
+        pieces: &[Piece],
+        mut offered: usize,
+        mut err: Option<ChainErr>,
+    ) -> Step {
+        let kind = ccw.kind();
         let input = kind.is_input();
         let back = kind == CommandKind::ReadBackward;
-        let (segs, pieces, mut offered, mut err) = self.walk(mem, at, ccw, kind);
 
         // Output: gather; a fault truncates the offer at that piece. Input needs no buffer:
         // the device puts its bytes and they are stored as they come (see `Scatter`).
@@ -867,13 +894,13 @@ impl ChannelRun {
         if !input {
             data.resize(offered, 0);
             let mut pos = 0usize;
-            for p in &pieces {
+            for p in pieces {
                 if pos >= offered {
                     break;
                 }
                 let n = p.len.min(offered - pos);
                 if let Err(f) = mem.read(p.lo, &mut data[pos..pos + n], self.key()) {
-                    let k = Self::seg_at(&segs, pos);
+                    let k = Self::seg_at(segs, pos);
                     err = Some(ChainErr {
                         cstat: fault_status(f),
                         cpa: segs[k].ccw.wrapping_add(8),
@@ -927,7 +954,7 @@ impl ChannelRun {
             let mut sink = Scatter {
                 mem,
                 key: self.key(),
-                pieces: &pieces,
+                pieces,
                 valid,
                 back,
                 cursor: (0, 0),
@@ -954,7 +981,7 @@ impl ChannelRun {
             }
             // A fault past what the device transferred was never reached.
             if let Some((pos, f)) = sink.fault.filter(|&(pos, _)| pos < t.min(valid)) {
-                let k = Self::seg_at(&segs, pos);
+                let k = Self::seg_at(segs, pos);
                 let e = ChainErr {
                     cstat: fault_status(f),
                     cpa: segs[k].ccw.wrapping_add(8),
@@ -988,7 +1015,7 @@ impl ChannelRun {
         if !input {
             // Output moved only what the device consumed (prefetched bytes are not "moved").
             let mut pos = 0usize;
-            for p in &pieces {
+            for p in pieces {
                 let end = t.min(valid);
                 if pos >= end {
                     break;

@@ -560,11 +560,7 @@ impl CkdImage {
 
     /// Checks track slot (`cyl`, `head`) in the mapping, as [`Self::read_track`] checks a
     /// slot it reads; `Ok(None)` if the image is not mapped (use `read_track` then).
-    pub fn check_mapped_track(
-        &self,
-        cyl: u32,
-        head: u32,
-    ) -> Result<Option<TrackLayout>, CkdError> {
+    pub fn check_mapped_track(&self, cyl: u32, head: u32) -> Result<Option<TrackLayout>, CkdError> {
         let off = self.check_track(cyl, head)?;
         let Some(map) = &self.map else {
             return Ok(None);
@@ -1051,7 +1047,11 @@ mod tests {
         img.write_track_range(0, 2, 4, &[3]).unwrap();
         assert!(matches!(
             img.check_mapped_track(0, 2),
-            Err(CkdError::BadHomeAddress { cyl: 0, head: 2, .. })
+            Err(CkdError::BadHomeAddress {
+                cyl: 0,
+                head: 2,
+                ..
+            })
         ));
         // Images behind another ImageFile are not mapped.
         let f = std::fs::File::open(&p).unwrap();

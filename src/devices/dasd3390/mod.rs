@@ -392,7 +392,9 @@ impl Dasd3390 {
         let r = if self.mapped {
             self.image.check_mapped_track(cyl, head).map(|_| ())
         } else {
-            self.image.read_track(cyl, head, &mut self.track).map(|_| ())
+            self.image
+                .read_track(cyl, head, &mut self.track)
+                .map(|_| ())
         };
         match r {
             Ok(()) => {
