@@ -1132,3 +1132,49 @@ fn direct_input_matches_buffered_input_on_random_programs() {
         assert_same_as_buffered(&setup, c, l);
     }
 }
+
+/// Puts two bytes but reports `reported` transferred.
+struct ShortPut {
+    reported: usize,
+}
+
+impl vccw::css::DeviceModel for ShortPut {
+    fn execute(&mut self, _: &vccw::css::Command, _: &mut [u8]) -> vccw::css::Outcome {
+        unreachable!("the channel calls execute_area")
+    }
+
+    fn execute_area(
+        &mut self,
+        _: &vccw::css::Command,
+        data: &mut vccw::css::DataArea<'_>,
+    ) -> vccw::css::Outcome {
+        assert_eq!(data.output(), b"", "a direct input area has no buffer");
+        assert_eq!(data.put(b"ab"), 2);
+        vccw::css::Outcome::done(self.reported)
+    }
+
+    fn sense(&self) -> Vec<u8> {
+        vec![0; 32]
+    }
+
+    fn identity(&self) -> vccw::css::DeviceIdentity {
+        LoopbackDevice::new().identity
+    }
+}
+
+#[test]
+fn direct_input_stores_zeros_for_bytes_transferred_but_not_put() {
+    let m = mem();
+    put(&m, 0x2000, &[0xEE; 16]);
+    prog(&m, PROG as u64, &[c1(0x02, f().with_sli(true), 8, 0x2000)]);
+    let s = run_to_completion(&orb(ctl()), &m, &mut ShortPut { reported: 5 }, 10)[0];
+    assert_eq!((s.cstat, s.count, s.dstat), (0, 3, CEDE));
+    assert_eq!(
+        get(&m, 0x2000, 9),
+        [b'a', b'b', 0, 0, 0, 0xEE, 0xEE, 0xEE, 0xEE]
+    );
+    // Reported as 0: the bytes put are stored (the device broke the rule), no fault reported.
+    put(&m, 0x2000, &[0xEE; 16]);
+    let s = run_to_completion(&orb(ctl()), &m, &mut ShortPut { reported: 0 }, 10)[0];
+    assert_eq!((s.cstat, s.count), (0, 8));
+}
