@@ -296,6 +296,7 @@ mod tests {
         assert_eq!(x, y);
         assert_eq!(&y[7..], &[0, 0, 0]);
         // Output commands still see the buffer.
+        b.length = Length::AsOffered;
         let mut w = *b"out!";
         assert_eq!(
             b.execute_area(&cmd(0x01, 4), &mut DataArea::buffer(&mut w)),
