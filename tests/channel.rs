@@ -913,3 +913,268 @@ fn hostile_memory_never_panics() {
         }
     }
 }
+
+/// Runs the program at PROG over a fresh memory prepared by `setup`, with the loopback device
+/// filling the channel's buffer (`chunk` None) or putting its input straight to storage in
+/// `chunk`-byte pieces; returns every status, the memory, the traced transfers and the bytes
+/// the device produced.
+fn run_mode(
+    setup: &dyn Fn(&mut Mem),
+    c: OrbControls,
+    length: Length,
+    chunk: Option<usize>,
+) -> (Vec<Scsw>, Vec<u8>, Vec<Transfer>, Vec<u8>) {
+    let mut m = GuestChannelMemory::with_keys(
+        GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap(),
+    );
+    setup(&mut m);
+    let mut d = LoopbackDevice::new();
+    d.length = length;
+    d.put_chunk = chunk;
+    let mut r = ChannelRun::new(&orb(c));
+    r.set_trace(true);
+    let all = r.run_until_end(&m, &mut d, 600);
+    (
+        all,
+        get(&m, 0, 0x10_0000),
+        r.transfers().to_vec(),
+        d.produced().to_vec(),
+    )
+}
+
+/// Direct input (the device puts bytes, stored at once) gives exactly what buffered input
+/// gives: statuses, every byte of storage, transfers.
+fn assert_same_as_buffered(setup: &dyn Fn(&mut Mem), c: OrbControls, length: Length) {
+    let want = run_mode(setup, c, length, None);
+    for chunk in [1, 3, 7, 2048, 4096, 1 << 20] {
+        let got = run_mode(setup, c, length, Some(chunk));
+        assert_eq!(got.0, want.0, "statuses, chunk {chunk}");
+        assert_eq!(got.2, want.2, "transfers, chunk {chunk}");
+        assert_eq!(got.3, want.3, "produced, chunk {chunk}");
+        assert!(got.1 == want.1, "storage differs, chunk {chunk}");
+    }
+}
+
+#[test]
+fn direct_input_matches_buffered_input() {
+    let mf = MidawFlags::new;
+    let idal = |m: &Mem, at: u64, ws: &[u64]| {
+        for (i, w) in ws.iter().enumerate() {
+            put(m, at + 8 * i as u64, &w.to_be_bytes());
+        }
+    };
+    let c2 = ctl().with_format2_idaw(true);
+    type Case = (Box<dyn Fn(&mut Mem)>, OrbControls, Vec<Length>);
+    let lens = || {
+        vec![
+            Length::AsOffered,
+            Length::Fixed(0),
+            Length::Fixed(5),
+            Length::Fixed(4100),
+            Length::Fixed(1 << 16),
+        ]
+    };
+    let cases: Vec<Case> = vec![
+        // Direct, across a page boundary, chained to a read backward across one.
+        (
+            Box::new(|m: &mut Mem| {
+                prog(
+                    m,
+                    PROG as u64,
+                    &[
+                        c1(0x02, f().with_cc(true).with_sli(true), 0x1100, 0x2FF0),
+                        c1(0x0C, f(), 0x30, 0x5010),
+                    ],
+                )
+            }),
+            ctl(),
+            lens(),
+        ),
+        // Format-2 IDAWs, forward and backward.
+        (
+            Box::new(move |m: &mut Mem| {
+                prog(
+                    m,
+                    PROG as u64,
+                    &[
+                        c1(0x02, f().with_ida(true).with_cc(true), 9000, 0x1800),
+                        c1(0x0C, f().with_ida(true), 5000, 0x1900),
+                    ],
+                );
+                idal(m, 0x1800, &[0x8F00, 0xA000, 0xB000]);
+                idal(m, 0x1900, &[0xC0FF, 0xDFFF]);
+            }),
+            c2,
+            lens(),
+        ),
+        // Data chaining with a skipped CCW in the middle.
+        (
+            Box::new(|m: &mut Mem| {
+                prog(
+                    m,
+                    PROG as u64,
+                    &[
+                        c1(0x02, f().with_cd(true), 10, 0x3000),
+                        c1(0x02, f().with_cd(true).with_skp(true), 10, 0x3100),
+                        c1(0x02, f(), 10, 0x3200),
+                    ],
+                )
+            }),
+            ctl(),
+            vec![Length::AsOffered, Length::Fixed(15), Length::Fixed(25)],
+        ),
+        // MIDAWs with a skip.
+        (
+            Box::new(move |m: &mut Mem| {
+                prog(m, PROG as u64, &[c1(0x02, f().with_mida(true), 12, 0x1800)]);
+                put(m, 0x1800, &midaw(mf(), 4, 0x2FFC));
+                put(m, 0x1810, &midaw(mf().with_skip(true), 4, 0x20_0000));
+                put(m, 0x1820, &midaw(mf().with_last(true), 4, 0x5000));
+            }),
+            ctl().with_midaw(true),
+            vec![Length::AsOffered, Length::Fixed(6), Length::Fixed(10)],
+        ),
+        // Storage runs out inside the transfer (addressing), direct and backward.
+        (
+            Box::new(|m: &mut Mem| {
+                prog(
+                    m,
+                    PROG as u64,
+                    &[c1(0x02, f().with_cc(true), 0x2000, 0xFF000)],
+                )
+            }),
+            ctl(),
+            lens(),
+        ),
+        // A protected page in the middle of a chain: the pieces before it stay stored.
+        (
+            Box::new(|m: &mut Mem| {
+                m.set_key(0x4000, 0x30);
+                prog(
+                    m,
+                    PROG as u64,
+                    &[
+                        c1(0x02, f().with_cd(true), 0x800, 0x3800),
+                        c1(0x02, f(), 0x800, 0x4000),
+                    ],
+                )
+            }),
+            ctl().with_key(5),
+            lens(),
+        ),
+        // An invalid data-chained CCW after the first: the device decides if it is reached.
+        (
+            Box::new(|m: &mut Mem| {
+                prog(
+                    m,
+                    PROG as u64,
+                    &[c1(0x02, f().with_cd(true), 8, 0x3000), c1(0x02, f(), 0, 0)],
+                )
+            }),
+            ctl(),
+            vec![Length::Fixed(4), Length::Fixed(8), Length::Fixed(9)],
+        ),
+    ];
+    for (setup, c, lengths) in &cases {
+        for &l in lengths {
+            assert_same_as_buffered(setup.as_ref(), *c, l);
+        }
+    }
+    // And the expected values of one: 5 bytes put one at a time, the rest untouched.
+    let (s, mem, t, _) = run_mode(&cases[0].0, ctl(), Length::Fixed(5), Some(1));
+    // The read backward after it (no SLI) ends with incorrect length, residual 0x2b.
+    let last = s.last().unwrap();
+    assert_eq!((last.cstat, last.count), (cstat::INCORRECT_LENGTH, 0x2b));
+    assert_eq!(&mem[0x2FF0..0x2FF5], &pat(0, 5)[..]);
+    // Read backward: the first byte produced is at the highest address.
+    assert_eq!(mem[0x5010], LoopbackDevice::pattern(5));
+    assert_eq!(mem[0x500c], LoopbackDevice::pattern(9));
+    assert_eq!(mem[0x500b], 0);
+    assert_eq!(&mem[0x2FF5..0x3000], &[0; 11]);
+    assert_eq!(
+        t[0],
+        Transfer {
+            addr: 0x2FF0,
+            len: 5,
+            input: true
+        }
+    );
+}
+
+#[test]
+fn direct_input_matches_buffered_input_on_random_programs() {
+    let mut seed = 0x0bad_5eedu32;
+    let mut next = move || {
+        seed = seed.wrapping_mul(1_103_515_245).wrapping_add(12345);
+        seed
+    };
+    for _ in 0..150 {
+        let words: Vec<u32> = (0..64).map(|_| next()).collect();
+        // Data addresses mostly inside the 1 MiB, CCW commands mostly reads.
+        let setup = move |m: &mut Mem| {
+            for (i, w) in words.iter().enumerate() {
+                let w = if i % 2 == 0 {
+                    (w & 0xF0FF_FFFF) | 0x0200_0000
+                } else {
+                    w & 0x001F_FFFF
+                };
+                put(m, PROG as u64 + i as u64 * 4, &w.to_be_bytes());
+            }
+            m.set_key(0x8_0000, 0x38);
+        };
+        let c = OrbControls::from_bits(next() & 0x00fe_ff7e)
+            .with_format1(true)
+            .with_transport_mode(false);
+        let l = match next() % 3 {
+            0 => Length::AsOffered,
+            n => Length::Fixed((next() % (0x800 * n)) as usize),
+        };
+        assert_same_as_buffered(&setup, c, l);
+    }
+}
+
+/// Puts two bytes but reports `reported` transferred.
+struct ShortPut {
+    reported: usize,
+}
+
+impl vccw::css::DeviceModel for ShortPut {
+    fn execute(&mut self, _: &vccw::css::Command, _: &mut [u8]) -> vccw::css::Outcome {
+        unreachable!("the channel calls execute_area")
+    }
+
+    fn execute_area(
+        &mut self,
+        _: &vccw::css::Command,
+        data: &mut vccw::css::DataArea<'_>,
+    ) -> vccw::css::Outcome {
+        assert_eq!(data.output(), b"", "a direct input area has no buffer");
+        assert_eq!(data.put(b"ab"), 2);
+        vccw::css::Outcome::done(self.reported)
+    }
+
+    fn sense(&self) -> Vec<u8> {
+        vec![0; 32]
+    }
+
+    fn identity(&self) -> vccw::css::DeviceIdentity {
+        LoopbackDevice::new().identity
+    }
+}
+
+#[test]
+fn direct_input_stores_zeros_for_bytes_transferred_but_not_put() {
+    let m = mem();
+    put(&m, 0x2000, &[0xEE; 16]);
+    prog(&m, PROG as u64, &[c1(0x02, f().with_sli(true), 8, 0x2000)]);
+    let s = run_to_completion(&orb(ctl()), &m, &mut ShortPut { reported: 5 }, 10)[0];
+    assert_eq!((s.cstat, s.count, s.dstat), (0, 3, CEDE));
+    assert_eq!(
+        get(&m, 0x2000, 9),
+        [b'a', b'b', 0, 0, 0, 0xEE, 0xEE, 0xEE, 0xEE]
+    );
+    // Reported as 0: the bytes put are stored (the device broke the rule), no fault reported.
+    put(&m, 0x2000, &[0xEE; 16]);
+    let s = run_to_completion(&orb(ctl()), &m, &mut ShortPut { reported: 0 }, 10)[0];
+    assert_eq!((s.cstat, s.count), (0, 8));
+}

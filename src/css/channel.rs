@@ -46,7 +46,7 @@
 use thiserror::Error;
 
 use crate::ccw::{command, Ccw0, Ccw1, CcwFlags, CommandKind, IdawFormat, Midaw, CCW_SIZE};
-use crate::css::device::{Command, DeviceModel};
+use crate::css::device::{Command, DataArea, DeviceModel, InputSink};
 use crate::css::memory::{AccessFault, ChannelMemory};
 use crate::orb::{actl, cstat, dstat, fctl, stctl, Orb, Scsw, ScswFlags};
 
@@ -153,6 +153,92 @@ struct Piece {
     skip: bool,
 }
 
+/// The channel's side of a direct input [`DataArea`]: stores each byte the device puts at
+/// its place in storage (pieces in transfer order), at most `valid` bytes, nothing into skip
+/// pieces, and nothing after the first storage fault (bytes before the faulting piece stay
+/// stored, as on a channel that finds the fault when the transfer reaches it).
+struct Scatter<'a> {
+    mem: &'a dyn ChannelMemory,
+    key: u8,
+    pieces: &'a [Piece],
+    valid: usize,
+    back: bool,
+    /// Index and transfer offset of the piece the last store ended in (stores come in
+    /// increasing order, so the walk resumes there).
+    cursor: (usize, usize),
+    /// Transfer offset of the first byte of the piece that faulted, and the fault.
+    fault: Option<(usize, AccessFault)>,
+    /// Storage ranges stored, when tracing.
+    trace: Option<Vec<(u64, usize)>>,
+    /// The channel's reusable buffer (for `with_buffer`).
+    buf: Vec<u8>,
+}
+
+impl InputSink for Scatter<'_> {
+    fn store(&mut self, off: usize, src: &[u8]) {
+        let (mut i, mut pos) = self.cursor;
+        if off < pos {
+            (i, pos) = (0, 0);
+        }
+        let mut off = off;
+        let mut src = src;
+        while !src.is_empty() && self.fault.is_none() && off < self.valid {
+            let Some(p) = self.pieces.get(i) else { break };
+            if off >= pos + p.len {
+                pos += p.len;
+                i += 1;
+                continue;
+            }
+            let r = off - pos;
+            let n = (p.len - r).min(src.len()).min(self.valid - off);
+            if !p.skip {
+                let res = if self.back {
+                    // Transfer order runs downward from the piece's top byte.
+                    let lo = p.lo + (p.len - r - n) as u64;
+                    store_reversed(self.mem, lo, &src[..n], self.key).map(|()| lo)
+                } else {
+                    let lo = p.lo + r as u64;
+                    self.mem.write(lo, &src[..n], self.key).map(|()| lo)
+                };
+                match res {
+                    Ok(lo) => {
+                        if let Some(t) = &mut self.trace {
+                            t.push((lo, n));
+                        }
+                    }
+                    Err(f) => {
+                        self.fault = Some((pos, f));
+                        break;
+                    }
+                }
+            }
+            off += n;
+            src = &src[n..];
+        }
+        self.cursor = (i, pos);
+    }
+
+    fn take_buffer(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.buf)
+    }
+
+    fn give_back(&mut self, buf: Vec<u8>) {
+        self.buf = buf;
+    }
+}
+
+/// Stores `src` (in transfer order) reversed, so its first byte lands at the highest
+/// address of `[lo, lo + src.len())`. One checked write: a fault stores nothing.
+fn store_reversed(
+    mem: &dyn ChannelMemory,
+    lo: u64,
+    src: &[u8],
+    key: u8,
+) -> Result<(), AccessFault> {
+    let rev: Vec<u8> = src.iter().rev().copied().collect();
+    mem.write(lo, &rev, key)
+}
+
 fn fault_status(f: AccessFault) -> u8 {
     match f {
         AccessFault::Addressing(_) => cstat::PROGRAM_CHECK,
@@ -181,6 +267,9 @@ pub struct ChannelRun {
     /// The data buffer of the last command, kept so a long chain does not allocate (and
     /// free) one per CCW.
     buf: Vec<u8>,
+    /// The CCWs and storage pieces of the last command's data chain, kept for reuse too.
+    segs: Vec<Seg>,
+    pieces: Vec<Piece>,
 }
 
 impl ChannelRun {
@@ -201,6 +290,8 @@ impl ChannelRun {
             trace: false,
             transfers: Vec::new(),
             buf: Vec::new(),
+            segs: Vec::new(),
+            pieces: Vec::new(),
         }
     }
 
@@ -691,8 +782,10 @@ impl ChannelRun {
         first: Ccw1,
         kind: CommandKind,
     ) -> (Vec<Seg>, Vec<Piece>, usize, Option<ChainErr>) {
-        let mut segs = Vec::new();
-        let mut pieces = Vec::new();
+        let mut segs = std::mem::take(&mut self.segs);
+        let mut pieces = std::mem::take(&mut self.pieces);
+        segs.clear();
+        pieces.clear();
         let mut offered = 0usize;
         let (mut at, mut ccw) = (first_at, first);
         let mut data_chained = false;
@@ -770,23 +863,44 @@ impl ChannelRun {
         ccw: Ccw1,
     ) -> Step {
         let kind = ccw.kind();
+        let (segs, pieces, offered, err) = self.walk(mem, at, ccw, kind);
+        let step = self.transfer(mem, dev, at, ccw, &segs, &pieces, offered, err);
+        self.segs = segs;
+        self.pieces = pieces;
+        step
+    }
+
+    /// Runs the device for the command at `at` whose data chain `walk` resolved.
+    #[allow(clippy::too_many_arguments)]
+    fn transfer(
+        &mut self,
+        mem: &dyn ChannelMemory,
+        dev: &mut dyn DeviceModel,
+        at: u32,
+        ccw: Ccw1,
+        segs: &[Seg],
+        pieces: &[Piece],
+        mut offered: usize,
+        mut err: Option<ChainErr>,
+    ) -> Step {
+        let kind = ccw.kind();
         let input = kind.is_input();
         let back = kind == CommandKind::ReadBackward;
-        let (segs, pieces, mut offered, mut err) = self.walk(mem, at, ccw, kind);
 
-        // Output: gather; a fault truncates the offer at that piece. Input: zeros.
+        // Output: gather; a fault truncates the offer at that piece. Input needs no buffer:
+        // the device puts its bytes and they are stored as they come (see `Scatter`).
         let mut data = std::mem::take(&mut self.buf);
         data.clear();
-        data.resize(offered, 0);
         if !input {
+            data.resize(offered, 0);
             let mut pos = 0usize;
-            for p in &pieces {
+            for p in pieces {
                 if pos >= offered {
                     break;
                 }
                 let n = p.len.min(offered - pos);
                 if let Err(f) = mem.read(p.lo, &mut data[pos..pos + n], self.key()) {
-                    let k = Self::seg_at(&segs, pos);
+                    let k = Self::seg_at(segs, pos);
                     err = Some(ChainErr {
                         cstat: fault_status(f),
                         cpa: segs[k].ccw.wrapping_add(8),
@@ -806,6 +920,7 @@ impl ChannelRun {
         // as the device asks for it, so a command that moves nothing (NOOP) never faults.
         if let Some(e) = err {
             if offered == 0 && (segs.is_empty() || e.count == 0) {
+                self.buf = data;
                 let pci = segs.first().is_some_and(|s| s.flags.pci());
                 let c = Check {
                     cstat: e.cstat,
@@ -825,7 +940,6 @@ impl ChannelRun {
             Some(e) => (e.start + e.count as usize).max(valid + 1),
             None => valid,
         };
-        data.resize(offer, 0);
         let cmd = Command {
             code: ccw.cmd,
             kind,
@@ -835,8 +949,55 @@ impl ChannelRun {
             seq: self.seq,
         };
         let zero_cc = std::mem::take(&mut self.initial_due);
-        let outcome = dev.execute(&cmd, &mut data);
-        let t = outcome.transferred.min(offer);
+        let mut fail: Option<(usize, ChainErr)> = None;
+        let (outcome, t) = if input {
+            let mut sink = Scatter {
+                mem,
+                key: self.key(),
+                pieces,
+                valid,
+                back,
+                cursor: (0, 0),
+                fault: None,
+                trace: self.trace.then(Vec::new),
+                buf: data,
+            };
+            let mut area = DataArea::direct(offer, &mut sink);
+            let outcome = dev.execute_area(&cmd, &mut area);
+            let t = outcome.transferred.min(offer);
+            // Bytes the device transferred but did not put read as zeros (as in a buffer).
+            let put = area.put_len();
+            if put < t {
+                let zeros = [0u8; 512];
+                let mut at = put;
+                while at < t {
+                    let n = (t - at).min(zeros.len());
+                    sink.store(at, &zeros[..n]);
+                    at += n;
+                }
+            }
+            for (lo, n) in sink.trace.take().unwrap_or_default() {
+                self.record(lo, n, true);
+            }
+            // A fault past what the device transferred was never reached.
+            if let Some((pos, f)) = sink.fault.filter(|&(pos, _)| pos < t.min(valid)) {
+                let k = Self::seg_at(segs, pos);
+                let e = ChainErr {
+                    cstat: fault_status(f),
+                    cpa: segs[k].ccw.wrapping_add(8),
+                    start: segs[k].start,
+                    count: segs[k].count,
+                };
+                fail = Some((pos, e));
+            }
+            self.buf = sink.buf;
+            (outcome, t)
+        } else {
+            data.resize(offer, 0);
+            let outcome = dev.execute_area(&cmd, &mut DataArea::buffer(&mut data));
+            self.buf = data;
+            (outcome, outcome.transferred.min(offer))
+        };
         if self.trace {
             tracing::trace!(
                 ccw = at,
@@ -854,7 +1015,7 @@ impl ChannelRun {
         if !input {
             // Output moved only what the device consumed (prefetched bytes are not "moved").
             let mut pos = 0usize;
-            for p in &pieces {
+            for p in pieces {
                 let end = t.min(valid);
                 if pos >= end {
                     break;
@@ -864,43 +1025,6 @@ impl ChannelRun {
                 pos += n;
             }
         }
-
-        // Input: scatter what the device produced.
-        let mut fail: Option<(usize, ChainErr)> = None;
-        if input {
-            let mut pos = 0usize;
-            for p in &pieces {
-                let end = t.min(valid);
-                if pos >= end {
-                    break;
-                }
-                let n = p.len.min(end - pos);
-                if !p.skip {
-                    let (lo, res) = if back {
-                        // Transfer order runs downward from the piece's top byte.
-                        let lo = p.lo + (p.len - n) as u64;
-                        let rev: Vec<u8> = data[pos..pos + n].iter().rev().copied().collect();
-                        (lo, mem.write(lo, &rev, self.key()))
-                    } else {
-                        (p.lo, mem.write(p.lo, &data[pos..pos + n], self.key()))
-                    };
-                    if let Err(f) = res {
-                        let k = Self::seg_at(&segs, pos);
-                        let e = ChainErr {
-                            cstat: fault_status(f),
-                            cpa: segs[k].ccw.wrapping_add(8),
-                            start: segs[k].start,
-                            count: segs[k].count,
-                        };
-                        fail = Some((pos, e));
-                        break;
-                    }
-                    self.record(lo, n, true);
-                }
-                pos += n;
-            }
-        }
-        self.buf = data;
         if fail.is_none() {
             if let Some(e) = err {
                 // The device needed the byte at the error: it reached it.

@@ -9,7 +9,7 @@ pub mod subchannel;
 pub mod testdev;
 
 pub use channel::{run_to_completion, ChannelRun, ResumeError, Step, Transfer};
-pub use device::{Command, DeviceIdentity, DeviceModel, Outcome};
+pub use device::{Command, DataArea, DeviceIdentity, DeviceModel, Outcome};
 pub use guest::GuestChannelMemory;
 pub use memory::{AccessFault, ChannelMemory};
 pub use subchannel::{

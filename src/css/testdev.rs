@@ -7,7 +7,7 @@
 //! configured identity, NOOP (0x03) transfers nothing.
 
 use crate::ccw::command;
-use crate::css::device::{Command, DeviceIdentity, DeviceModel, Outcome};
+use crate::css::device::{Command, DataArea, DeviceIdentity, DeviceModel, Outcome};
 use crate::orb::dstat;
 
 /// How many bytes the device moves for a data command.
@@ -36,6 +36,10 @@ pub struct LoopbackDevice {
     pub status_modifier_on: Option<u8>,
     /// What Sense ID reports.
     pub identity: DeviceIdentity,
+    /// Input data commands [`DataArea::put`] their bytes in chunks of this size (straight
+    /// to storage) instead of filling the channel's buffer; `None` (the default) fills the
+    /// buffer. Both must give the same result: tests compare them.
+    pub put_chunk: Option<usize>,
     counter: u32,
     written: Vec<u8>,
     produced: Vec<u8>,
@@ -65,6 +69,7 @@ impl LoopbackDevice {
                 dev_type: 0x3390,
                 dev_model: 0x0C,
             },
+            put_chunk: None,
             counter: 0,
             written: Vec::new(),
             produced: Vec::new(),
@@ -99,6 +104,16 @@ impl LoopbackDevice {
     /// How many programs started and how many halts/clears reset an operation.
     pub fn counts(&self) -> (u32, u32) {
         (self.programs, self.resets)
+    }
+
+    /// Unit exception and status modifier as configured for `code`.
+    fn extra_status(&self, code: u8, out: &mut Outcome) {
+        if Some(code) == self.unit_exception_on {
+            out.status |= dstat::UNIT_EXCEPTION;
+        }
+        if Some(code) == self.status_modifier_on {
+            out.status |= dstat::STATUS_MODIFIER;
+        }
     }
 
     fn data_len(&self, count: usize) -> (usize, bool) {
@@ -160,12 +175,40 @@ impl DeviceModel for LoopbackDevice {
                 }
             }
         };
-        if Some(cmd.code) == self.unit_exception_on {
-            out.status |= dstat::UNIT_EXCEPTION;
+        self.extra_status(cmd.code, &mut out);
+        out
+    }
+
+    fn execute_area(&mut self, cmd: &Command, data: &mut DataArea<'_>) -> Outcome {
+        let chunk = match self.put_chunk {
+            Some(c)
+                if c > 0
+                    && cmd.kind.is_input()
+                    && !matches!(cmd.code, command::SENSE | command::SENSE_ID)
+                    && Some(cmd.code) != self.unit_check_on =>
+            {
+                c
+            }
+            _ => return data.with_buffer(|b| self.execute(cmd, b)),
+        };
+        self.commands.push(*cmd);
+        let (n, more) = self.data_len(data.count());
+        let bytes: Vec<u8> = (0..n)
+            .map(|_| {
+                let b = Self::pattern(self.counter);
+                self.counter = self.counter.wrapping_add(1);
+                b
+            })
+            .collect();
+        for c in bytes.chunks(chunk) {
+            data.put(c);
         }
-        if Some(cmd.code) == self.status_modifier_on {
-            out.status |= dstat::STATUS_MODIFIER;
-        }
+        self.produced.extend_from_slice(&bytes);
+        let mut out = Outcome {
+            more,
+            ..Outcome::done(n)
+        };
+        self.extra_status(cmd.code, &mut out);
         out
     }
 
@@ -234,5 +277,31 @@ mod tests {
             d.execute(&cmd(0x03, 0), &mut []).status,
             dstat::CHANNEL_END | dstat::DEVICE_END | dstat::STATUS_MODIFIER
         );
+    }
+
+    #[test]
+    fn put_chunks_fill_a_buffer_area_like_execute() {
+        let mut a = LoopbackDevice::new();
+        let mut b = LoopbackDevice::new();
+        b.put_chunk = Some(3);
+        b.length = Length::Fixed(7);
+        a.length = Length::Fixed(7);
+        let (mut x, mut y) = ([0u8; 10], [0u8; 10]);
+        let oa = a.execute(&cmd(0x02, 10), &mut x);
+        let mut area = DataArea::buffer(&mut y);
+        let ob = b.execute_area(&cmd(0x02, 10), &mut area);
+        assert_eq!((area.put_len(), area.remaining()), (7, 3));
+        assert_eq!(oa, ob);
+        assert_eq!(ob.transferred, 7);
+        assert_eq!(x, y);
+        assert_eq!(&y[7..], &[0, 0, 0]);
+        // Output commands still see the buffer.
+        b.length = Length::AsOffered;
+        let mut w = *b"out!";
+        assert_eq!(
+            b.execute_area(&cmd(0x01, 4), &mut DataArea::buffer(&mut w)),
+            Outcome::done(4)
+        );
+        assert_eq!(b.written(), b"out!");
     }
 }

@@ -22,6 +22,7 @@ use std::path::Path;
 use thiserror::Error;
 
 use super::file::ImageFile;
+use super::map::ReadMap;
 
 /// Size of the device header at the start of the image.
 pub const DEVHDR_SIZE: usize = 512;
@@ -374,6 +375,9 @@ pub struct CkdImage {
     header: DeviceHeader,
     cylinders: u32,
     options: CkdOpenOptions,
+    /// A read-only shared mapping of the whole file (images opened from a `File`): reads
+    /// copy from it with no intermediate buffer; writes stay `pwrite` (coherent with it).
+    map: Option<ReadMap>,
 }
 
 impl CkdImage {
@@ -388,9 +392,17 @@ impl CkdImage {
         Self::from_file(file, options)
     }
 
-    /// Checks an already open image file (opened for writing unless `options.read_only`).
+    /// Checks an already open image file (opened for writing unless `options.read_only`)
+    /// and maps it read-only for reads (see [`Self::mapped_slot`]). The mapping covers the
+    /// size checked at open; if it cannot be made, reads fall back to `pread`.
     pub fn from_file(file: File, options: CkdOpenOptions) -> Result<Self, CkdError> {
-        Self::from_backing(Box::new(file), options)
+        let len = file.metadata().map_err(io_err("fstat"))?.len();
+        // Map only what `from_backing` will accept: a bad image fails there, unmapped.
+        let map = ReadMap::new(&file, len).ok();
+        let mut img = Self::from_backing(Box::new(file), options)?;
+        let slots = slot_offset(&img.header, img.cylinders, 0);
+        img.map = map.filter(|m| m.len() as u64 >= slots);
+        Ok(img)
     }
 
     /// Checks an image behind any [`ImageFile`] (a `File`, or a test's fault injector).
@@ -436,6 +448,7 @@ impl CkdImage {
             header,
             cylinders,
             options,
+            map: None,
         })
     }
 
@@ -540,10 +553,38 @@ impl CkdImage {
         parse_track(buf, cyl, head)
     }
 
+    /// Whether reads come from a read-only mapping of the file ([`Self::mapped_slot`]).
+    pub fn is_mapped(&self) -> bool {
+        self.map.is_some()
+    }
+
+    /// Checks track slot (`cyl`, `head`) in the mapping, as [`Self::read_track`] checks a
+    /// slot it reads; `Ok(None)` if the image is not mapped (use `read_track` then).
+    pub fn check_mapped_track(&self, cyl: u32, head: u32) -> Result<Option<TrackLayout>, CkdError> {
+        let off = self.check_track(cyl, head)?;
+        let Some(map) = &self.map else {
+            return Ok(None);
+        };
+        let slot = map
+            .get(off as usize, self.track_size())
+            .ok_or(CkdError::TrackOutOfRange { cyl, head })?;
+        parse_track(slot, cyl, head).map(Some)
+    }
+
+    /// The bytes of track slot (`cyl`, `head`) in the read-only mapping: `None` if the image
+    /// is not mapped or the track is outside the volume. No copy is made; the slice shows
+    /// this image's own writes once they return (writes take `&mut self`, so none runs while
+    /// the slice is alive). Another process writing the file may change it (see the module
+    /// docs of `image::map` for truncation).
+    pub fn mapped_slot(&self, cyl: u32, head: u32) -> Option<&[u8]> {
+        let off = self.check_track(cyl, head).ok()?;
+        self.map.as_ref()?.get(off as usize, self.track_size())
+    }
+
     /// Writes `data` at `offset` within track slot (`cyl`, `head`) with one positioned write,
     /// then fdatasync if the image was opened with `sync_writes`.
     pub fn write_track_range(
-        &self,
+        &mut self,
         cyl: u32,
         head: u32,
         offset: usize,
@@ -557,7 +598,7 @@ impl CkdImage {
     /// caller's crash ordering: a failure leaves the earlier parts written, the later ones
     /// untouched (the failing one possibly in part). Every part is checked before any write.
     pub fn write_track_parts(
-        &self,
+        &mut self,
         cyl: u32,
         head: u32,
         parts: &[(usize, &[u8])],
@@ -587,7 +628,7 @@ impl CkdImage {
     }
 
     /// Writes a whole track slot.
-    pub fn write_track(&self, cyl: u32, head: u32, buf: &[u8]) -> Result<(), CkdError> {
+    pub fn write_track(&mut self, cyl: u32, head: u32, buf: &[u8]) -> Result<(), CkdError> {
         if buf.len() != self.track_size() {
             return Err(CkdError::BadRange {
                 offset: 0,
@@ -943,7 +984,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("w.ckd");
         drop(CkdImage::create_3390(&p, 1, None).unwrap());
-        let img = CkdImage::open(
+        let mut img = CkdImage::open(
             &p,
             CkdOpenOptions {
                 read_only: false,
@@ -965,7 +1006,7 @@ mod tests {
             img.write_track_range(0, 15, 0, &[1]),
             Err(CkdError::TrackOutOfRange { .. })
         ));
-        let ro = CkdImage::open(
+        let mut ro = CkdImage::open(
             &p,
             CkdOpenOptions {
                 read_only: true,
@@ -976,6 +1017,48 @@ mod tests {
         let e = ro.write_track_range(0, 0, 0, &[0]).unwrap_err();
         assert!(matches!(e, CkdError::ReadOnly));
         assert_eq!(e.errno(), libc::EROFS);
+    }
+
+    #[test]
+    fn mapped_reads_match_pread_and_see_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("m.ckd");
+        drop(CkdImage::create_3390(&p, 1, Some("MAP001")).unwrap());
+        let mut img = CkdImage::open(&p, CkdOpenOptions::default()).unwrap();
+        assert!(img.is_mapped());
+        let mut buf = vec![0u8; img.track_size()];
+        let layout = img.read_track(0, 0, &mut buf).unwrap();
+        assert_eq!(img.check_mapped_track(0, 0).unwrap(), Some(layout));
+        assert_eq!(img.mapped_slot(0, 0).unwrap(), &buf[..]);
+        // Slot 3 starts at 512 + 3 * 56832 in the file.
+        let file = std::fs::read(&p).unwrap();
+        let at = 512 + 3 * 56832;
+        assert_eq!(img.mapped_slot(0, 3).unwrap(), &file[at..at + 56832]);
+        assert!(img.mapped_slot(0, 15).is_none());
+        assert!(img.mapped_slot(1, 0).is_none());
+        assert!(matches!(
+            img.check_mapped_track(1, 0),
+            Err(CkdError::TrackOutOfRange { cyl: 1, head: 0 })
+        ));
+        // A write through the image shows in the mapping at once.
+        img.write_track_range(0, 3, 100, &[7, 8, 9]).unwrap();
+        assert_eq!(&img.mapped_slot(0, 3).unwrap()[100..103], &[7, 8, 9]);
+        // A damaged slot is refused as read_track refuses it.
+        img.write_track_range(0, 2, 4, &[3]).unwrap();
+        assert!(matches!(
+            img.check_mapped_track(0, 2),
+            Err(CkdError::BadHomeAddress {
+                cyl: 0,
+                head: 2,
+                ..
+            })
+        ));
+        // Images behind another ImageFile are not mapped.
+        let f = std::fs::File::open(&p).unwrap();
+        let img = CkdImage::from_backing(Box::new(f), CkdOpenOptions::default()).unwrap();
+        assert!(!img.is_mapped());
+        assert_eq!(img.check_mapped_track(0, 0).unwrap(), None);
+        assert!(img.mapped_slot(0, 0).is_none());
     }
 
     #[test]

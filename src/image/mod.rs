@@ -4,5 +4,6 @@
 pub mod awstape;
 pub mod ckd;
 pub mod file;
+pub mod map;
 
 pub use file::ImageFile;

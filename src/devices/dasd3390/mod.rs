@@ -5,7 +5,9 @@
 //! commands and programs; per-program state (Define Extent, Set File Mask, the Locate Record
 //! domain, which positioning commands ran, the index-point mark) resets in
 //! [`DeviceModel::start_program`]. The channel gathers data chaining, so every command gets
-//! its whole buffer in one `execute` call.
+//! its whole data area in one `execute_area` call. Input is put into the area in order, so
+//! it goes straight to storage; with the image mapped, a Read Data is one copy from the page
+//! cache into the guest's pages.
 //!
 //! Writes update the cached track and `pwrite` the changed bytes before status is presented
 //! (optionally followed by fdatasync, see [`CkdOpenOptions::sync_writes`]); a failed write is
@@ -23,7 +25,7 @@ mod tests;
 pub use chars::{configuration_data, device_characteristics, model_for, sense_id};
 use sense::*;
 
-use crate::css::device::{Command, DeviceIdentity, DeviceModel, Outcome};
+use crate::css::device::{Command, DataArea, DeviceIdentity, DeviceModel, Outcome};
 use crate::image::ckd::{
     CkdError, CkdImage, CkdOpenOptions, CountField, COUNT_SIZE, DEVTYPE_3390, END_OF_TRACK,
     HA_SIZE, HEADS_3390,
@@ -219,8 +221,12 @@ pub struct Dasd3390 {
     ready: bool,
     /// Path group id set by Set Path Group ID (zeros: ungrouped).
     pgid: [u8; 11],
-    /// Cached track image and the track it holds.
+    /// Cached track image (unused when the image is mapped: the track is then read in
+    /// place, and a Read Data copies from the page cache straight into storage).
     track: Vec<u8>,
+    mapped: bool,
+    /// The slot `track()` shows when mapped (the last one loaded).
+    slot: (u32, u32),
     loaded: Option<(u32, u32)>,
     cyl: u32,
     head: u32,
@@ -281,8 +287,15 @@ impl Dasd3390 {
         } else {
             *b"000000000000"
         };
+        let mapped = image.is_mapped();
         Ok(Dasd3390 {
-            track: vec![0; image.track_size()],
+            track: if mapped {
+                Vec::new()
+            } else {
+                vec![0; image.track_size()]
+            },
+            mapped,
+            slot: (0, 0),
             cylinders,
             heads: h.heads,
             dev_model: model_for(cylinders),
@@ -360,13 +373,32 @@ impl Dasd3390 {
 
     // ----- positioning -------------------------------------------------------------------
 
+    /// The current track image: the cache, or the slot in the image's mapping.
+    fn track(&self) -> &[u8] {
+        if self.mapped {
+            self.image
+                .mapped_slot(self.slot.0, self.slot.1)
+                .unwrap_or_default()
+        } else {
+            &self.track
+        }
+    }
+
     fn load(&mut self, cyl: u32, head: u32) -> Res<()> {
         if self.loaded == Some((cyl, head)) {
             return Ok(());
         }
         self.loaded = None;
-        match self.image.read_track(cyl, head, &mut self.track) {
-            Ok(_) => {
+        let r = if self.mapped {
+            self.image.check_mapped_track(cyl, head).map(|_| ())
+        } else {
+            self.image
+                .read_track(cyl, head, &mut self.track)
+                .map(|_| ())
+        };
+        match r {
+            Ok(()) => {
+                self.slot = (cyl, head);
                 self.loaded = Some((cyl, head));
                 Ok(())
             }
@@ -440,7 +472,7 @@ impl Dasd3390 {
         }
         loop {
             self.skip_current();
-            let Some(raw) = self.track.get(self.pos..self.pos + COUNT_SIZE) else {
+            let Some(raw) = self.track().get(self.pos..self.pos + COUNT_SIZE) else {
                 return Err(self.equipment_check());
             };
             let raw: [u8; COUNT_SIZE] = raw.try_into().expect("count slice");
@@ -496,7 +528,7 @@ impl Dasd3390 {
     /// Reads the data of the current record (reading the next count first if needed).
     fn read_data(&mut self, code: u8) -> Res<Vec<u8>> {
         let r = self.data_span(code)?;
-        Ok(self.track[r].to_vec())
+        Ok(self.track()[r].to_vec())
     }
 
     /// Moves past the data of the current record (reading the next count first if needed)
@@ -510,7 +542,7 @@ impl Dasd3390 {
             self.pos += self.kl;
         }
         let r = self.pos..self.pos + self.dl;
-        if r.end > self.track.len() {
+        if r.end > self.track().len() {
             return Err(self.equipment_check());
         }
         self.pos += self.dl;
@@ -519,7 +551,7 @@ impl Dasd3390 {
     }
 
     fn field(&mut self, at: usize, len: usize) -> Res<Vec<u8>> {
-        match self.track.get(at..at + len) {
+        match self.track().get(at..at + len) {
             Some(b) => Ok(b.to_vec()),
             None => Err(self.equipment_check()),
         }
@@ -537,10 +569,13 @@ impl Dasd3390 {
         if self.image.read_only() {
             return Err(self.check(SENSE_EC, SENSE1_WRI, FORMAT_0, MSG_INVALID_PARAMETER));
         }
-        if at + bytes.len() > self.track.len() {
+        if at + bytes.len() > self.track().len() {
             return Err(self.check(0, SENSE1_ITF, 0, 0));
         }
-        self.track[at..at + bytes.len()].copy_from_slice(bytes);
+        // A mapped track shows the write once pwrite returns (the page cache is shared).
+        if !self.mapped {
+            self.track[at..at + bytes.len()].copy_from_slice(bytes);
+        }
         let (head, tail) = bytes.split_at(split.min(bytes.len()));
         let parts = [(at + head.len(), tail), (at, head)];
         let parts = if head.is_empty() {
@@ -567,7 +602,7 @@ impl Dasd3390 {
         raw[..n].copy_from_slice(&buf[..n]);
         let c = CountField::from_bytes(&raw);
         let len = c.total_len();
-        if self.pos + len + COUNT_SIZE >= self.track.len() {
+        if self.pos + len + COUNT_SIZE >= self.track().len() {
             return Err(self.check(0, SENSE1_ITF, 0, 0));
         }
         let mut rec = vec![0u8; len + COUNT_SIZE];
@@ -612,7 +647,7 @@ impl Dasd3390 {
         let n = buf.len().min(COUNT_SIZE);
         raw[..n].copy_from_slice(&buf[..n]);
         let len = CountField::from_bytes(&raw).total_len();
-        if self.pos + len + COUNT_SIZE >= self.track.len() {
+        if self.pos + len + COUNT_SIZE >= self.track().len() {
             return Err(self.check(0, SENSE1_ITF, 0, 0));
         }
         self.store(self.pos, &END_OF_TRACK)?;
@@ -651,7 +686,7 @@ impl Dasd3390 {
 
     // ----- commands ----------------------------------------------------------------------
 
-    fn dispatch(&mut self, cmd: &Command, data: &mut [u8]) -> Res<Outcome> {
+    fn dispatch(&mut self, cmd: &Command, data: &mut DataArea<'_>) -> Res<Outcome> {
         let code = cmd.code;
         if self.prog.reject_next {
             return Err(self.sequence());
@@ -682,22 +717,22 @@ impl Dasd3390 {
             }
             0x02 => self.cmd_read_ipl(code, data),
             0x63 => {
-                self.define_extent(data)?;
+                self.define_extent(data.output())?;
                 Ok(Outcome::done(16))
             }
             0x47 => {
-                self.locate_record(code, data, false)?;
+                self.locate_record(code, data.output(), false)?;
                 Ok(Outcome::done(16))
             }
             0x4B => {
-                self.locate_record(code, data, true)?;
+                self.locate_record(code, data.output(), true)?;
                 Ok(Outcome::done(20))
             }
-            0xE7 => self.cmd_prefix(data),
-            0x1F => self.cmd_set_file_mask(data),
-            0x07 | 0x0B | 0x1B => self.cmd_seek(code, data),
-            0x31 | 0x51 | 0x71 | 0xB1 | 0xD1 | 0xF1 => self.cmd_search_id(code, data),
-            0x39 | 0xB9 => self.cmd_search_ha(code, data),
+            0xE7 => self.cmd_prefix(data.output()),
+            0x1F => self.cmd_set_file_mask(data.output()),
+            0x07 | 0x0B | 0x1B => self.cmd_seek(code, data.output()),
+            0x31 | 0x51 | 0x71 | 0xB1 | 0xD1 | 0xF1 => self.cmd_search_id(code, data.output()),
+            0x39 | 0xB9 => self.cmd_search_ha(code, data.output()),
             0x06 | 0x86 => self.cmd_read_data(code, data),
             0x0E | 0x8E => self.cmd_read_key_data(code, data),
             0x12 | 0x92 => self.cmd_read_count(code, data),
@@ -706,19 +741,19 @@ impl Dasd3390 {
             0x1E | 0x9E => self.cmd_read_ckd(code, data),
             0x5E => self.cmd_read_multiple_ckd(code, data),
             0xDE => self.cmd_read_track(cmd, data),
-            0x05 => self.cmd_write_data(data),
-            0x85 => self.cmd_write_update_data(code, data),
-            0x1D => self.cmd_write_ckd(data),
-            0x15 => self.cmd_write_r0(data),
-            0x19 => self.cmd_write_ha(data),
-            0x11 => self.cmd_erase(data),
-            0x9D => self.cmd_write_ckd_next_track(cmd, data),
+            0x05 => self.cmd_write_data(data.output()),
+            0x85 => self.cmd_write_update_data(code, data.output()),
+            0x1D => self.cmd_write_ckd(data.output()),
+            0x15 => self.cmd_write_r0(data.output()),
+            0x19 => self.cmd_write_ha(data.output()),
+            0x11 => self.cmd_erase(data.output()),
+            0x9D => self.cmd_write_ckd_next_track(cmd, data.output()),
             0x34 | 0xAF => self.cmd_path_group(cmd, data),
             _ => Err(self.reject(MSG_INVALID_COMMAND)),
         }
     }
 
-    fn cmd_sense(&mut self, data: &mut [u8]) -> Res<Outcome> {
+    fn cmd_sense(&mut self, data: &mut DataArea<'_>) -> Res<Outcome> {
         if self.in_domain() {
             return Err(self.sequence());
         }
@@ -748,7 +783,7 @@ impl Dasd3390 {
         }
     }
 
-    fn cmd_read_ipl(&mut self, code: u8, data: &mut [u8]) -> Res<Outcome> {
+    fn cmd_read_ipl(&mut self, code: u8, data: &mut DataArea<'_>) -> Res<Outcome> {
         let p = &self.prog;
         if p.extent_defined || p.file_mask_set || p.lcount > 0 {
             return Err(self.sequence());
@@ -934,7 +969,7 @@ impl Dasd3390 {
         };
         self.seek(cyl, head)?;
         match orient {
-            ORIENT_HOME if self.track[1..HA_SIZE] != search[..4] => {
+            ORIENT_HOME if self.track()[1..HA_SIZE] != search[..4] => {
                 return Err(self.check(0, SENSE1_NRF, 0, 0));
             }
             ORIENT_COUNT | ORIENT_DATA => loop {
@@ -1035,7 +1070,7 @@ impl Dasd3390 {
         }
         self.seek(self.cyl, self.head)?;
         let n = data.len().min(4);
-        let equal = self.track[1..1 + n] == data[..n];
+        let equal = self.track()[1..1 + n] == data[..n];
         self.prog.ha_equal = equal && n == 4;
         let mut o = Outcome::done(n);
         if equal {
@@ -1048,16 +1083,16 @@ impl Dasd3390 {
         matches!(self.prog.op(), OP_READ | OP_READ16)
     }
 
-    fn cmd_read_data(&mut self, code: u8, data: &mut [u8]) -> Res<Outcome> {
+    fn cmd_read_data(&mut self, code: u8, data: &mut DataArea<'_>) -> Res<Outcome> {
         self.chaining_check()?;
         let ok = self.read_domain_ok() && (self.prog.op() != OP_READ16 || is_mt(code));
         self.domain_allows(ok)?;
         let r = self.data_span(code)?;
         let empty = r.is_empty();
-        Ok(with_ux(input(data, &self.track[r]), empty))
+        Ok(with_ux(input(data, &self.track()[r]), empty))
     }
 
-    fn cmd_read_key_data(&mut self, code: u8, data: &mut [u8]) -> Res<Outcome> {
+    fn cmd_read_key_data(&mut self, code: u8, data: &mut DataArea<'_>) -> Res<Outcome> {
         self.chaining_check()?;
         let ok = self.read_domain_ok();
         self.domain_allows(ok)?;
@@ -1071,7 +1106,7 @@ impl Dasd3390 {
         Ok(with_ux(input(data, &kd), empty))
     }
 
-    fn cmd_read_count(&mut self, code: u8, data: &mut [u8]) -> Res<Outcome> {
+    fn cmd_read_count(&mut self, code: u8, data: &mut DataArea<'_>) -> Res<Outcome> {
         self.chaining_check()?;
         let p = &self.prog;
         let ok = self.read_domain_ok()
@@ -1081,7 +1116,7 @@ impl Dasd3390 {
         Ok(input(data, &c.to_bytes()))
     }
 
-    fn cmd_read_r0(&mut self, code: u8, data: &mut [u8]) -> Res<Outcome> {
+    fn cmd_read_r0(&mut self, code: u8, data: &mut DataArea<'_>) -> Res<Outcome> {
         self.chaining_check()?;
         let o = self.prog.loper & OPER_ORIENT_MASK;
         let ok = self.prog.op() == OP_READ
@@ -1100,7 +1135,7 @@ impl Dasd3390 {
         Ok(with_ux(input(data, &ckd), empty))
     }
 
-    fn cmd_read_ha(&mut self, code: u8, data: &mut [u8]) -> Res<Outcome> {
+    fn cmd_read_ha(&mut self, code: u8, data: &mut DataArea<'_>) -> Res<Outcome> {
         self.chaining_check()?;
         let ok = self.prog.op() == OP_READ
             || (self.prog.op() == OP_READ16 && self.prog.loper & OPER_ORIENT_MASK == ORIENT_INDEX);
@@ -1109,11 +1144,11 @@ impl Dasd3390 {
             self.mt_advance(1)?;
         }
         self.seek(self.cyl, self.head)?;
-        let ha = self.track[..HA_SIZE].to_vec();
+        let ha = self.track()[..HA_SIZE].to_vec();
         Ok(input(data, &ha))
     }
 
-    fn cmd_read_ckd(&mut self, code: u8, data: &mut [u8]) -> Res<Outcome> {
+    fn cmd_read_ckd(&mut self, code: u8, data: &mut DataArea<'_>) -> Res<Outcome> {
         self.chaining_check()?;
         let ok = self.read_domain_ok();
         self.domain_allows(ok)?;
@@ -1142,14 +1177,14 @@ impl Dasd3390 {
         }
     }
 
-    fn cmd_read_multiple_ckd(&mut self, code: u8, data: &mut [u8]) -> Res<Outcome> {
+    fn cmd_read_multiple_ckd(&mut self, code: u8, data: &mut DataArea<'_>) -> Res<Outcome> {
         self.chaining_check()?;
         self.reject_in_domain()?;
         let all = self.records_to_end(code, false)?;
         Ok(input(data, &all))
     }
 
-    fn cmd_read_track(&mut self, cmd: &Command, data: &mut [u8]) -> Res<Outcome> {
+    fn cmd_read_track(&mut self, cmd: &Command, data: &mut DataArea<'_>) -> Res<Outcome> {
         if !self.in_domain() || self.prog.op() != OP_READ_TRACKS {
             return Err(self.sequence());
         }
@@ -1330,7 +1365,7 @@ impl Dasd3390 {
     /// models them: both must be the only command of their chain (Suspend Multipath
     /// Reconnection aside), Sense reports the "reset" path state and the id, Set establishes
     /// (only the same id once one is set), disbands or resigns.
-    fn cmd_path_group(&mut self, cmd: &Command, data: &mut [u8]) -> Res<Outcome> {
+    fn cmd_path_group(&mut self, cmd: &Command, data: &mut DataArea<'_>) -> Res<Outcome> {
         if cmd.chained && cmd.prev_code != Some(0x5B) {
             return Err(self.sequence());
         }
@@ -1339,6 +1374,7 @@ impl Dasd3390 {
             b[1..].copy_from_slice(&self.pgid);
             input(data, &b)
         } else {
+            let data = data.output();
             if data.len() < 12 {
                 return Err(self.reject(MSG_COUNT_TOO_SMALL));
             }
@@ -1362,14 +1398,15 @@ impl Dasd3390 {
     }
 }
 
-/// Input transfer of `src`: as much as fits; `more` if the device had more to give.
-fn input(data: &mut [u8], src: &[u8]) -> Outcome {
-    let n = data.len().min(src.len());
-    data[..n].copy_from_slice(&src[..n]);
+/// Input transfer of `src`: as much as fits, put straight to storage (only the bytes
+/// transferred are put); `more` if the device had more to give.
+fn input(data: &mut DataArea<'_>, src: &[u8]) -> Outcome {
+    let room = data.remaining();
+    data.put(src);
     Outcome {
         status: dstat::CHANNEL_END | dstat::DEVICE_END,
-        transferred: n,
-        more: src.len() > data.len(),
+        transferred: data.put_len(),
+        more: src.len() > room,
     }
 }
 
@@ -1396,6 +1433,10 @@ impl DeviceModel for Dasd3390 {
     }
 
     fn execute(&mut self, cmd: &Command, data: &mut [u8]) -> Outcome {
+        self.execute_area(cmd, &mut DataArea::buffer(data))
+    }
+
+    fn execute_area(&mut self, cmd: &Command, data: &mut DataArea<'_>) -> Outcome {
         let code = cmd.code;
         if !self.ready && code != 0x04 && code != 0xE4 {
             self.check(SENSE_IR, 0, FORMAT_0, 0);

@@ -989,3 +989,72 @@ fn path_group_id_set_sense_and_chain_rules() {
     let mut p = Prog::new(&mut v.dev);
     assert_eq!(p.read(0x34, 12), vec![0; 12]);
 }
+
+/// Runs the same writes and reads on a device whose image is mapped and on one reading
+/// with `pread` (an image behind a plain `ImageFile`): every outcome, every byte read and
+/// the files must agree.
+#[test]
+fn mapped_and_pread_images_behave_alike() {
+    fn script(dev: &mut Dasd3390) -> Vec<(Outcome, Vec<u8>)> {
+        let mut out = Vec::new();
+        let mut p = Prog::new(dev);
+        out.push(p.io(0x07, seek_arg(1, 3)));
+        out.push(p.io(0x31, id(1, 3, 0)));
+        out.push(p.io(0x1D, ckd(1, 3, 1, b"KEY1", &[0x11; 100])));
+        out.push(p.io(0x1D, ckd(1, 3, 2, &[], &[0x22; 50])));
+        let mut p = Prog::new(dev);
+        out.push(p.io(0x07, seek_arg(1, 3)));
+        out.push(p.io(0x31, id(1, 3, 1)));
+        out.push(p.io(0x31, id(1, 3, 1)));
+        out.push(p.io(0x05, vec![0x33; 100]));
+        let mut p = Prog::new(dev);
+        out.push(p.io(0x07, seek_arg(1, 3)));
+        out.push(p.io(0x31, id(1, 3, 1)));
+        out.push(p.io(0x31, id(1, 3, 1)));
+        out.push(p.io(0x0E, vec![0; 104]));
+        out.push(p.io(0x12, vec![0; 8]));
+        let mut p = Prog::new(dev);
+        out.push(p.io(0x07, seek_arg(1, 3)));
+        out.push(p.io(0x5E, vec![0; 400]));
+        let mut p = Prog::new(dev);
+        out.push(p.io(0x07, seek_arg(1, 3)));
+        out.push(p.io(0x16, vec![0; 16]));
+        out.push(p.io(0x1E, vec![0; 60]));
+        out.push(p.io(0x06, vec![0; 10]));
+        let mut p = Prog::new(dev);
+        out.push(p.io(0x63, de_all(0x40)));
+        out.push(p.io(0x47, lr(0x06, 2, 1, 3, 1, 0)));
+        out.push(p.io(0x86, vec![0; 100]));
+        out.push(p.io(0x86, vec![0; 60]));
+        out
+    }
+    let mapped = vol();
+    let plain = vol();
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&plain.path)
+        .unwrap();
+    let img = CkdImage::from_backing(Box::new(file), CkdOpenOptions::default()).unwrap();
+    let mut plain_dev = Dasd3390::new(img, 0).unwrap();
+    let mut mapped_dev = mapped.dev;
+    assert!(mapped_dev.image().is_mapped());
+    assert!(!plain_dev.image().is_mapped());
+    let a = script(&mut mapped_dev);
+    let b = script(&mut plain_dev);
+    assert_eq!(a, b);
+    // Spot checks: the data written is what Read Key and Data and the LR reads return.
+    assert!(a.iter().all(|(o, _)| o.status & UNIT_CHECK == 0));
+    assert_eq!((a[6].0.status, a[7].0.transferred), (SM, 100));
+    assert_eq!(&a[11].1[..4], b"KEY1");
+    assert!(a[11].1[4..].iter().all(|&x| x == 0x33));
+    assert_eq!(a[12].1, [0, 1, 0, 3, 2, 0, 0, 50]);
+    assert_eq!(a[14].0.transferred, 170);
+    assert_eq!(a[21].1, vec![0x33; 100]);
+    assert_eq!(a[22].1, vec![0x22; 50]);
+    assert!(!a[22].0.more);
+    assert_eq!(
+        std::fs::read(&mapped.path).unwrap(),
+        std::fs::read(&plain.path).unwrap()
+    );
+}
