@@ -163,6 +163,18 @@ pub struct IrqInfo {
     pub count: u32,
 }
 
+/// Receives every new image of the I/O region, so a transport can expose it without a
+/// round trip (vccw's service keeps a read-only shared-memory mirror of it).
+///
+/// Called with the device's state lock held, after each client write to the region (the
+/// image then carries the request's `ret_code`) and after each stored IRB, *before* the IO
+/// eventfd is signalled: whoever saw the eventfd finds the IRB in the mirror. It must be
+/// quick and must not call back into the device.
+pub trait IoRegionMirror: Send + Sync {
+    /// The region's full image (`struct ccw_io_region`, 124 bytes) as it is now.
+    fn update(&self, image: &[u8; CCW_IO_REGION_SIZE]);
+}
+
 /// An event from the backend waiting for the state lock.
 pub(super) enum Pending {
     Irb(Irb),
@@ -189,6 +201,8 @@ pub(super) struct Inner {
     pub lpm: u8,
     /// The SCHIB as last stored (channel-path ids for path events).
     pub schib: Option<Schib>,
+    /// Where I/O region images go (see [`IoRegionMirror`]).
+    pub io_mirror: Option<Arc<dyn IoRegionMirror>>,
 }
 
 pub(super) struct Shared {
@@ -454,6 +468,7 @@ impl VfioCcwDevice {
                 async_pending: false,
                 lpm: 0,
                 schib: None,
+                io_mirror: None,
             }),
             queue: Mutex::new(VecDeque::new()),
             queue_cv: Condvar::new(),
@@ -606,6 +621,14 @@ impl VfioCcwDevice {
             }
             _ => Err(DeviceError::InvalidArgument),
         }
+    }
+
+    /// Installs (or with `None` removes) the I/O region mirror; a new mirror receives the
+    /// current image at once.
+    pub fn set_io_mirror(&self, mirror: Option<Arc<dyn IoRegionMirror>>) {
+        let mut st = self.sh.lock();
+        st.io_mirror = mirror;
+        self.sh.mirror_io(&st);
     }
 
     /// Whether the device holds a channel program (and so guest page pins).

@@ -47,6 +47,10 @@ pub enum RecvError {
     /// The socket failed, or the peer closed in the middle of a message: the stream is unusable.
     #[error("socket: {0}")]
     Io(#[from] std::io::Error),
+    /// The socket's receive timeout (`SO_RCVTIMEO`) passed before the first byte of a
+    /// message: nothing was consumed, the stream is still in step (ETIMEDOUT).
+    #[error("no message within the receive timeout")]
+    TimedOut,
     /// The header is unusable (size smaller than a header, unknown type or flag bits): the
     /// stream cannot be trusted any more.
     #[error("bad header: {0}")]
@@ -140,7 +144,13 @@ pub fn recv_message(stream: &UnixStream, limits: RecvLimits) -> Result<Option<Me
     let mut hdr = [0u8; HEADER_SIZE];
     let mut got = 0;
     while got < HEADER_SIZE {
-        let n = recv_some(fd, &mut hdr[got..], &mut fds)?;
+        let n = match recv_some(fd, &mut hdr[got..], &mut fds) {
+            Ok(n) => n,
+            Err(e) if got == 0 && e.kind() == std::io::ErrorKind::WouldBlock => {
+                return Err(RecvError::TimedOut)
+            }
+            Err(e) => return Err(e.into()),
+        };
         if n == 0 {
             if got == 0 {
                 return Ok(None);
