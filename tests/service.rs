@@ -571,7 +571,9 @@ fn sigterm_stops_cleanly_and_removes_sockets() {
 fn memory_mapped_without_fd_goes_through_dma_read_and_write() {
     use vccw::vfio_user::client::{DmaMemory, VecMemory};
     let s = Server::start();
-    let dev = CcwClient::connect(&s.dasd).unwrap();
+    // Memory without an fd needs the threaded transport (the synchronous one refuses it).
+    let dev = CcwClient::connect_with(&s.dasd, ClientConfig::default()).unwrap();
+    assert!(!dev.transport().is_sync());
     let mem = Arc::new(VecMemory::new(16 * 1024));
     let prog: Vec<u8> = ccw(0xE4, 0x20, 7, 0x2000).to_bytes().to_vec();
     mem.write(0x1000, &prog).unwrap();
@@ -667,7 +669,7 @@ fn serve_given_images_in_a_socket_dir_with_private_sockets() {
 fn fd_less_maps_are_bounded() {
     use vccw::vfio_user::client::VecMemory;
     let s = Server::start();
-    let dev = CcwClient::connect(&s.tape).unwrap();
+    let dev = CcwClient::connect_with(&s.tape, ClientConfig::default()).unwrap();
     // 128 MiB without an fd would be copied on every I/O: refused with ENOSPC. (The client
     // side only needs the length: VecMemory of that size is not allocated by the server.)
     struct Huge;

@@ -187,6 +187,9 @@ pub enum WaitMode {
     Spin,
 }
 
+/// How long a start, halt or clear is retried while the device answers EAGAIN.
+pub const EAGAIN_RETRY: Duration = Duration::from_secs(1);
+
 /// A connected vfio-ccw device: regions, interrupts, memory.
 ///
 /// Its memory is always mapped by fd, so [`CcwClient::connect`] uses the transport's
@@ -299,7 +302,7 @@ impl CcwClient {
             ..Default::default()
         };
         let region = CcwIoRegion::request(orb, &scsw).to_bytes();
-        let n = self.client.region_write(IO_REGION_INDEX, 0, &region)?;
+        let n = self.region_write_retry(IO_REGION_INDEX, &region)?;
         if n != CCW_IO_REGION_SIZE {
             return Err(CcwClientError::Short("I/O region write"));
         }
@@ -325,13 +328,21 @@ impl CcwClient {
     /// Reads the IRB the last interrupt stored: from the mapped I/O region when the server
     /// offered it, else by REGION_READ.
     ///
+    /// With memory mapped without an fd ([`Client::dma_map_memory`] on the transport) the
+    /// IRB is always read by REGION_READ: that read is what makes the server copy the
+    /// program's data back.
+    ///
     /// The server updates the mapping while it holds the device lock, but this process
     /// does not: a read racing a new interrupt could see a mix of two IRBs. The bytes are
     /// therefore read until two reads in a row agree (a new interrupt also signals the
     /// eventfd again, so its status is not lost either way).
     pub fn irb(&self) -> Result<Irb, CcwClientError> {
         let mut b = [0u8; IRB_SIZE];
-        if let Some(m) = &self.io_map {
+        if let Some(m) = self
+            .io_map
+            .as_ref()
+            .filter(|_| !self.client.has_fdless_maps())
+        {
             let mut again = [0u8; IRB_SIZE];
             m.read(IO_IRB_OFFSET as u64, &mut b)?;
             for _ in 0..16 {
@@ -373,9 +384,24 @@ impl CcwClient {
             command,
             ret_code: 0,
         };
-        self.client
-            .region_write(ASYNC_REGION_INDEX, 0, &r.to_bytes())?;
+        self.region_write_retry(ASYNC_REGION_INDEX, &r.to_bytes())?;
         Ok(())
+    }
+
+    /// A region write, repeated while the device answers EAGAIN: it is still finishing the
+    /// interrupt this client may already have seen (the device signals the eventfd before
+    /// it lets go of its state, as Linux does; QEMU retries the same way). Bounded by
+    /// [`EAGAIN_RETRY`].
+    fn region_write_retry(&self, index: u32, data: &[u8]) -> Result<usize, CcwClientError> {
+        let deadline = Instant::now() + EAGAIN_RETRY;
+        loop {
+            match self.client.region_write(index, 0, data) {
+                Err(ClientError::Remote(libc::EAGAIN)) if Instant::now() < deadline => {
+                    std::thread::yield_now()
+                }
+                r => return Ok(r?),
+            }
+        }
     }
 
     /// HALT SUBCHANNEL through the async region (its interrupt arrives on the I/O eventfd).

@@ -836,6 +836,12 @@ impl Client {
         r.map(|_| ())
     }
 
+    /// Whether memory mapped without an fd is registered (the server reaches it only
+    /// through this connection).
+    pub fn has_fdless_maps(&self) -> bool {
+        !lock(&self.shared.maps).is_empty()
+    }
+
     /// DMA_UNMAP exactly a previous map.
     pub fn dma_unmap(&self, iova: u64, size: u64) -> Result<(), ClientError> {
         self.unmap(DmaUnmap {
