@@ -27,6 +27,7 @@ use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::thread::ThreadId;
 use std::time::Duration;
 
 use thiserror::Error;
@@ -247,6 +248,11 @@ pub enum DmaError {
     /// Sending failed (EIO).
     #[error("socket: {0}")]
     Io(#[from] std::io::Error),
+    /// Called on the connection's reader thread, which alone could receive the reply
+    /// (EDEADLK): a handler run inline, i.e. while the connection has no DMA mapping
+    /// without an fd, must not use the channel.
+    #[error("DMA request from the connection's reader thread")]
+    OnReader,
 }
 
 impl DmaError {
@@ -258,6 +264,7 @@ impl DmaError {
             DmaError::Remote(e) => *e,
             DmaError::BadReply(_) => libc::EINVAL,
             DmaError::Io(_) => libc::EIO,
+            DmaError::OnReader => libc::EDEADLK,
         }
     }
 }
@@ -278,6 +285,8 @@ struct DmaInner {
     next_id: AtomicU16,
     max_xfer: usize,
     timeout: Duration,
+    /// The thread that receives this connection's messages.
+    reader: Option<ThreadId>,
 }
 
 /// Server-to-client memory access for memory the client mapped without an fd
@@ -297,7 +306,12 @@ impl std::fmt::Debug for DmaChannel {
 }
 
 impl DmaChannel {
-    fn new(writer: Arc<Mutex<UnixStream>>, max_xfer: u32, timeout: Duration) -> DmaChannel {
+    fn new(
+        writer: Arc<Mutex<UnixStream>>,
+        max_xfer: u32,
+        timeout: Duration,
+        reader: Option<ThreadId>,
+    ) -> DmaChannel {
         DmaChannel {
             inner: Arc::new(DmaInner {
                 writer,
@@ -308,6 +322,7 @@ impl DmaChannel {
                 next_id: AtomicU16::new(0),
                 max_xfer: (max_xfer as usize).max(1),
                 timeout,
+                reader,
             }),
         }
     }
@@ -352,6 +367,10 @@ impl DmaChannel {
     }
 
     fn transact(&self, cmd: Command, payload: &[u8]) -> Result<Message, DmaError> {
+        // Waiting here would only end in a timeout: the reply can never be received.
+        if self.inner.reader == Some(std::thread::current().id()) {
+            return Err(DmaError::OnReader);
+        }
         let (tx, rx) = mpsc::sync_channel(1);
         let id = {
             let mut p = lock(&self.inner.pending);
@@ -443,6 +462,8 @@ struct Conn<'a, B: VfioUserBackend + ?Sized> {
     fdless_count: AtomicUsize,
     /// Commands handed to the dispatcher and not yet answered.
     queued: AtomicUsize,
+    /// The reader thread (a DMA request from it could never get its reply).
+    reader: OnceLock<ThreadId>,
 }
 
 /// Serve one client on `stream` until it disconnects. Returns `Ok(())` when the client
@@ -474,6 +495,7 @@ pub fn serve_connection<B: VfioUserBackend + ?Sized>(
         fdless: Mutex::new(Vec::new()),
         fdless_count: AtomicUsize::new(0),
         queued: AtomicUsize::new(0),
+        reader: OnceLock::new(),
     };
 
     let result = std::thread::scope(|s| {
@@ -501,6 +523,7 @@ fn reader_loop<B: VfioUserBackend + ?Sized>(
     limits: RecvLimits,
     tx: SyncSender<Item>,
 ) -> Result<(), ServerError> {
+    let _ = conn.reader.set(std::thread::current().id());
     let r = loop {
         let item = match recv_message(stream, limits) {
             Ok(None) => break Ok(()),
@@ -585,13 +608,7 @@ impl<B: VfioUserBackend + ?Sized> Conn<'_, B> {
         };
         if self.client_caps.get().is_none() {
             return match self.negotiate(msg)? {
-                Flow::Continue => {
-                    self.backend.connected();
-                    if let Some(d) = self.dma.get() {
-                        self.backend.attach_dma(d.clone());
-                    }
-                    Ok(())
-                }
+                Flow::Continue => Ok(()),
                 Flow::Close => Err(ServerError::Negotiation("bad first message".into())),
             };
         }
@@ -667,13 +684,19 @@ impl<B: VfioUserBackend + ?Sized> Conn<'_, B> {
             caps: Some(ours),
         }
         .encode();
-        self.send(&h.reply(reply.len()), &reply)?;
         let _ = self.dma.set(DmaChannel::new(
             self.writer.clone(),
             theirs.max_data_xfer_size(),
             c.dma_timeout,
+            self.reader.get().copied(),
         ));
         let _ = self.client_caps.set(theirs);
+        // The backend is ready for this client before the client hears the answer.
+        self.backend.connected();
+        if let Some(d) = self.dma.get() {
+            self.backend.attach_dma(d.clone());
+        }
+        self.send(&h.reply(reply.len()), &reply)?;
         Ok(Flow::Continue)
     }
 
