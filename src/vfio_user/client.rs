@@ -67,7 +67,7 @@ use super::protocol::{
     ProtoError, RegionAccess, RegionCap, RegionInfo, Version, HEADER_SIZE, MAX_VERSION_DATA,
     VERSION_MAJOR, VERSION_MINOR,
 };
-use super::socket::{recv_message, send_message, Message, RecvError, RecvLimits};
+use super::socket::{send_message, Message, MessageReader, RecvError, RecvLimits};
 
 /// Client failure.
 #[derive(Debug, Error)]
@@ -256,7 +256,7 @@ struct Pending {
 struct Shared {
     writer: Mutex<UnixStream>,
     /// Synchronous mode: the receiving side, locked for a whole call (send + reply).
-    sync: Option<Mutex<UnixStream>>,
+    sync: Option<Mutex<(UnixStream, MessageReader)>>,
     limits: RecvLimits,
     pending: Mutex<Pending>,
     next_id: AtomicU16,
@@ -301,7 +301,7 @@ impl Client {
             // Each receive waits at most the timeout; a call re-checks its own deadline
             // whenever a wait ends (zero would mean "no timeout" to the kernel).
             stream.set_read_timeout(Some(config.timeout.max(Duration::from_millis(1))))?;
-            Some(Mutex::new(stream.try_clone()?))
+            Some(Mutex::new((stream.try_clone()?, MessageReader::new())))
         } else {
             None
         };
@@ -409,13 +409,14 @@ impl Client {
     /// out) are dropped.
     fn transact_sync(
         &self,
-        rx: &Mutex<UnixStream>,
+        rx: &Mutex<(UnixStream, MessageReader)>,
         command: u16,
         flags: u32,
         payload: &[u8],
         fds: &[BorrowedFd<'_>],
     ) -> Result<Message, ClientError> {
-        let rx = lock(rx);
+        let mut rx = lock(rx);
+        let (stream, reader) = &mut *rx;
         if lock(&self.shared.pending).closed {
             return Err(ClientError::Disconnected);
         }
@@ -430,7 +431,7 @@ impl Client {
         send_message(&lock(&self.shared.writer), &header, payload, fds)?;
         let deadline = Instant::now() + self.shared.timeout;
         loop {
-            match receive_one(&rx, &self.shared) {
+            match receive_one(stream, reader, &self.shared) {
                 Incoming::Reply(m) if m.header.id == id => return Ok(m),
                 Incoming::Reply(m) => {
                     tracing::debug!(id = m.header.id, "vfio-user client: stale reply dropped")
@@ -912,7 +913,7 @@ enum Incoming {
 }
 
 /// Receives one message; answers it if it is a server request.
-fn receive_one(stream: &UnixStream, shared: &Shared) -> Incoming {
+fn receive_one(stream: &UnixStream, reader: &mut MessageReader, shared: &Shared) -> Incoming {
     let answer = |h: &Header, r: Result<Vec<u8>, i32>| {
         let w = lock(&shared.writer);
         let sent = match r {
@@ -925,7 +926,7 @@ fn receive_one(stream: &UnixStream, shared: &Shared) -> Incoming {
             Incoming::Closed
         }
     };
-    match recv_message(stream, shared.limits) {
+    match reader.recv(stream, shared.limits) {
         Ok(Some(msg)) if msg.header.is_reply() => Incoming::Reply(msg),
         Ok(Some(msg)) => {
             let h = msg.header;
@@ -946,8 +947,9 @@ fn receive_one(stream: &UnixStream, shared: &Shared) -> Incoming {
 }
 
 fn reader_loop(stream: &UnixStream, shared: &Shared) {
+    let mut reader = MessageReader::new();
     loop {
-        match receive_one(stream, shared) {
+        match receive_one(stream, &mut reader, shared) {
             Incoming::Reply(msg) => {
                 let tx = lock(&shared.pending).waiters.remove(&msg.header.id);
                 if let Some(tx) = tx {

@@ -41,7 +41,7 @@ use super::protocol::{
     ProtoError, RegionAccess, RegionCap, RegionInfo, Version, WriteMulti, HEADER_SIZE,
     MAX_VERSION_DATA, VERSION_MAJOR, VERSION_MINOR,
 };
-use super::socket::{recv_message, send_message, Message, RecvError, RecvLimits, SCM_MAX_FD};
+use super::socket::{send_message, Message, MessageReader, RecvError, RecvLimits, SCM_MAX_FD};
 
 /// What the backend reports for DEVICE_GET_INFO.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -524,8 +524,9 @@ fn reader_loop<B: VfioUserBackend + ?Sized>(
     tx: SyncSender<Item>,
 ) -> Result<(), ServerError> {
     let _ = conn.reader.set(std::thread::current().id());
+    let mut rd = MessageReader::new();
     let r = loop {
-        let item = match recv_message(stream, limits) {
+        let item = match rd.recv(stream, limits) {
             Ok(None) => break Ok(()),
             Ok(Some(msg)) if msg.header.is_reply() => {
                 match conn.dma.get() {
