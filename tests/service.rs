@@ -571,7 +571,9 @@ fn sigterm_stops_cleanly_and_removes_sockets() {
 fn memory_mapped_without_fd_goes_through_dma_read_and_write() {
     use vccw::vfio_user::client::{DmaMemory, VecMemory};
     let s = Server::start();
-    let dev = CcwClient::connect(&s.dasd).unwrap();
+    // Memory without an fd needs the threaded transport (the synchronous one refuses it).
+    let dev = CcwClient::connect_with(&s.dasd, ClientConfig::default()).unwrap();
+    assert!(!dev.transport().is_sync());
     let mem = Arc::new(VecMemory::new(16 * 1024));
     let prog: Vec<u8> = ccw(0xE4, 0x20, 7, 0x2000).to_bytes().to_vec();
     mem.write(0x1000, &prog).unwrap();
@@ -667,7 +669,7 @@ fn serve_given_images_in_a_socket_dir_with_private_sockets() {
 fn fd_less_maps_are_bounded() {
     use vccw::vfio_user::client::VecMemory;
     let s = Server::start();
-    let dev = CcwClient::connect(&s.tape).unwrap();
+    let dev = CcwClient::connect_with(&s.tape, ClientConfig::default()).unwrap();
     // 128 MiB without an fd would be copied on every I/O: refused with ENOSPC. (The client
     // side only needs the length: VecMemory of that size is not allocated by the server.)
     struct Huge;
@@ -690,4 +692,173 @@ fn fd_less_maps_are_bounded() {
     dev.transport()
         .dma_map_memory(0, Arc::new(VecMemory::new(8192)), (true, true))
         .unwrap();
+}
+
+/// Formats record 1 of (1, 0) with 4 KiB of `pattern(0, 3)` and reads it back into 0x20000:
+/// two real DASD channel programs. Returns the IRB of the read.
+fn dasd_write_then_read(dev: &CcwClient, mem: &GuestMemory) -> vccw::orb::Irb {
+    use vccw::client::workload::{define_extent, locate_record, pattern};
+    mem.write(0x4000, &define_extent(0xC0, (1, 0), (1, 0), 4096))
+        .unwrap();
+    mem.write(0x4010, &locate_record(0x03, 1, 1, 0, 0, 4096))
+        .unwrap();
+    mem.write(0x10000, &[0, 1, 0, 0, 1, 0, 0x10, 0]).unwrap();
+    mem.write(0x10008, &pattern(0, 3, 4096)).unwrap();
+    mem.write_ccws(
+        0x1000,
+        &[
+            ccw(0x63, 0x40, 16, 0x4000),
+            ccw(0x47, 0x40, 16, 0x4010),
+            ccw(0x1D, 0, 4104, 0x10000),
+        ],
+    )
+    .unwrap();
+    let irb = dev.run(&orb(0x1000), Duration::from_secs(10)).unwrap();
+    assert_eq!((irb.scsw.dstat, irb.scsw.cstat), (0x0C, 0), "{irb:?}");
+    mem.write(0x4000, &define_extent(0x40, (1, 0), (1, 0), 4096))
+        .unwrap();
+    mem.write(0x4010, &locate_record(0x06, 1, 1, 0, 1, 4096))
+        .unwrap();
+    mem.write_ccws(
+        0x1000,
+        &[
+            ccw(0x63, 0x40, 16, 0x4000),
+            ccw(0x47, 0x40, 16, 0x4010),
+            ccw(0x86, 0, 4096, 0x20000),
+        ],
+    )
+    .unwrap();
+    let irb = dev.run(&orb(0x1000), Duration::from_secs(10)).unwrap();
+    assert_eq!((irb.scsw.dstat, irb.scsw.cstat), (0x0C, 0), "{irb:?}");
+    let mut got = vec![0u8; 4096];
+    mem.read(0x20000, &mut got).unwrap();
+    assert_eq!(got, pattern(0, 3, 4096));
+    irb
+}
+
+#[test]
+fn io_region_mirror_matches_region_read_and_is_read_only() {
+    use vfio_bindings::bindings::vfio::VFIO_REGION_INFO_FLAG_MMAP;
+    let s = Server::start();
+    let dev = CcwClient::connect(&s.dasd).unwrap();
+    // The synchronous transport, with the IRB read from the mapping.
+    assert!(dev.transport().is_sync());
+    assert!(dev.io_region_mapped());
+    let t = dev.transport();
+    let (info, fd) = t.region_info_fd(0).unwrap();
+    let fd = fd.expect("the I/O region comes with its mirror fd");
+    assert_eq!(info.size, 124);
+    assert_ne!(info.flags & VFIO_REGION_INFO_FLAG_MMAP, 0);
+    assert!(info
+        .caps
+        .contains(&vccw::vfio_user::protocol::RegionCap::SparseMmap(vec![(
+            0, 124
+        )])));
+    let mem = GuestMemory::new(256 * 1024).unwrap();
+    dev.map_memory(&mem, 0).unwrap();
+    let irb = dasd_write_then_read(&dev, &mem);
+    // The whole region, through the mapping and by REGION_READ: byte for byte the same.
+    let map = t.map_region(0).unwrap().unwrap();
+    let mut mapped = [0u8; 124];
+    map.read(0, &mut mapped).unwrap();
+    let mut read = [0u8; 124];
+    assert_eq!(t.region_read(0, 0, &mut read).unwrap(), 124);
+    assert_eq!(mapped, read);
+    assert_eq!(&irb.to_bytes()[..], &read[24..120]);
+    // Word 0 of the SCSW: fctl start (0x40), stctl primary|secondary|pending (0x07); ret_code 0.
+    assert_eq!(read[24 + 2], 0x40);
+    assert_eq!(read[24 + 3], 0x07);
+    assert_eq!(&read[120..], &0i32.to_ne_bytes());
+    assert_eq!(dev.irb().unwrap(), irb);
+    // The client cannot write the mirror: no shared writable mapping, no write(2), no
+    // resize; a read-only mapping cannot be made writable.
+    let len = std::num::NonZeroUsize::new(4096).unwrap();
+    // SAFETY: a fresh mapping of our own fd at a kernel-chosen address; it is unmapped
+    // below if it (wrongly) succeeds, and nothing else refers to it.
+    let w = unsafe {
+        nix::sys::mman::mmap(
+            None,
+            len,
+            nix::sys::mman::ProtFlags::PROT_READ | nix::sys::mman::ProtFlags::PROT_WRITE,
+            nix::sys::mman::MapFlags::MAP_SHARED,
+            &fd,
+            0,
+        )
+    };
+    if let Ok(p) = w {
+        // SAFETY: `p` is the mapping just made, of `len` bytes, used by nothing.
+        let _ = unsafe { nix::sys::mman::munmap(p, len.get()) };
+        panic!("a writable shared mapping of the mirror was allowed");
+    }
+    assert_eq!(w.unwrap_err(), nix::errno::Errno::EPERM);
+    assert_eq!(
+        nix::unistd::write(&fd, &[0u8]).unwrap_err(),
+        nix::errno::Errno::EPERM
+    );
+    assert_eq!(
+        nix::unistd::ftruncate(&fd, 0).unwrap_err(),
+        nix::errno::Errno::EPERM
+    );
+    // SAFETY: a read-only shared mapping of our own fd at a kernel-chosen address, unmapped
+    // below; only mprotect is tried on it.
+    let r = unsafe {
+        nix::sys::mman::mmap(
+            None,
+            len,
+            nix::sys::mman::ProtFlags::PROT_READ,
+            nix::sys::mman::MapFlags::MAP_SHARED,
+            &fd,
+            0,
+        )
+    }
+    .unwrap();
+    // SAFETY: `r` is the mapping just made, `len` bytes; PROT_WRITE is what is refused.
+    let e =
+        unsafe { nix::sys::mman::mprotect(r, len.get(), nix::sys::mman::ProtFlags::PROT_WRITE) };
+    // SAFETY: as above; the mapping is used by nothing else.
+    unsafe { nix::sys::mman::munmap(r, len.get()) }.unwrap();
+    assert_eq!(e.unwrap_err(), nix::errno::Errno::EACCES);
+    // A refused start updates the mirror too (ret_code), and REGION_READ agrees.
+    mem.write_ccws(0x1000, &[ccw(0xE4, 0x20, 7, 0x0100_0000)])
+        .unwrap();
+    let e = dev.start(&orb(0x1000)).unwrap_err();
+    map.read(0, &mut mapped).unwrap();
+    t.region_read(0, 0, &mut read).unwrap();
+    assert_eq!(mapped, read);
+    assert_eq!(&read[120..], &(-e.errno()).to_ne_bytes());
+}
+
+#[test]
+fn a_new_client_gets_its_own_mirror() {
+    let s = Server::start();
+    let mem = GuestMemory::new(256 * 1024).unwrap();
+    mem.write_ccws(0x1000, &[ccw(0xE4, 0x20, 7, 0x2000)])
+        .unwrap();
+    let first = CcwClient::connect(&s.dasd).unwrap();
+    first.map_memory(&mem, 0).unwrap();
+    first.run(&orb(0x1000), Duration::from_secs(5)).unwrap();
+    let old = first.transport().map_region(0).unwrap().unwrap();
+    let mut before = [0u8; 124];
+    old.read(0, &mut before).unwrap();
+    assert_eq!(before[24 + 2], 0x40);
+    drop(first);
+    // The device was reset for the next client; its I/O must not show in the old mapping.
+    let second = loop {
+        match CcwClient::connect(&s.dasd) {
+            Ok(c) => break c,
+            Err(e) if e.errno() == libc::EBUSY => std::thread::sleep(Duration::from_millis(20)),
+            Err(e) => panic!("{e}"),
+        }
+    };
+    second.map_memory(&mem, 0).unwrap();
+    // A NOP-like program with another CPA, so the IRB differs.
+    mem.write_ccws(0x3000, &[ccw(0xE4, 0x20, 7, 0x2000)])
+        .unwrap();
+    let irb = second.run(&orb(0x3000), Duration::from_secs(5)).unwrap();
+    assert_eq!(irb.scsw.cpa, 0x3008);
+    let mut after = [0u8; 124];
+    old.read(0, &mut after).unwrap();
+    assert_eq!(before, after);
+    assert!(second.io_region_mapped());
+    assert_eq!(second.irb().unwrap(), irb);
 }

@@ -13,8 +13,8 @@ use nix::sys::memfd::{memfd_create, MFdFlags};
 use vccw::vfio_user::client::{Client, ClientConfig, ClientError, DmaMemory, VecMemory};
 use vccw::vfio_user::protocol::{Command, DeviceInfo, Header, RegionInfo, Version};
 use vccw::vfio_user::server::{
-    serve_connection, DeviceDesc, DmaBacking, DmaChannel, IrqDesc, RegionDesc, ServerConfig,
-    ServerError, VfioUserBackend,
+    serve_connection, DeviceDesc, DmaBacking, DmaChannel, IrqDesc, RegionDesc, RegionMmap,
+    ServerConfig, ServerError, VfioUserBackend,
 };
 use vccw::vfio_user::socket::{recv_message, send_message, Message, RecvLimits};
 use vfio_bindings::bindings::vfio::*;
@@ -29,6 +29,9 @@ fn fd_count() -> usize {
     std::fs::read_dir("/proc/self/fd").unwrap().count()
 }
 
+/// A region mmap offer: (fd, offset in the fd, areas).
+type MmapOffer = (OwnedFd, u64, Vec<(u64, u64)>);
+
 /// Region 0: 64-byte register file (RW). Writing u32 1 at offset 0 signals IRQ 0's eventfd.
 /// Writing a u64 address at offset 8 makes the handler DMA-read 16 bytes there and DMA-write
 /// them reversed at address + 16 (from inside the handler).
@@ -41,6 +44,11 @@ struct TestBackend {
     dma: Mutex<Option<DmaChannel>>,
     disconnects: AtomicUsize,
     resets: AtomicUsize,
+    /// Which thread handled each region write.
+    writers: Mutex<Vec<std::thread::ThreadId>>,
+    /// Region 0's mmap offer: (fd, offset in the fd, areas).
+    mmap: Mutex<Option<MmapOffer>>,
+    connects: AtomicUsize,
 }
 
 impl TestBackend {
@@ -96,6 +104,10 @@ impl VfioUserBackend for TestBackend {
         Ok(buf.len())
     }
     fn region_write(&self, index: u32, offset: u64, data: &[u8]) -> Result<usize, i32> {
+        self.writers
+            .lock()
+            .unwrap()
+            .push(std::thread::current().id());
         if index != 0 {
             return Ok(data.len());
         }
@@ -177,6 +189,18 @@ impl VfioUserBackend for TestBackend {
     fn attach_dma(&self, channel: DmaChannel) {
         *self.dma.lock().unwrap() = Some(channel);
     }
+    fn connected(&self) {
+        self.connects.fetch_add(1, Ordering::SeqCst);
+    }
+    fn region_mmap(&self, index: u32) -> Option<RegionMmap> {
+        let m = self.mmap.lock().unwrap();
+        let (fd, offset, areas) = m.as_ref().filter(|_| index == 0)?;
+        Some(RegionMmap {
+            fd: fd.try_clone().unwrap(),
+            offset: *offset,
+            areas: areas.clone(),
+        })
+    }
 }
 
 fn small_config() -> ServerConfig {
@@ -202,6 +226,13 @@ fn client_config() -> ClientConfig {
     ClientConfig {
         timeout: Duration::from_secs(5),
         ..Default::default()
+    }
+}
+
+fn sync_config() -> ClientConfig {
+    ClientConfig {
+        sync: true,
+        ..client_config()
     }
 }
 
@@ -751,4 +782,367 @@ fn disconnect_mid_stream_releases_everything() {
     assert!(b.irqs.lock().unwrap().is_empty());
     drop(b);
     assert_eq!(fd_count(), before, "no fd may outlive the connection");
+}
+
+/// A one-page memfd holding `fill`, sealed as the service seals its mirror (or with only
+/// `seals`).
+fn sealed_memfd(fill: u8, seals: nix::fcntl::SealFlag) -> OwnedFd {
+    use nix::fcntl::{fcntl, FcntlArg};
+    let fd = memfd_create(
+        "mirror",
+        MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING,
+    )
+    .unwrap();
+    nix::unistd::ftruncate(&fd, 4096).unwrap();
+    nix::sys::uio::pwrite(&fd, &[fill; 4096], 0).unwrap();
+    fcntl(&fd, FcntlArg::F_ADD_SEALS(seals)).unwrap();
+    fd
+}
+
+#[test]
+fn commands_run_on_the_reader_until_a_fd_less_map_then_on_the_dispatcher() {
+    let _g = serial();
+    let b = TestBackend::new();
+    let (c, s) = UnixStream::pair().unwrap();
+    let bb = b.clone();
+    let cfg = small_config();
+    let h = std::thread::spawn(move || serve_connection(&*bb, s, &cfg));
+    let dispatcher = h.thread().id();
+    let client = Client::from_stream(c, client_config()).unwrap();
+    assert_eq!(b.connects.load(Ordering::SeqCst), 1);
+    // fd-backed only: handled by the reader, not the thread that called serve_connection.
+    client.region_write(0, 16, &[1]).unwrap();
+    let mem = memfd_create("guest", MFdFlags::MFD_CLOEXEC).unwrap();
+    nix::unistd::ftruncate(&mem, 4096).unwrap();
+    client
+        .dma_map_fd(0x10_0000, 4096, mem.as_fd(), 0, (true, true))
+        .unwrap();
+    client.region_write(0, 16, &[2]).unwrap();
+    // A map without an fd: from now on the dispatcher, and DMA from inside a handler works.
+    let vm = Arc::new(VecMemory::new(4096));
+    vm.write(0, &(0u8..16).collect::<Vec<_>>()).unwrap();
+    client.dma_map_memory(0, vm.clone(), (true, true)).unwrap();
+    client.region_write(0, 8, &0u64.to_ne_bytes()).unwrap();
+    let mut back = [0u8; 16];
+    vm.read(16, &mut back).unwrap();
+    assert_eq!(back.to_vec(), (0u8..16).rev().collect::<Vec<_>>());
+    // Unmapped: back on the reader.
+    client.dma_unmap(0, 4096).unwrap();
+    client.region_write(0, 16, &[3]).unwrap();
+    let w = b.writers.lock().unwrap().clone();
+    assert_eq!(w.len(), 4, "{w:?}");
+    assert!(w[0] != dispatcher && w[1] == w[0], "{w:?}");
+    assert_eq!(w[2], dispatcher);
+    assert!(w[3] != dispatcher && w[3] == w[0], "{w:?}");
+    client.close();
+    h.join().unwrap().unwrap();
+}
+
+#[test]
+fn pipelined_commands_keep_their_order_across_mode_switches() {
+    let _g = serial();
+    let b = TestBackend::new();
+    let (c, h) = start(&b, small_config());
+    raw_version(&c);
+    // Everything sent before any reply is read: writes and reads of one register
+    // interleaved with a fd-less map, a DMA-using write and the unmap.
+    let mut reqs: Vec<(u16, u16, Vec<u8>)> = Vec::new();
+    let access = |off: u64, data: &[u8], count: u32| {
+        let mut p = off.to_ne_bytes().to_vec();
+        p.extend_from_slice(&0u32.to_ne_bytes());
+        p.extend_from_slice(&count.to_ne_bytes());
+        p.extend_from_slice(data);
+        p
+    };
+    let map = vccw::vfio_user::protocol::DmaMap {
+        argsz: 32,
+        flags: VFIO_DMA_MAP_FLAG_READ | VFIO_DMA_MAP_FLAG_WRITE,
+        offset: 0,
+        address: 0,
+        size: 4096,
+    }
+    .encode();
+    let unmap = vccw::vfio_user::protocol::DmaUnmap {
+        argsz: 24,
+        flags: 0,
+        address: 0,
+        size: 4096,
+    }
+    .encode();
+    let (w, r) = (Command::RegionWrite as u16, Command::RegionRead as u16);
+    for round in 0..3u8 {
+        let base = 10 * round;
+        reqs.push((w, 0, access(32, &[base + 1], 1)));
+        reqs.push((r, 0, access(32, &[], 1)));
+        reqs.push((Command::DmaMap as u16, 0, map.clone()));
+        reqs.push((w, 0, access(32, &[base + 2], 1)));
+        reqs.push((w, 0, access(8, &0u64.to_ne_bytes(), 8)));
+        reqs.push((r, 0, access(32, &[], 1)));
+        reqs.push((Command::DmaUnmap as u16, 0, unmap.clone()));
+        reqs.push((w, 0, access(32, &[base + 3], 1)));
+        reqs.push((r, 0, access(32, &[], 1)));
+    }
+    for (i, (cmd, _, p)) in reqs.iter().enumerate() {
+        let hd = Header {
+            id: 100 + i as u16,
+            command: *cmd,
+            size: 16 + p.len() as u32,
+            flags: 0,
+            error: 0,
+        };
+        send_message(&c, &hd, p, &[]).unwrap();
+    }
+    // Replies come back in request order; the server's DMA requests are answered from a
+    // 4 KiB buffer (bytes 0..16 = 0..16) as they come.
+    let mut guest = [0u8; 4096];
+    for (i, b) in guest.iter_mut().take(16).enumerate() {
+        *b = i as u8;
+    }
+    let mut next = 0usize;
+    let mut reads = Vec::new();
+    while next < reqs.len() {
+        let m = recv_message(&c, LIMITS).unwrap().unwrap();
+        if !m.header.is_reply() {
+            let a = vccw::vfio_user::protocol::DmaAccess::decode(
+                &m.payload,
+                m.header.command == Command::DmaWrite as u16,
+                4096,
+            )
+            .unwrap();
+            let (o, n) = (a.address as usize, a.count as usize);
+            let reply = if m.header.command == Command::DmaRead as u16 {
+                vccw::vfio_user::protocol::DmaAccess {
+                    data: guest[o..o + n].to_vec(),
+                    ..a
+                }
+                .encode()
+            } else {
+                guest[o..o + n].copy_from_slice(&a.data);
+                vccw::vfio_user::protocol::DmaAccess { data: vec![], ..a }.encode()
+            };
+            send_message(&c, &m.header.reply(reply.len()), &reply, &[]).unwrap();
+            continue;
+        }
+        assert_eq!(m.header.id, 100 + next as u16, "reply out of order");
+        assert_eq!(errno_of(&m), None, "request {next}");
+        if reqs[next].0 == r {
+            reads.push(*m.payload.last().unwrap());
+        }
+        next += 1;
+    }
+    assert_eq!(reads, vec![1, 2, 3, 11, 12, 13, 21, 22, 23]);
+    let want: Vec<u8> = (0u8..16).rev().collect();
+    assert_eq!(&guest[16..32], &want[..]);
+    drop(c);
+    h.join().unwrap().unwrap();
+}
+
+#[test]
+fn sync_client_end_to_end() {
+    let _g = serial();
+    let b = TestBackend::new();
+    let (c, s) = UnixStream::pair().unwrap();
+    let bb = b.clone();
+    let cfg = small_config();
+    let h = std::thread::spawn(move || serve_connection(&*bb, s, &cfg));
+    let before = fd_count();
+    let client = Client::from_stream(c, sync_config()).unwrap();
+    assert!(client.is_sync());
+    // No reader thread: the process has one more fd (the stream clone), and the client has
+    // no thread to own.
+    assert_eq!(client.device_info().unwrap().num_regions, 3);
+    assert_eq!(client.region_info(1).unwrap().cap_type(), Some((2, 1)));
+    client.region_write(0, 16, &[9, 8, 7]).unwrap();
+    let mut buf = [0u8; 3];
+    client.region_read(0, 16, &mut buf).unwrap();
+    assert_eq!(buf, [9, 8, 7]);
+    let efd = EventFd::new().unwrap();
+    client
+        .set_irqs_eventfd(0, VFIO_IRQ_SET_ACTION_TRIGGER, 0, &[efd.as_fd()])
+        .unwrap();
+    client.region_write(0, 0, &1u32.to_ne_bytes()).unwrap();
+    assert_ne!(efd.read().unwrap(), 0);
+    let mem = memfd_create("guest", MFdFlags::MFD_CLOEXEC).unwrap();
+    nix::unistd::ftruncate(&mem, 4096).unwrap();
+    client
+        .dma_map_fd(0x10_0000, 4096, mem.as_fd(), 0, (true, true))
+        .unwrap();
+    // Memory without an fd is refused in this mode, before anything is sent.
+    let e = client
+        .dma_map_memory(0, Arc::new(VecMemory::new(4096)), (true, true))
+        .unwrap_err();
+    assert!(matches!(e, ClientError::Unsupported(_)), "{e:?}");
+    assert_eq!(e.errno(), libc::ENOTSUP);
+    assert_eq!(b.maps.lock().unwrap().len(), 1);
+    // Without a fd-less map the server runs the handler on its reader, where a DMA
+    // request could never be answered: it fails at once with EDEADLK, no timeout.
+    let t0 = std::time::Instant::now();
+    let e = client.region_write(0, 8, &0u64.to_ne_bytes()).unwrap_err();
+    assert_eq!(remote(e), libc::EDEADLK);
+    // A fd-less DMA_MAP sent raw (the client API refuses it): the server now uses its
+    // dispatcher, sends DMA_READ while our call waits, and this thread answers it inline
+    // (EFAULT: no such memory here), so the handler fails with that errno.
+    let map = vccw::vfio_user::protocol::DmaMap {
+        argsz: 32,
+        flags: VFIO_DMA_MAP_FLAG_READ | VFIO_DMA_MAP_FLAG_WRITE,
+        offset: 0,
+        address: 0,
+        size: 4096,
+    };
+    client
+        .request(Command::DmaMap as u16, &map.encode(), &[])
+        .unwrap();
+    let e = client.region_write(0, 8, &0u64.to_ne_bytes()).unwrap_err();
+    assert_eq!(remote(e), libc::EFAULT);
+    assert!(t0.elapsed() < Duration::from_secs(1));
+    // Calls from several threads take turns.
+    std::thread::scope(|sc| {
+        for t in 0..4u8 {
+            let cl = &client;
+            sc.spawn(move || {
+                for i in 0..50u8 {
+                    cl.region_write(0, 40 + t as u64, &[i]).unwrap();
+                    let mut one = [0u8; 1];
+                    cl.region_read(0, 40 + t as u64, &mut one).unwrap();
+                    assert_eq!(one[0], i);
+                }
+            });
+        }
+    });
+    client.close();
+    h.join().unwrap().unwrap();
+    assert_eq!(b.disconnects.load(Ordering::SeqCst), 1);
+    assert!(fd_count() <= before + 1);
+}
+
+#[test]
+fn sync_client_times_out_and_drops_the_late_reply() {
+    let _g = serial();
+    let (c, s) = UnixStream::pair().unwrap();
+    let server = std::thread::spawn(move || {
+        // VERSION, answered.
+        let m = recv_message(&s, LIMITS).unwrap().unwrap();
+        let v = Version {
+            major: 0,
+            minor: 0,
+            caps: None,
+        }
+        .encode();
+        send_message(&s, &m.header.reply(v.len()), &v, &[]).unwrap();
+        // DEVICE_RESET: answered only after the client gave up.
+        let late = recv_message(&s, LIMITS).unwrap().unwrap();
+        std::thread::sleep(Duration::from_millis(400));
+        send_message(&s, &late.header.reply(0), &[], &[]).unwrap();
+        // The next one: an error reply, so the client can tell it from the late one.
+        let m = recv_message(&s, LIMITS).unwrap().unwrap();
+        assert_ne!(m.header.id, late.header.id);
+        send_message(&s, &m.header.error_reply(libc::ENOTTY), &[], &[]).unwrap();
+        // Then the client goes away.
+        assert!(matches!(recv_message(&s, LIMITS), Ok(None)));
+    });
+    let client = Client::from_stream(
+        c,
+        ClientConfig {
+            timeout: Duration::from_millis(150),
+            ..sync_config()
+        },
+    )
+    .unwrap();
+    assert!(matches!(client.reset(), Err(ClientError::Timeout)));
+    std::thread::sleep(Duration::from_millis(400));
+    let e = client
+        .request(Command::DeviceReset as u16, &[], &[])
+        .unwrap_err();
+    assert_eq!(remote(e), libc::ENOTTY);
+    client.close();
+    server.join().unwrap();
+}
+
+#[test]
+fn region_mmap_offer_reply_and_client_checks() {
+    use nix::fcntl::SealFlag;
+    let _g = serial();
+    let b = TestBackend::new();
+    let all = SealFlag::F_SEAL_SHRINK
+        | SealFlag::F_SEAL_GROW
+        | SealFlag::F_SEAL_FUTURE_WRITE
+        | SealFlag::F_SEAL_SEAL;
+    *b.mmap.lock().unwrap() = Some((sealed_memfd(0x42, all), 0, vec![(0, 64)]));
+    let (c, h) = start(&b, small_config());
+    let client = Client::from_stream(c, sync_config()).unwrap();
+    // The fixed part alone: MMAP and CAPS set, argsz says how much the chain needs, no fd.
+    let (hd, p, fds) = client
+        .request(
+            Command::DeviceGetRegionInfo as u16,
+            &RegionInfo::request(0, 32),
+            &[],
+        )
+        .unwrap();
+    assert!(hd.is_reply());
+    assert!(fds.is_empty());
+    // argsz 32 + 32 (sparse mmap header 16 + one area 16), flags R|W|MMAP|CAPS = 0xf.
+    assert_eq!(
+        &p[..8],
+        &[64u32.to_ne_bytes(), 0xfu32.to_ne_bytes()].concat()[..]
+    );
+    // With room: the capability chain and the fd.
+    let (info, fd) = client.region_info_fd(0).unwrap();
+    assert!(fd.is_some());
+    let (_, p, fds) = client
+        .request(
+            Command::DeviceGetRegionInfo as u16,
+            &RegionInfo::request(0, 64),
+            &[],
+        )
+        .unwrap();
+    assert_eq!(fds.len(), 1);
+    let mut want = Vec::new();
+    for v in [64u32, 0xf, 0, 32] {
+        want.extend_from_slice(&v.to_ne_bytes());
+    }
+    want.extend_from_slice(&64u64.to_ne_bytes()); // size
+    want.extend_from_slice(&0u64.to_ne_bytes()); // mmap offset
+    want.extend_from_slice(&1u16.to_ne_bytes()); // VFIO_REGION_INFO_CAP_SPARSE_MMAP
+    want.extend_from_slice(&1u16.to_ne_bytes()); // version 1
+    want.extend_from_slice(&0u32.to_ne_bytes()); // next: none
+    want.extend_from_slice(&1u32.to_ne_bytes()); // nr_areas
+    want.extend_from_slice(&0u32.to_ne_bytes()); // reserved
+    want.extend_from_slice(&0u64.to_ne_bytes()); // area offset
+    want.extend_from_slice(&64u64.to_ne_bytes()); // area size
+    assert_eq!(p, want);
+    assert_eq!(
+        info.flags & VFIO_REGION_INFO_FLAG_MMAP,
+        VFIO_REGION_INFO_FLAG_MMAP
+    );
+    // Region 1 is not offered.
+    assert_eq!(
+        client.region_info(1).unwrap().flags & VFIO_REGION_INFO_FLAG_MMAP,
+        0
+    );
+    assert!(client.map_region(1).unwrap().is_none());
+    // The client maps it read-only and reads through it; outside the area is refused.
+    let m = client.map_region(0).unwrap().unwrap();
+    assert_eq!((m.offset(), m.len()), (0, 64));
+    let mut buf = [0u8; 8];
+    m.read(56, &mut buf).unwrap();
+    assert_eq!(buf, [0x42; 8]);
+    assert!(m.read(60, &mut buf).is_err());
+    assert!(m.read(u64::MAX, &mut buf).is_err());
+    // A memfd not sealed against shrinking is refused (it could SIGBUS the client).
+    *b.mmap.lock().unwrap() = Some((sealed_memfd(0, SealFlag::F_SEAL_GROW), 0, vec![(0, 64)]));
+    let e = client.map_region(0).unwrap_err();
+    assert_eq!(e.errno(), libc::EINVAL, "{e:?}");
+    // An offset the fd does not cover is refused too.
+    *b.mmap.lock().unwrap() = Some((sealed_memfd(0, all), 8192, vec![(0, 64)]));
+    assert!(client.map_region(0).is_err());
+    // A backend offering an area outside the region: the server does not offer it at all.
+    *b.mmap.lock().unwrap() = Some((sealed_memfd(0, all), 0, vec![(32, 64)]));
+    let (info, fd) = client.region_info_fd(0).unwrap();
+    assert_eq!(info.flags & VFIO_REGION_INFO_FLAG_MMAP, 0);
+    assert!(fd.is_none());
+    // The first mapping still reads (it does not depend on the connection's later offers).
+    m.read(0, &mut buf).unwrap();
+    assert_eq!(buf, [0x42; 8]);
+    client.close();
+    h.join().unwrap().unwrap();
 }

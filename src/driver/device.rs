@@ -163,6 +163,18 @@ pub struct IrqInfo {
     pub count: u32,
 }
 
+/// Receives every new image of the I/O region, so a transport can expose it without a
+/// round trip (vccw's service keeps a read-only shared-memory mirror of it).
+///
+/// Called with the device's state lock held, after each client write to the region (the
+/// image then carries the request's `ret_code`) and after each stored IRB, *before* the IO
+/// eventfd is signalled: whoever saw the eventfd finds the IRB in the mirror. It must be
+/// quick and must not call back into the device.
+pub trait IoRegionMirror: Send + Sync {
+    /// The region's full image (`struct ccw_io_region`, 124 bytes) as it is now.
+    fn update(&self, image: &[u8; CCW_IO_REGION_SIZE]);
+}
+
 /// An event from the backend waiting for the state lock.
 pub(super) enum Pending {
     Irb(Irb),
@@ -189,6 +201,8 @@ pub(super) struct Inner {
     pub lpm: u8,
     /// The SCHIB as last stored (channel-path ids for path events).
     pub schib: Option<Schib>,
+    /// Where I/O region images go (see [`IoRegionMirror`]).
+    pub io_mirror: Option<Arc<dyn IoRegionMirror>>,
 }
 
 pub(super) struct Shared {
@@ -454,6 +468,7 @@ impl VfioCcwDevice {
                 async_pending: false,
                 lpm: 0,
                 schib: None,
+                io_mirror: None,
             }),
             queue: Mutex::new(VecDeque::new()),
             queue_cv: Condvar::new(),
@@ -606,6 +621,14 @@ impl VfioCcwDevice {
             }
             _ => Err(DeviceError::InvalidArgument),
         }
+    }
+
+    /// Installs (or with `None` removes) the I/O region mirror; a new mirror receives the
+    /// current image at once.
+    pub fn set_io_mirror(&self, mirror: Option<Arc<dyn IoRegionMirror>>) {
+        let mut st = self.sh.lock();
+        st.io_mirror = mirror;
+        self.sh.mirror_io(&st);
     }
 
     /// Whether the device holds a channel program (and so guest page pins).
@@ -789,6 +812,89 @@ mod tests {
                 assert_eq!(cell(*state, *event), want[si][ei], "{state:?} x {event:?}");
             }
         }
+    }
+
+    /// Records every image and whether the IO eventfd was already signalled then.
+    struct Recorder {
+        efd: nix::sys::eventfd::EventFd,
+        images: Mutex<Vec<([u8; CCW_IO_REGION_SIZE], bool)>>,
+    }
+    impl IoRegionMirror for Recorder {
+        fn update(&self, image: &[u8; CCW_IO_REGION_SIZE]) {
+            let mut p = [nix::poll::PollFd::new(
+                std::os::fd::AsFd::as_fd(&self.efd),
+                nix::poll::PollFlags::POLLIN,
+            )];
+            let signalled = nix::poll::poll(&mut p, nix::poll::PollTimeout::ZERO).unwrap() > 0;
+            self.images.lock().unwrap().push((*image, signalled));
+        }
+    }
+
+    #[test]
+    fn io_mirror_gets_each_image_before_the_eventfd() {
+        use nix::sys::eventfd::{EfdFlags, EventFd};
+        let dev = VfioCcwDevice::new(
+            Arc::new(Null::default()),
+            IommuStore::new(StoreConfig::default()),
+            DeviceConfig::default(),
+        );
+        dev.open().unwrap();
+        let efd = EventFd::from_flags(EfdFlags::EFD_NONBLOCK).unwrap();
+        let dup = std::os::fd::AsFd::as_fd(&efd).try_clone_to_owned().unwrap();
+        dev.set_irqs(IrqSet::eventfd(IrqIndex::Io, Some(dup)))
+            .unwrap();
+        let rec = Arc::new(Recorder {
+            efd,
+            images: Mutex::new(Vec::new()),
+        });
+        dev.set_io_mirror(Some(rec.clone()));
+        // Installing hands over the current image (all zeros).
+        assert_eq!(
+            rec.images.lock().unwrap()[0],
+            ([0; CCW_IO_REGION_SIZE], false)
+        );
+        // A start the translator refuses (CPA 0 is not mapped): the image carries -EINVAL.
+        let scsw = Scsw {
+            flags: ScswFlags::new().with_fctl(crate::orb::fctl::START),
+            ..Default::default()
+        };
+        let mut req = [0u8; CCW_IO_REGION_SIZE];
+        req[12..24].copy_from_slice(&scsw.to_bytes());
+        assert!(dev.write_region(IO_REGION_INDEX, 0, &req).is_err());
+        {
+            let imgs = rec.images.lock().unwrap();
+            assert_eq!(imgs.len(), 2);
+            assert_eq!(&imgs[1].0[..24], &req[..24]);
+            assert_eq!(&imgs[1].0[120..], &(-libc::EINVAL).to_ne_bytes());
+        }
+        // An interrupt: the IRB is in the image handed over before the eventfd fires.
+        let irb = Irb::new(
+            Scsw {
+                flags: ScswFlags::new().with_stctl(stctl::ALERT | stctl::STATUS_PENDING),
+                dstat: 0x80,
+                ..Default::default()
+            },
+            0x80,
+        );
+        SubchannelEvents::interrupt(&*dev.sh, irb);
+        {
+            let imgs = rec.images.lock().unwrap();
+            assert_eq!(imgs.len(), 3);
+            assert_eq!(&imgs[2].0[24..120], &irb.to_bytes()[..]);
+            assert!(
+                !imgs[2].1,
+                "eventfd signalled before the mirror was updated"
+            );
+        }
+        assert!(rec.efd.read().is_ok());
+        // Removed: no more images.
+        dev.set_io_mirror(None);
+        SubchannelEvents::interrupt(&*dev.sh, irb);
+        assert_eq!(rec.images.lock().unwrap().len(), 3);
+        // Every image equals what a region read returns at the end.
+        let mut now = [0u8; CCW_IO_REGION_SIZE];
+        dev.read_region(IO_REGION_INDEX, 0, &mut now).unwrap();
+        assert_eq!(now, rec.images.lock().unwrap()[2].0);
     }
 
     #[test]

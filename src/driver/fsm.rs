@@ -179,6 +179,8 @@ impl Shared {
         if finished {
             st.state = State::Idle;
         }
+        // The mirror first: a client that saw the eventfd reads the IRB from it.
+        self.mirror_io(st);
         self.irqs.signal(IrqIndex::Io);
     }
 

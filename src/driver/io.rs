@@ -79,7 +79,15 @@ impl Shared {
         let mut st = self.try_lock().ok_or(DeviceError::Again)?;
         st.io_region[r].copy_from_slice(data);
         self.fsm_event(&mut st, super::fsm::Event::IoReq);
+        self.mirror_io(&st);
         write_result(ret_code(&st.io_region), data.len())
+    }
+
+    /// Hands the current region image to the mirror, if one is installed.
+    pub(super) fn mirror_io(&self, st: &Inner) {
+        if let Some(m) = st.io_mirror.as_ref() {
+            m.update(&st.io_region);
+        }
     }
 
     /// Linux `fsm_io_request` + `fsm_io_helper`.

@@ -15,8 +15,9 @@ pub mod regions;
 pub mod subchannel;
 
 pub use device::{
-    DeviceConfig, DeviceError, DeviceInfo, IrqInfo, RegionInfo, RegionType, VfioCcwDevice,
-    ASYNC_REGION_INDEX, CRW_REGION_INDEX, IO_REGION_INDEX, NUM_REGIONS, SCHIB_REGION_INDEX,
+    DeviceConfig, DeviceError, DeviceInfo, IoRegionMirror, IrqInfo, RegionInfo, RegionType,
+    VfioCcwDevice, ASYNC_REGION_INDEX, CRW_REGION_INDEX, IO_REGION_INDEX, NUM_REGIONS,
+    SCHIB_REGION_INDEX,
 };
 pub use fsm::State;
 pub use irq::{IrqIndex, IrqSet, IrqSetData, IrqTriggers};

@@ -17,7 +17,11 @@
 //!   tiny guests.
 //! * DMA_UNMAP: the store's unmap; pinned pages make the device reset first (the store's
 //!   unmap listener does that) so the pins go before the unmap returns.
-//! * Disconnect: unmap everything, close the client's IRQ eventfds, reset the device. The
+//! * The I/O region is offered for mmap: each connection gets a fresh sealed, read-only
+//!   [`IoMirror`] the device keeps up to date (IRB stored before the IO eventfd is
+//!   signalled), so a client reads the IRB without a REGION_READ. A client with fd-less
+//!   memory must still REGION_READ the IRB: that read is what copies the shadows back.
+//! * Disconnect: unmap everything, drop the mirror, close the client's IRQ eventfds, reset the device. The
 //!   device stays open and usable for the next client.
 
 use std::os::fd::OwnedFd;
@@ -31,11 +35,14 @@ use vfio_bindings::bindings::vfio::{
 };
 use vm_memory::VolatileMemory;
 
+use crate::driver::regions::CCW_IO_REGION_SIZE;
 use crate::driver::{IrqIndex, IrqSet, IrqSetData, VfioCcwDevice, IO_REGION_INDEX};
 use crate::iommu_store::{Backing, IommuStore, Perm, StoreMmapRegion};
 use crate::vfio_user::server::{
-    DeviceDesc, DmaBacking, DmaChannel, IrqDesc, RegionDesc, VfioUserBackend,
+    DeviceDesc, DmaBacking, DmaChannel, IrqDesc, RegionDesc, RegionMmap, VfioUserBackend,
 };
+
+use super::mirror::IoMirror;
 
 /// Most bytes mapped without an fd at once (the slow path copies all of it per I/O).
 pub const MAX_SHADOW_BYTES: u64 = 64 << 20;
@@ -64,6 +71,8 @@ struct ConnState {
     started: Option<Instant>,
     /// IRQ indexes with a client eventfd installed.
     irq_fds: [bool; 3],
+    /// This connection's I/O region mirror (none if it could not be made).
+    mirror: Option<Arc<IoMirror>>,
 }
 
 /// Counters for the stats line (see [`CcwBackend::stats`]).
@@ -434,9 +443,44 @@ impl VfioUserBackend for CcwBackend {
         if let Err(e) = self.dev.reset() {
             tracing::warn!(dev = %self.name, %e, "reset on disconnect failed");
         }
+        // The old client may keep its mapping: it must not see the next client's I/O.
+        self.dev.set_io_mirror(None);
         // A program that was not pinned (e.g. it held no guest page) is cleared by the reset.
         *lock(&self.conn) = ConnState::default();
         tracing::info!(dev = %self.name, stats = %self.stats(), "client disconnected");
+    }
+
+    fn region_mmap(&self, index: u32) -> Option<RegionMmap> {
+        if index != IO_REGION_INDEX {
+            return None;
+        }
+        let fd = lock(&self.conn).mirror.as_ref()?.client_fd();
+        match fd {
+            Ok(fd) => Some(RegionMmap {
+                fd,
+                offset: 0,
+                areas: vec![(0, CCW_IO_REGION_SIZE as u64)],
+            }),
+            Err(e) => {
+                tracing::warn!(dev = %self.name, %e, "I/O region mirror fd: not offered");
+                None
+            }
+        }
+    }
+
+    fn connected(&self) {
+        match IoMirror::new() {
+            Ok(m) => {
+                let m = Arc::new(m);
+                self.dev.set_io_mirror(Some(m.clone()));
+                lock(&self.conn).mirror = Some(m);
+            }
+            Err(e) => tracing::warn!(
+                dev = %self.name,
+                %e,
+                "no I/O region mirror: the IRB is read by REGION_READ"
+            ),
+        }
     }
 
     fn attach_dma(&self, channel: DmaChannel) {

@@ -2,6 +2,7 @@
 //!
 //! * [`backend`]: [`backend::CcwBackend`], one vfio-ccw device as a vfio-user backend.
 //! * [`listener`]: [`listener::DeviceListener`], a device's socket and threads.
+//! * [`mirror`]: [`mirror::IoMirror`], the read-only mmap mirror of the I/O region.
 //! * [`serve`]: the `vccw serve` command: images, devices, ready lines, signals, shutdown.
 //! * [`demo`]: the `vccw demo` command (server and guest as child processes).
 //!
@@ -10,6 +11,7 @@
 pub mod backend;
 pub mod demo;
 pub mod listener;
+pub mod mirror;
 
 use std::fs::File;
 use std::io::{self, Write};

@@ -1,9 +1,23 @@
 //! A vfio-user client a VMM (or a test) can embed.
 //!
-//! A background thread reads the socket: replies wake the caller waiting on their message id,
-//! and the server's DMA_READ/DMA_WRITE requests are answered from the memory the client
-//! registered without an fd ([`Client::dma_map_memory`]). All methods are blocking, take
-//! `&self` and may be called from several threads; each waits at most the configured timeout.
+//! Two modes ([`ClientConfig::sync`]):
+//!
+//! * **threaded** (the default): a background thread reads the socket; replies wake the
+//!   caller waiting on their message id, and the server's DMA_READ/DMA_WRITE requests are
+//!   answered from the memory the client registered without an fd
+//!   ([`Client::dma_map_memory`]) at any time. Several calls may be in flight at once.
+//! * **synchronous**: no reader thread. The calling thread sends its request and receives
+//!   its own reply (one request in flight, behind a mutex), which saves two thread hand-offs
+//!   per call. A server request arriving while a call waits is answered inline. What it
+//!   cannot do: answer the server when no call is in flight, so memory without an fd is
+//!   refused ([`Client::dma_map_memory`] fails with [`ClientError::Unsupported`], ENOTSUP).
+//!   Use it when all memory is mapped by fd, as [`crate::client::CcwClient`] does.
+//!
+//! All methods are blocking, take `&self` and may be called from several threads; each
+//! waits about the configured timeout at most.
+//!
+//! A region the server offers for mmap (`VFIO_REGION_INFO_FLAG_MMAP` and an fd) can be
+//! mapped read-only with [`Client::map_region`].
 //!
 //! ```no_run
 //! use std::os::fd::AsFd;
@@ -39,20 +53,21 @@ use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::mpsc::{self, SyncSender};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use thiserror::Error;
 use vfio_bindings::bindings::vfio::{
     VFIO_DMA_MAP_FLAG_READ, VFIO_DMA_MAP_FLAG_WRITE, VFIO_DMA_UNMAP_FLAG_ALL,
-    VFIO_IRQ_SET_DATA_BOOL, VFIO_IRQ_SET_DATA_EVENTFD,
+    VFIO_IRQ_SET_DATA_BOOL, VFIO_IRQ_SET_DATA_EVENTFD, VFIO_REGION_INFO_FLAG_MMAP,
 };
+use vm_memory::{FileOffset, MmapRegion, VolatileMemory};
 
 use super::protocol::{
     Capabilities, Command, DeviceInfo, DmaAccess, DmaMap, DmaUnmap, Header, IrqInfo, IrqSet,
-    ProtoError, RegionAccess, RegionInfo, Version, HEADER_SIZE, MAX_VERSION_DATA, VERSION_MAJOR,
-    VERSION_MINOR,
+    ProtoError, RegionAccess, RegionCap, RegionInfo, Version, HEADER_SIZE, MAX_VERSION_DATA,
+    VERSION_MAJOR, VERSION_MINOR,
 };
-use super::socket::{recv_message, send_message, Message, RecvLimits};
+use super::socket::{send_message, Message, MessageReader, RecvError, RecvLimits};
 
 /// Client failure.
 #[derive(Debug, Error)]
@@ -75,6 +90,9 @@ pub enum ClientError {
     /// Version negotiation failed (EPROTO).
     #[error("version: {0}")]
     Version(String),
+    /// Not possible in this client's mode (ENOTSUP).
+    #[error("unsupported: {0}")]
+    Unsupported(&'static str),
 }
 
 impl ClientError {
@@ -87,6 +105,7 @@ impl ClientError {
             ClientError::Disconnected => libc::ENOTCONN,
             ClientError::Timeout => libc::ETIMEDOUT,
             ClientError::Version(_) => libc::EPROTO,
+            ClientError::Unsupported(_) => libc::ENOTSUP,
         }
     }
 }
@@ -143,6 +162,9 @@ pub struct ClientConfig {
     pub caps: Capabilities,
     /// How long to wait for each reply.
     pub timeout: Duration,
+    /// Synchronous mode: no reader thread, the caller receives its own reply (see the
+    /// module documentation); memory without an fd is then refused.
+    pub sync: bool,
 }
 
 impl Default for ClientConfig {
@@ -156,7 +178,62 @@ impl Default for ClientConfig {
                 write_multiple: Some(false),
             },
             timeout: Duration::from_secs(5),
+            sync: false,
         }
+    }
+}
+
+/// A read-only shared mapping of (part of) a server region, from [`Client::map_region`].
+/// The server may change the bytes at any time; reads are volatile copies.
+pub struct RegionMap {
+    map: MmapRegion,
+    offset: u64,
+    len: usize,
+}
+
+impl std::fmt::Debug for RegionMap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RegionMap")
+            .field("offset", &self.offset)
+            .field("len", &self.len)
+            .finish()
+    }
+}
+
+impl RegionMap {
+    /// Offset of the mapped area in the region.
+    pub fn offset(&self) -> u64 {
+        self.offset
+    }
+
+    /// Length of the mapped area.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the area is empty (never: empty areas are refused).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Reads `buf.len()` bytes at region offset `offset`; [`ClientError::Protocol`] (EINVAL)
+    /// when the range is not inside the area.
+    pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), ClientError> {
+        let outside = || {
+            ClientError::Protocol(ProtoError::Invalid {
+                what: "region map read",
+                detail: "outside the mapped area",
+            })
+        };
+        let rel = offset.checked_sub(self.offset).ok_or_else(outside)?;
+        let rel = usize::try_from(rel).map_err(|_| outside())?;
+        match rel.checked_add(buf.len()) {
+            Some(end) if end <= self.len => {}
+            _ => return Err(outside()),
+        }
+        let s = self.map.get_slice(rel, buf.len()).map_err(|_| outside())?;
+        s.copy_to(buf);
+        Ok(())
     }
 }
 
@@ -178,6 +255,9 @@ struct Pending {
 
 struct Shared {
     writer: Mutex<UnixStream>,
+    /// Synchronous mode: the receiving side, locked for a whole call (send + reply).
+    sync: Option<Mutex<(UnixStream, MessageReader)>>,
+    limits: RecvLimits,
     pending: Mutex<Pending>,
     next_id: AtomicU16,
     maps: Mutex<Vec<ClientMap>>,
@@ -212,8 +292,23 @@ impl Client {
     /// Use a connected stream and negotiate VERSION.
     pub fn from_stream(stream: UnixStream, config: ClientConfig) -> Result<Client, ClientError> {
         let our_max_xfer = config.caps.max_data_xfer_size();
+        let limits = RecvLimits {
+            max_fds: config.caps.max_msg_fds() as usize,
+            max_msg_size: (HEADER_SIZE + DmaAccess::SIZE + our_max_xfer as usize)
+                .max(HEADER_SIZE + 4 + MAX_VERSION_DATA),
+        };
+        let sync = if config.sync {
+            // Each receive waits at most the timeout; a call re-checks its own deadline
+            // whenever a wait ends (zero would mean "no timeout" to the kernel).
+            stream.set_read_timeout(Some(config.timeout.max(Duration::from_millis(1))))?;
+            Some(Mutex::new((stream.try_clone()?, MessageReader::new())))
+        } else {
+            None
+        };
         let shared = Arc::new(Shared {
             writer: Mutex::new(stream.try_clone()?),
+            sync,
+            limits,
             pending: Mutex::new(Pending {
                 waiters: HashMap::new(),
                 closed: false,
@@ -223,20 +318,21 @@ impl Client {
             timeout: config.timeout,
             our_max_xfer,
         });
-        let limits = RecvLimits {
-            max_fds: config.caps.max_msg_fds() as usize,
-            max_msg_size: (HEADER_SIZE + DmaAccess::SIZE + our_max_xfer as usize)
-                .max(HEADER_SIZE + 4 + MAX_VERSION_DATA),
+        let reader = if config.sync {
+            None
+        } else {
+            let rs = stream.try_clone()?;
+            let rshared = shared.clone();
+            Some(
+                std::thread::Builder::new()
+                    .name("vfio-user-client".into())
+                    .spawn(move || reader_loop(&rs, &rshared))?,
+            )
         };
-        let rs = stream.try_clone()?;
-        let rshared = shared.clone();
-        let reader = std::thread::Builder::new()
-            .name("vfio-user-client".into())
-            .spawn(move || reader_loop(&rs, limits, &rshared))?;
         let mut client = Client {
             shared,
             stream,
-            reader: Some(reader),
+            reader,
             server_caps: Capabilities::default(),
             minor: 0,
         };
@@ -280,7 +376,79 @@ impl Client {
         Ok((m.header, m.payload, m.fds))
     }
 
+    /// Whether this client runs in synchronous mode.
+    pub fn is_sync(&self) -> bool {
+        self.shared.sync.is_some()
+    }
+
     fn transact(
+        &self,
+        command: u16,
+        flags: u32,
+        payload: &[u8],
+        fds: &[BorrowedFd<'_>],
+    ) -> Result<Message, ClientError> {
+        let reply = match &self.shared.sync {
+            Some(rx) => self.transact_sync(rx, command, flags, payload, fds)?,
+            None => self.transact_threaded(command, flags, payload, fds)?,
+        };
+        if reply.header.command != command {
+            return Err(ClientError::Protocol(ProtoError::Invalid {
+                what: "reply",
+                detail: "command differs from the request",
+            }));
+        }
+        if reply.header.is_error() {
+            return Err(ClientError::Remote(reply.header.error as i32));
+        }
+        Ok(reply)
+    }
+
+    /// Synchronous mode: send, then receive on this thread until our reply, answering any
+    /// server request on the way. Replies with another id (late ones from a call that timed
+    /// out) are dropped.
+    fn transact_sync(
+        &self,
+        rx: &Mutex<(UnixStream, MessageReader)>,
+        command: u16,
+        flags: u32,
+        payload: &[u8],
+        fds: &[BorrowedFd<'_>],
+    ) -> Result<Message, ClientError> {
+        let mut rx = lock(rx);
+        let (stream, reader) = &mut *rx;
+        if lock(&self.shared.pending).closed {
+            return Err(ClientError::Disconnected);
+        }
+        let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
+        let header = Header {
+            id,
+            command,
+            size: (HEADER_SIZE + payload.len()) as u32,
+            flags,
+            error: 0,
+        };
+        send_message(&lock(&self.shared.writer), &header, payload, fds)?;
+        let deadline = Instant::now() + self.shared.timeout;
+        loop {
+            match receive_one(stream, reader, &self.shared) {
+                Incoming::Reply(m) if m.header.id == id => return Ok(m),
+                Incoming::Reply(m) => {
+                    tracing::debug!(id = m.header.id, "vfio-user client: stale reply dropped")
+                }
+                Incoming::Handled | Incoming::Idle => {}
+                Incoming::Closed => {
+                    lock(&self.shared.pending).closed = true;
+                    return Err(ClientError::Disconnected);
+                }
+            }
+            if Instant::now() >= deadline {
+                return Err(ClientError::Timeout);
+            }
+        }
+    }
+
+    fn transact_threaded(
         &self,
         command: u16,
         flags: u32,
@@ -319,15 +487,6 @@ impl Client {
             }
             Err(mpsc::RecvTimeoutError::Disconnected) => return Err(ClientError::Disconnected),
         };
-        if reply.header.command != command {
-            return Err(ClientError::Protocol(ProtoError::Invalid {
-                what: "reply",
-                detail: "command differs from the request",
-            }));
-        }
-        if reply.header.is_error() {
-            return Err(ClientError::Remote(reply.header.error as i32));
-        }
         Ok(reply)
     }
 
@@ -372,14 +531,36 @@ impl Client {
         index: u32,
         argsz: u32,
     ) -> Result<RegionInfo, ClientError> {
+        Ok(self.region_info_fd_with_argsz(index, argsz)?.0)
+    }
+
+    /// DEVICE_GET_REGION_INFO as [`Client::region_info`], with the fd of a mappable region
+    /// if the server sent one (more than one fd is a malformed reply).
+    pub fn region_info_fd(&self, index: u32) -> Result<(RegionInfo, Option<OwnedFd>), ClientError> {
+        self.region_info_fd_with_argsz(index, RegionInfo::SIZE as u32)
+    }
+
+    fn region_info_fd_with_argsz(
+        &self,
+        index: u32,
+        argsz: u32,
+    ) -> Result<(RegionInfo, Option<OwnedFd>), ClientError> {
         const MAX_ARGSZ: u32 = 64 * 1024;
         let mut argsz = argsz.max(RegionInfo::SIZE as u32);
         for _ in 0..2 {
-            let p = self.call(
-                Command::DeviceGetRegionInfo,
+            let m = self.transact(
+                Command::DeviceGetRegionInfo as u16,
+                0,
                 &RegionInfo::request(index, argsz),
                 &[],
             )?;
+            let (p, mut fds) = (m.payload, m.fds);
+            if fds.len() > 1 {
+                return Err(ClientError::Protocol(ProtoError::Invalid {
+                    what: "region_info reply",
+                    detail: "more than one fd",
+                }));
+            }
             if p.len() > argsz as usize {
                 return Err(ClientError::Protocol(ProtoError::SizeMismatch {
                     what: "region_info reply",
@@ -395,13 +576,86 @@ impl Client {
                 }));
             }
             if r.argsz <= argsz || r.argsz > MAX_ARGSZ {
-                return Ok(r);
+                return Ok((r, fds.pop()));
             }
             argsz = r.argsz;
         }
         Err(ClientError::Protocol(ProtoError::Invalid {
             what: "region_info reply",
             detail: "argsz keeps growing",
+        }))
+    }
+
+    /// Maps the first mmap area of region `index` read-only, if the server offers one
+    /// (`VFIO_REGION_INFO_FLAG_MMAP` and an fd; without a sparse-mmap capability the whole
+    /// region is the area). `Ok(None)`: not offered. The offer is checked before anything is
+    /// mapped, so a hostile server cannot make this process fault: the area lies inside the
+    /// region, its file offset is page-aligned, and the fd is a memfd sealed against
+    /// shrinking whose size covers the area (a plain file could be truncated under the
+    /// mapping, and reading it would then raise SIGBUS).
+    pub fn map_region(&self, index: u32) -> Result<Option<RegionMap>, ClientError> {
+        let (info, fd) = self.region_info_fd(index)?;
+        let Some(fd) = fd else { return Ok(None) };
+        if info.flags & VFIO_REGION_INFO_FLAG_MMAP == 0 {
+            return Ok(None);
+        }
+        let bad = |detail| {
+            ClientError::Protocol(ProtoError::Invalid {
+                what: "region mmap offer",
+                detail,
+            })
+        };
+        let area = info
+            .caps
+            .iter()
+            .find_map(|c| match c {
+                RegionCap::SparseMmap(a) => Some(a.first().copied()),
+                _ => None,
+            })
+            .unwrap_or(Some((0, info.size)))
+            .ok_or_else(|| bad("no mmap area"))?;
+        let (aoff, alen) = area;
+        match aoff.checked_add(alen) {
+            Some(end) if alen != 0 && end <= info.size => {}
+            _ => return Err(bad("area outside the region")),
+        }
+        let len = usize::try_from(alen).map_err(|_| bad("area too large"))?;
+        let file_off = info
+            .offset
+            .checked_add(aoff)
+            .ok_or_else(|| bad("offset overflows"))?;
+        // SAFETY: sysconf only reads a system constant; no memory is passed.
+        let page = match unsafe { libc::sysconf(libc::_SC_PAGESIZE) } {
+            p if p > 0 => p as u64,
+            _ => 4096,
+        };
+        if file_off % page != 0 {
+            return Err(bad("area not page-aligned in the fd"));
+        }
+        let seals = nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_GET_SEALS)
+            .map_err(|_| bad("fd is not a sealable memfd"))?;
+        if seals & libc::F_SEAL_SHRINK == 0 {
+            return Err(bad("memfd not sealed against shrinking"));
+        }
+        let file = std::fs::File::from(fd);
+        let flen = file.metadata()?.len();
+        if file_off.checked_add(alen).is_none_or(|end| end > flen) {
+            return Err(bad("area past the end of the fd"));
+        }
+        let map = MmapRegion::build(
+            Some(FileOffset::new(file, file_off)),
+            len,
+            libc::PROT_READ,
+            libc::MAP_SHARED,
+        )
+        .map_err(|e| match e {
+            vm_memory::mmap::MmapRegionError::Mmap(io) => ClientError::Io(io),
+            _ => bad("mmap refused"),
+        })?;
+        Ok(Some(RegionMap {
+            map,
+            offset: aoff,
+            len,
         }))
     }
 
@@ -548,13 +802,19 @@ impl Client {
     }
 
     /// DMA_MAP `mem` at `iova` without an fd: the server reaches it by DMA_READ/DMA_WRITE,
-    /// which this client answers.
+    /// which this client answers. Refused in synchronous mode ([`ClientError::Unsupported`]):
+    /// nobody would answer a server request that arrives while no call is in flight.
     pub fn dma_map_memory(
         &self,
         iova: u64,
         mem: Arc<dyn DmaMemory>,
         prot: (bool, bool),
     ) -> Result<(), ClientError> {
+        if self.is_sync() {
+            return Err(ClientError::Unsupported(
+                "memory without an fd needs the threaded client (ClientConfig::sync = false)",
+            ));
+        }
         let size = mem.len();
         let m = DmaMap {
             argsz: DmaMap::SIZE as u32,
@@ -575,6 +835,12 @@ impl Client {
             lock(&self.shared.maps).retain(|c| !(c.iova == iova && c.size == size));
         }
         r.map(|_| ())
+    }
+
+    /// Whether memory mapped without an fd is registered (the server reaches it only
+    /// through this connection).
+    pub fn has_fdless_maps(&self) -> bool {
+        !lock(&self.shared.maps).is_empty()
     }
 
     /// DMA_UNMAP exactly a previous map.
@@ -634,40 +900,64 @@ impl Drop for Client {
     }
 }
 
-fn reader_loop(stream: &UnixStream, limits: RecvLimits, shared: &Shared) {
+/// What one receive brought.
+enum Incoming {
+    /// A reply, for whoever waits on its id.
+    Reply(Message),
+    /// A server request (answered) or a refused message (answered or dropped).
+    Handled,
+    /// The receive timeout passed with nothing received (synchronous mode).
+    Idle,
+    /// The connection is gone or out of step.
+    Closed,
+}
+
+/// Receives one message; answers it if it is a server request.
+fn receive_one(stream: &UnixStream, reader: &mut MessageReader, shared: &Shared) -> Incoming {
+    let answer = |h: &Header, r: Result<Vec<u8>, i32>| {
+        let w = lock(&shared.writer);
+        let sent = match r {
+            Ok(p) => send_message(&w, &h.reply(p.len()), &p, &[]),
+            Err(e) => send_message(&w, &h.error_reply(e), &[], &[]),
+        };
+        if sent.is_ok() {
+            Incoming::Handled
+        } else {
+            Incoming::Closed
+        }
+    };
+    match reader.recv(stream, shared.limits) {
+        Ok(Some(msg)) if msg.header.is_reply() => Incoming::Reply(msg),
+        Ok(Some(msg)) => {
+            let h = msg.header;
+            let r = serve_request(shared, msg);
+            if h.no_reply() {
+                return Incoming::Handled;
+            }
+            answer(&h, r)
+        }
+        Err(RecvError::TimedOut) => Incoming::Idle,
+        Err(e) => match e.reply_errno() {
+            Some((h, errno)) if !h.is_reply() => answer(&h, Err(errno)),
+            Some(_) => Incoming::Handled,
+            None => Incoming::Closed,
+        },
+        Ok(None) => Incoming::Closed,
+    }
+}
+
+fn reader_loop(stream: &UnixStream, shared: &Shared) {
+    let mut reader = MessageReader::new();
     loop {
-        match recv_message(stream, limits) {
-            Ok(Some(msg)) if msg.header.is_reply() => {
+        match receive_one(stream, &mut reader, shared) {
+            Incoming::Reply(msg) => {
                 let tx = lock(&shared.pending).waiters.remove(&msg.header.id);
                 if let Some(tx) = tx {
                     let _ = tx.try_send(msg);
                 }
             }
-            Ok(Some(msg)) => {
-                let h = msg.header;
-                let r = serve_request(shared, msg);
-                if h.no_reply() {
-                    continue;
-                }
-                let sent = match r {
-                    Ok(p) => send_message(&lock(&shared.writer), &h.reply(p.len()), &p, &[]),
-                    Err(e) => send_message(&lock(&shared.writer), &h.error_reply(e), &[], &[]),
-                };
-                if sent.is_err() {
-                    break;
-                }
-            }
-            Err(e) => match e.reply_errno() {
-                Some((h, errno)) if !h.is_reply() => {
-                    if send_message(&lock(&shared.writer), &h.error_reply(errno), &[], &[]).is_err()
-                    {
-                        break;
-                    }
-                }
-                Some(_) => {}
-                None => break,
-            },
-            Ok(None) => break,
+            Incoming::Handled | Incoming::Idle => {}
+            Incoming::Closed => break,
         }
     }
     let mut p = lock(&shared.pending);

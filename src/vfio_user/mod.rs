@@ -2,10 +2,13 @@
 //! `docs/interop/vfio-user.rst`), in host byte order over a UNIX stream socket.
 //!
 //! - [`protocol`]: header, command numbers, every payload with strict encode/decode.
-//! - [`socket`]: whole messages with `SCM_RIGHTS` fds, size and fd limits.
-//! - [`server`]: one connection's server loop over a [`server::VfioUserBackend`], including the
-//!   server side of DMA_READ/DMA_WRITE ([`server::DmaChannel`]).
-//! - [`client`]: a client library for a VMM, which answers DMA_READ/DMA_WRITE.
+//! - [`socket`]: whole messages with `SCM_RIGHTS` fds, size and fd limits; a buffered
+//!   [`socket::MessageReader`] (one `recvmsg` per message).
+//! - [`server`]: one connection's server over a [`server::VfioUserBackend`]: commands handled
+//!   on the reader thread unless fd-less DMA mappings need the dispatcher, the server side of
+//!   DMA_READ/DMA_WRITE ([`server::DmaChannel`]), mmappable regions ([`server::RegionMmap`]).
+//! - [`client`]: a client library for a VMM (threaded or synchronous), which answers
+//!   DMA_READ/DMA_WRITE and maps regions the server offers read-only.
 //!
 //! This is vccw's own implementation rather than the rust-vmm `vfio-user` crate because that
 //! crate's server and client hard-code PCI (`VFIO_DEVICE_FLAGS_PCI` and the PCI region/IRQ

@@ -1,13 +1,19 @@
 //! The vfio-user server for one client connection, dispatching to a [`VfioUserBackend`].
 //!
-//! Two threads serve a connection. A reader thread receives every message: replies (to the
-//! server's DMA_READ/DMA_WRITE requests) are handed to the waiting [`DmaChannel`] caller by
-//! message id; commands go, in order, through a bounded queue to the dispatcher (the thread
-//! that called [`serve_connection`]), which validates them, calls the backend and replies.
-//! Because replies are read even while a command is being handled, a backend may use its
-//! `DmaChannel` from inside a handler. Every DMA request has a timeout, so a silent client
-//! cannot hang the device. Both directions share the one socket, as the spec's single-socket
-//! mode has it (twin-socket mode is not offered).
+//! A reader thread receives every message. Replies (to the server's DMA_READ/DMA_WRITE
+//! requests) go to the waiting [`DmaChannel`] caller by message id. Commands are handled by
+//! the reader itself whenever that cannot need a DMA reply from the client, i.e. while the
+//! connection has no DMA mapping without an fd: one thread, no hand-off, the lowest
+//! latency. Otherwise they go, in order, through a bounded queue to the dispatcher (the
+//! thread that called [`serve_connection`]), so the reader stays free to receive the
+//! replies a backend waits for when it uses its `DmaChannel` inside a handler. The reader
+//! switches back to handling commands itself only once the dispatcher has answered all it
+//! was given, so commands are always answered in arrival order. Every DMA request has a
+//! timeout, so a silent client cannot hang the device. Both directions share the one
+//! socket, as the spec's single-socket mode has it (twin-socket mode is not offered).
+//!
+//! A backend may offer a region for mmap ([`VfioUserBackend::region_mmap`]): REGION_INFO
+//! then reports `VFIO_REGION_INFO_FLAG_MMAP`, a sparse-mmap capability and the fd.
 //!
 //! When the client goes away (EOF, socket error, unusable header), the connection's queued
 //! messages and their fds are dropped, pending DMA requests fail with ENOTCONN and
@@ -16,16 +22,18 @@
 
 use std::collections::HashMap;
 use std::net::Shutdown;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::thread::ThreadId;
 use std::time::Duration;
 
 use thiserror::Error;
 use vfio_bindings::bindings::vfio::{
-    VFIO_DEVICE_FLAGS_RESET, VFIO_REGION_INFO_FLAG_READ, VFIO_REGION_INFO_FLAG_WRITE,
+    VFIO_DEVICE_FLAGS_RESET, VFIO_REGION_INFO_FLAG_MMAP, VFIO_REGION_INFO_FLAG_READ,
+    VFIO_REGION_INFO_FLAG_WRITE,
 };
 
 use super::protocol::{
@@ -33,7 +41,7 @@ use super::protocol::{
     ProtoError, RegionAccess, RegionCap, RegionInfo, Version, WriteMulti, HEADER_SIZE,
     MAX_VERSION_DATA, VERSION_MAJOR, VERSION_MINOR,
 };
-use super::socket::{recv_message, send_message, Message, RecvError, RecvLimits, SCM_MAX_FD};
+use super::socket::{send_message, Message, MessageReader, RecvError, RecvLimits, SCM_MAX_FD};
 
 /// What the backend reports for DEVICE_GET_INFO.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -80,6 +88,36 @@ pub enum DmaBacking {
     Client,
 }
 
+/// A mappable region as the backend offers it.
+#[derive(Debug)]
+pub struct RegionMmap {
+    /// What the client maps (sent with the REGION_INFO reply; give a read-only-sealed memfd
+    /// when the client must not write).
+    pub fd: OwnedFd,
+    /// Offset of the region's byte 0 in the fd (REGION_INFO `offset`).
+    pub offset: u64,
+    /// Mappable (offset, size) areas, relative to the region.
+    pub areas: Vec<(u64, u64)>,
+}
+
+impl RegionMmap {
+    /// Each area is non-empty and inside a region of `size` bytes, at most 16 of them;
+    /// otherwise the region is reported as not mappable (a backend bug must not reach the
+    /// client).
+    fn fits(&self, size: u64) -> bool {
+        let ok = !self.areas.is_empty()
+            && self.areas.len() <= 16
+            && self
+                .areas
+                .iter()
+                .all(|&(o, n)| n != 0 && o.checked_add(n).is_some_and(|e| e <= size));
+        if !ok {
+            tracing::warn!(areas = ?self.areas, size, "vfio-user: bad mmap areas not offered");
+        }
+        ok
+    }
+}
+
 /// The device side of a vfio-user server. Errors are positive errnos, sent to the client.
 pub trait VfioUserBackend: Send + Sync {
     /// Device flags and counts.
@@ -121,6 +159,16 @@ pub trait VfioUserBackend: Send + Sync {
     fn dma_unmap(&self, iova: u64, size: u64, all: bool) -> Result<u64, i32>;
     /// The client is gone: unmap all client memory, drop client fds, keep the device state.
     fn disconnected(&self);
+    /// A region the client may mmap (`None`: not mappable, the default). The server checks
+    /// the areas against the region size, sets `VFIO_REGION_INFO_FLAG_MMAP`, reports the
+    /// areas as a sparse-mmap capability and sends the fd with the REGION_INFO reply; it
+    /// never accesses the memory itself.
+    fn region_mmap(&self, _index: u32) -> Option<RegionMmap> {
+        None
+    }
+    /// A client negotiated VERSION (before [`VfioUserBackend::attach_dma`]); each
+    /// connection gets one call, and later one [`VfioUserBackend::disconnected`].
+    fn connected(&self) {}
     /// After VERSION: the handle for DMA_READ/DMA_WRITE on this connection. It fails with
     /// ENOTCONN once the connection ends.
     fn attach_dma(&self, _channel: DmaChannel) {}
@@ -200,6 +248,11 @@ pub enum DmaError {
     /// Sending failed (EIO).
     #[error("socket: {0}")]
     Io(#[from] std::io::Error),
+    /// Called on the connection's reader thread, which alone could receive the reply
+    /// (EDEADLK): a handler run inline, i.e. while the connection has no DMA mapping
+    /// without an fd, must not use the channel.
+    #[error("DMA request from the connection's reader thread")]
+    OnReader,
 }
 
 impl DmaError {
@@ -211,6 +264,7 @@ impl DmaError {
             DmaError::Remote(e) => *e,
             DmaError::BadReply(_) => libc::EINVAL,
             DmaError::Io(_) => libc::EIO,
+            DmaError::OnReader => libc::EDEADLK,
         }
     }
 }
@@ -231,6 +285,8 @@ struct DmaInner {
     next_id: AtomicU16,
     max_xfer: usize,
     timeout: Duration,
+    /// The thread that receives this connection's messages.
+    reader: Option<ThreadId>,
 }
 
 /// Server-to-client memory access for memory the client mapped without an fd
@@ -250,7 +306,12 @@ impl std::fmt::Debug for DmaChannel {
 }
 
 impl DmaChannel {
-    fn new(writer: Arc<Mutex<UnixStream>>, max_xfer: u32, timeout: Duration) -> DmaChannel {
+    fn new(
+        writer: Arc<Mutex<UnixStream>>,
+        max_xfer: u32,
+        timeout: Duration,
+        reader: Option<ThreadId>,
+    ) -> DmaChannel {
         DmaChannel {
             inner: Arc::new(DmaInner {
                 writer,
@@ -261,6 +322,7 @@ impl DmaChannel {
                 next_id: AtomicU16::new(0),
                 max_xfer: (max_xfer as usize).max(1),
                 timeout,
+                reader,
             }),
         }
     }
@@ -305,6 +367,10 @@ impl DmaChannel {
     }
 
     fn transact(&self, cmd: Command, payload: &[u8]) -> Result<Message, DmaError> {
+        // Waiting here would only end in a timeout: the reply can never be received.
+        if self.inner.reader == Some(std::thread::current().id()) {
+            return Err(DmaError::OnReader);
+        }
         let (tx, rx) = mpsc::sync_channel(1);
         let id = {
             let mut p = lock(&self.inner.pending);
@@ -380,40 +446,63 @@ enum Flow {
     Close,
 }
 
+/// One connection's state, shared by the reader and the dispatcher (whichever handles a
+/// command; never both at once, see [`serve_connection`]).
 struct Conn<'a, B: VfioUserBackend + ?Sized> {
     backend: &'a B,
     config: &'a ServerConfig,
     writer: Arc<Mutex<UnixStream>>,
-    client_caps: Option<Capabilities>,
-    dma: Option<DmaChannel>,
+    /// Set once by VERSION.
+    client_caps: OnceLock<Capabilities>,
+    dma: OnceLock<DmaChannel>,
+    /// DMA_MAPs without an fd now in force (iova, size): while there is one, commands go
+    /// to the dispatcher, since handling them may need DMA_READ/DMA_WRITE replies that
+    /// only the reader can receive.
+    fdless: Mutex<Vec<(u64, u64)>>,
+    fdless_count: AtomicUsize,
+    /// Commands handed to the dispatcher and not yet answered.
+    queued: AtomicUsize,
+    /// The reader thread (a DMA request from it could never get its reply).
+    reader: OnceLock<ThreadId>,
 }
 
 /// Serve one client on `stream` until it disconnects. Returns `Ok(())` when the client
 /// closed the connection (also mid-stream); errors report why the server closed it.
 /// `disconnected` is called on the backend in every case once VERSION has been accepted
 /// (and also if it had not, so the backend may rely on it after any connection).
+///
+/// Threads: a reader thread receives every message. It handles a command itself (the
+/// fast path: no hand-off) unless the connection has a DMA mapping without an fd, the
+/// command is such a DMA_MAP, or commands are still queued for the dispatcher; those go
+/// in order to the dispatcher (the thread that called this function), so the reader stays
+/// free to receive the client's DMA_READ/DMA_WRITE replies. Because the reader only
+/// handles a command inline once the dispatcher has answered everything queued before it,
+/// commands are handled and answered in the order they arrived in either mode.
 pub fn serve_connection<B: VfioUserBackend + ?Sized>(
     backend: &B,
     stream: UnixStream,
     config: &ServerConfig,
 ) -> Result<(), ServerError> {
     let writer = Arc::new(Mutex::new(stream.try_clone()?));
-    let dma_slot: Arc<Mutex<Option<DmaChannel>>> = Arc::new(Mutex::new(None));
     let (tx, rx) = mpsc::sync_channel::<Item>(config.queue_depth.max(1));
     let limits = config.limits();
+    let conn = Conn {
+        backend,
+        config,
+        writer,
+        client_caps: OnceLock::new(),
+        dma: OnceLock::new(),
+        fdless: Mutex::new(Vec::new()),
+        fdless_count: AtomicUsize::new(0),
+        queued: AtomicUsize::new(0),
+        reader: OnceLock::new(),
+    };
 
     let result = std::thread::scope(|s| {
         let reader_stream = &stream;
-        let reader_dma = dma_slot.clone();
-        let reader = s.spawn(move || reader_loop(reader_stream, limits, tx, reader_dma));
-        let mut conn = Conn {
-            backend,
-            config,
-            writer: writer.clone(),
-            client_caps: None,
-            dma: None,
-        };
-        let r = conn.dispatch(&rx, &dma_slot);
+        let c = &conn;
+        let reader = s.spawn(move || reader_loop(c, reader_stream, limits, tx));
+        let r = conn.dispatch(&rx);
         // Unblock the reader (its recvmsg returns 0) and drop whatever is still queued,
         // closing the fds those messages carried.
         let _ = stream.shutdown(Shutdown::Both);
@@ -421,111 +510,135 @@ pub fn serve_connection<B: VfioUserBackend + ?Sized>(
         let rr = reader.join().unwrap_or(Ok(()));
         r.and(rr)
     });
-    if let Some(d) = lock(&dma_slot).take() {
+    if let Some(d) = conn.dma.get() {
         d.close();
     }
     backend.disconnected();
     result
 }
 
-fn reader_loop(
+fn reader_loop<B: VfioUserBackend + ?Sized>(
+    conn: &Conn<'_, B>,
     stream: &UnixStream,
     limits: RecvLimits,
     tx: SyncSender<Item>,
-    dma: Arc<Mutex<Option<DmaChannel>>>,
 ) -> Result<(), ServerError> {
+    let _ = conn.reader.set(std::thread::current().id());
+    let mut rd = MessageReader::new();
     let r = loop {
-        match recv_message(stream, limits) {
+        let item = match rd.recv(stream, limits) {
             Ok(None) => break Ok(()),
             Ok(Some(msg)) if msg.header.is_reply() => {
-                let d = lock(&dma).clone();
-                match d {
+                match conn.dma.get() {
                     Some(d) => d.complete(msg),
                     None => tracing::debug!("vfio-user: reply before VERSION dropped"),
                 }
+                continue;
             }
-            Ok(Some(msg)) => {
-                if tx.send(Item::Cmd(msg)).is_err() {
-                    break Ok(());
-                }
-            }
+            Ok(Some(msg)) => Item::Cmd(msg),
             Err(e) => match e.reply_errno() {
-                Some((h, errno)) if !h.is_reply() => {
-                    if tx.send(Item::Refused(h, errno)).is_err() {
-                        break Ok(());
-                    }
-                }
-                Some(_) => {}
+                Some((h, errno)) if !h.is_reply() => Item::Refused(h, errno),
+                Some(_) => continue,
                 None => {
                     break match e {
                         RecvError::BadHeader(p) => Err(ServerError::BadHeader(p)),
                         // EOF mid-message or a reset socket: the client is gone.
-                        RecvError::Io(_) => Ok(()),
                         _ => Ok(()),
                     };
                 }
             },
+        };
+        if conn.inline(&item) {
+            if let Err(e) = conn.process(item) {
+                break Err(e);
+            }
+        } else {
+            // Counted before it is queued: the dispatcher may answer it at once.
+            conn.queued.fetch_add(1, Ordering::SeqCst);
+            if tx.send(item).is_err() {
+                break Ok(());
+            }
         }
     };
     // Pending DMA requests cannot be answered any more.
-    if let Some(d) = lock(&dma).as_ref() {
+    if let Some(d) = conn.dma.get() {
         d.close();
     }
     r
 }
 
 impl<B: VfioUserBackend + ?Sized> Conn<'_, B> {
-    fn dispatch(
-        &mut self,
-        rx: &Receiver<Item>,
-        dma_slot: &Mutex<Option<DmaChannel>>,
-    ) -> Result<(), ServerError> {
+    /// Whether the reader may handle `item` itself: nothing is queued for the dispatcher
+    /// (order), and handling it cannot need a DMA_READ/DMA_WRITE reply (no fd-less map in
+    /// force, and it is not a DMA_MAP without an fd, after which there would be one).
+    fn inline(&self, item: &Item) -> bool {
+        if self.queued.load(Ordering::SeqCst) != 0 || self.fdless_count.load(Ordering::SeqCst) != 0
+        {
+            return false;
+        }
+        match item {
+            Item::Cmd(m) => !(m.header.command == Command::DmaMap as u16 && m.fds.is_empty()),
+            Item::Refused(..) => true,
+        }
+    }
+
+    fn dispatch(&self, rx: &Receiver<Item>) -> Result<(), ServerError> {
         while let Ok(item) = rx.recv() {
-            let msg = match item {
-                Item::Refused(h, errno) => {
-                    if self.client_caps.is_none() {
-                        self.send_error(&h, errno)?;
-                        return Err(ServerError::Negotiation("refused first message".into()));
-                    }
-                    if !h.no_reply() {
-                        self.send_error(&h, errno)?;
-                    }
-                    continue;
-                }
-                Item::Cmd(m) => m,
-            };
-            if self.client_caps.is_none() {
-                match self.negotiate(msg)? {
-                    Flow::Continue => {
-                        *lock(dma_slot) = self.dma.clone();
-                        if let Some(d) = &self.dma {
-                            self.backend.attach_dma(d.clone());
-                        }
-                        continue;
-                    }
-                    Flow::Close => {
-                        return Err(ServerError::Negotiation("bad first message".into()));
-                    }
-                }
-            }
-            let header = msg.header;
-            let result = self.handle(msg);
-            if header.no_reply() {
-                if let Err(e) = result {
-                    tracing::debug!(
-                        cmd = header.command,
-                        errno = e,
-                        "vfio-user: no-reply command failed"
-                    );
-                }
-                continue;
-            }
-            match result {
-                Ok(payload) => self.send(&header.reply(payload.len()), &payload)?,
-                Err(errno) => self.send_error(&header, errno)?,
-            }
+            let r = self.process(item);
+            // Only now may the reader handle the next command itself.
+            self.queued.fetch_sub(1, Ordering::SeqCst);
+            r?;
         }
         Ok(())
+    }
+
+    /// Handles one command (or refusal) and sends its reply. An error ends the connection.
+    fn process(&self, item: Item) -> Result<(), ServerError> {
+        let msg = match item {
+            Item::Refused(h, errno) => {
+                if self.client_caps.get().is_none() {
+                    self.send_error(&h, errno)?;
+                    return Err(ServerError::Negotiation("refused first message".into()));
+                }
+                if !h.no_reply() {
+                    self.send_error(&h, errno)?;
+                }
+                return Ok(());
+            }
+            Item::Cmd(m) => m,
+        };
+        if self.client_caps.get().is_none() {
+            return match self.negotiate(msg)? {
+                Flow::Continue => Ok(()),
+                Flow::Close => Err(ServerError::Negotiation("bad first message".into())),
+            };
+        }
+        let header = msg.header;
+        let mut fds = Vec::new();
+        let result = self.handle(msg, &mut fds);
+        if header.no_reply() {
+            if let Err(e) = result {
+                tracing::debug!(
+                    cmd = header.command,
+                    errno = e,
+                    "vfio-user: no-reply command failed"
+                );
+            }
+            return Ok(());
+        }
+        match result {
+            Ok(payload) => {
+                let fds: Vec<BorrowedFd<'_>> = fds.iter().map(|f| f.as_fd()).collect();
+                send_message(
+                    &lock(&self.writer),
+                    &header.reply(payload.len()),
+                    &payload,
+                    &fds,
+                )?;
+                Ok(())
+            }
+            Err(errno) => self.send_error(&header, errno),
+        }
     }
 
     fn send(&self, h: &Header, payload: &[u8]) -> Result<(), ServerError> {
@@ -539,7 +652,7 @@ impl<B: VfioUserBackend + ?Sized> Conn<'_, B> {
 
     /// The first message must be VERSION with major 0; anything else gets an error reply and
     /// the connection is closed.
-    fn negotiate(&mut self, msg: Message) -> Result<Flow, ServerError> {
+    fn negotiate(&self, msg: Message) -> Result<Flow, ServerError> {
         let h = msg.header;
         if h.command != Command::Version as u16 || !msg.fds.is_empty() {
             self.send_error(&h, libc::EINVAL)?;
@@ -572,13 +685,19 @@ impl<B: VfioUserBackend + ?Sized> Conn<'_, B> {
             caps: Some(ours),
         }
         .encode();
-        self.send(&h.reply(reply.len()), &reply)?;
-        self.dma = Some(DmaChannel::new(
+        let _ = self.dma.set(DmaChannel::new(
             self.writer.clone(),
             theirs.max_data_xfer_size(),
             c.dma_timeout,
+            self.reader.get().copied(),
         ));
-        self.client_caps = Some(theirs);
+        let _ = self.client_caps.set(theirs);
+        // The backend is ready for this client before the client hears the answer.
+        self.backend.connected();
+        if let Some(d) = self.dma.get() {
+            self.backend.attach_dma(d.clone());
+        }
+        self.send(&h.reply(reply.len()), &reply)?;
         Ok(Flow::Continue)
     }
 
@@ -602,7 +721,7 @@ impl<B: VfioUserBackend + ?Sized> Conn<'_, B> {
         Ok(())
     }
 
-    fn handle(&mut self, msg: Message) -> Result<Vec<u8>, i32> {
+    fn handle(&self, msg: Message, reply_fds: &mut Vec<OwnedFd>) -> Result<Vec<u8>, i32> {
         let Message {
             header,
             payload,
@@ -633,7 +752,7 @@ impl<B: VfioUserBackend + ?Sized> Conn<'_, B> {
             Command::DeviceGetRegionInfo => {
                 let (index, argsz) = RegionInfo::decode_request(p).map_err(pe)?;
                 let r = self.check_region(index)?;
-                let info = RegionInfo {
+                let mut info = RegionInfo {
                     argsz: 0,
                     flags: r.flags & (VFIO_REGION_INFO_FLAG_READ | VFIO_REGION_INFO_FLAG_WRITE),
                     index,
@@ -646,6 +765,17 @@ impl<B: VfioUserBackend + ?Sized> Conn<'_, B> {
                         .into_iter()
                         .collect(),
                 };
+                let mmap = self.backend.region_mmap(index).filter(|m| m.fits(r.size));
+                if let Some(m) = mmap {
+                    info.flags |= VFIO_REGION_INFO_FLAG_MMAP;
+                    info.offset = m.offset;
+                    info.caps.insert(0, RegionCap::SparseMmap(m.areas.clone()));
+                    // The fd rides only with the reply that carries the areas; a reply
+                    // cut short by argsz makes the client ask again.
+                    if info.full_len() <= argsz as usize {
+                        reply_fds.push(m.fd);
+                    }
+                }
                 Ok(info.encode_reply(argsz))
             }
             Command::DeviceGetIrqInfo => {
@@ -730,7 +860,7 @@ impl<B: VfioUserBackend + ?Sized> Conn<'_, B> {
             Command::RegionWriteMulti => {
                 let negotiated = self
                     .client_caps
-                    .as_ref()
+                    .get()
                     .and_then(|c| c.write_multiple)
                     .unwrap_or(false);
                 if !negotiated {
@@ -770,12 +900,28 @@ impl<B: VfioUserBackend + ?Sized> Conn<'_, B> {
                     },
                     _ => return Err(libc::EINVAL),
                 };
+                let fdless = matches!(backing, DmaBacking::Client);
                 self.backend.dma_map(m.address, m.size, m.prot(), backing)?;
+                if fdless {
+                    let mut v = lock(&self.fdless);
+                    v.push((m.address, m.size));
+                    self.fdless_count.store(v.len(), Ordering::SeqCst);
+                }
                 Ok(Vec::new())
             }
             Command::DmaUnmap => {
                 let u = DmaUnmap::decode(p).map_err(pe)?;
                 self.backend.dma_unmap(u.address, u.size, u.all())?;
+                {
+                    let mut v = lock(&self.fdless);
+                    if u.all() {
+                        v.clear();
+                    } else {
+                        let end = u.address.saturating_add(u.size);
+                        v.retain(|&(a, n)| !(a >= u.address && a.saturating_add(n) <= end));
+                    }
+                    self.fdless_count.store(v.len(), Ordering::SeqCst);
+                }
                 Ok(DmaUnmap {
                     argsz: DmaUnmap::SIZE as u32,
                     ..u

@@ -5,6 +5,10 @@
 //! so every error path closes them by dropping. Limits on the number of fds and on the message
 //! size are checked before any payload buffer is allocated; a message that breaks a limit is
 //! drained (in bounded chunks) so the stream stays in step and the peer can be told why.
+//!
+//! [`recv_message`] reads one message with two `recvmsg` calls (header, payload) and never
+//! reads past it; [`MessageReader`] keeps a buffer per stream and so usually needs one call
+//! per message (the server's and the client's receive paths use it).
 
 use std::io::{IoSlice, IoSliceMut};
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
@@ -47,6 +51,10 @@ pub enum RecvError {
     /// The socket failed, or the peer closed in the middle of a message: the stream is unusable.
     #[error("socket: {0}")]
     Io(#[from] std::io::Error),
+    /// The socket's receive timeout (`SO_RCVTIMEO`) passed before the first byte of a
+    /// message: nothing was consumed, the stream is still in step (ETIMEDOUT).
+    #[error("no message within the receive timeout")]
+    TimedOut,
     /// The header is unusable (size smaller than a header, unknown type or flag bits): the
     /// stream cannot be trusted any more.
     #[error("bad header: {0}")]
@@ -140,7 +148,13 @@ pub fn recv_message(stream: &UnixStream, limits: RecvLimits) -> Result<Option<Me
     let mut hdr = [0u8; HEADER_SIZE];
     let mut got = 0;
     while got < HEADER_SIZE {
-        let n = recv_some(fd, &mut hdr[got..], &mut fds)?;
+        let n = match recv_some(fd, &mut hdr[got..], &mut fds) {
+            Ok(n) => n,
+            Err(e) if got == 0 && e.kind() == std::io::ErrorKind::WouldBlock => {
+                return Err(RecvError::TimedOut)
+            }
+            Err(e) => return Err(e.into()),
+        };
         if n == 0 {
             if got == 0 {
                 return Ok(None);
@@ -184,6 +198,190 @@ pub fn recv_message(stream: &UnixStream, limits: RecvLimits) -> Result<Option<Me
     }))
 }
 
+/// Bytes a [`MessageReader`] asks for per `recvmsg`.
+pub const READ_BUF: usize = 64 * 1024;
+
+/// Receives whole messages from one stream, usually with a single `recvmsg` per message:
+/// it reads as much as is there (up to [`READ_BUF`]) and keeps what belongs to the next
+/// messages. [`recv_message`] needs two (header, then payload).
+///
+/// Which message received fds belong to: Linux's stream `recvmsg` stops right after the
+/// segment that carried descriptors, and a sender puts them on the first byte of a message
+/// sent with one `sendmsg` (vccw, QEMU and libvfio-user all do). So the fds a call brings
+/// belong to the message holding the *last* byte that call read. A peer that breaks the
+/// convention only confuses its own messages: every fd is still owned, validated by the
+/// command it ends up with, and closed on every path.
+pub struct MessageReader {
+    buf: Box<[u8]>,
+    /// Unread bytes are `buf[start..end]`.
+    start: usize,
+    end: usize,
+    /// Stream offset of `buf[start]` (the next unread byte).
+    pos: u64,
+    /// Received fds, with the stream offset of the last byte their `recvmsg` read.
+    fds: std::collections::VecDeque<(u64, Vec<OwnedFd>)>,
+}
+
+impl std::fmt::Debug for MessageReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MessageReader")
+            .field("buffered", &(self.end - self.start))
+            .field("pos", &self.pos)
+            .finish()
+    }
+}
+
+impl Default for MessageReader {
+    fn default() -> Self {
+        MessageReader::new()
+    }
+}
+
+impl MessageReader {
+    /// An empty reader.
+    pub fn new() -> MessageReader {
+        MessageReader {
+            buf: vec![0u8; READ_BUF].into_boxed_slice(),
+            start: 0,
+            end: 0,
+            pos: 0,
+            fds: std::collections::VecDeque::new(),
+        }
+    }
+
+    fn buffered(&self) -> usize {
+        self.end - self.start
+    }
+
+    /// Consumes `n` buffered bytes.
+    fn consume(&mut self, n: usize) {
+        self.start += n;
+        self.pos += n as u64;
+        if self.start == self.end {
+            self.start = 0;
+            self.end = 0;
+        }
+    }
+
+    fn note_fds(&mut self, last: u64, got: Vec<OwnedFd>) {
+        if !got.is_empty() {
+            self.fds.push_back((last, got));
+        }
+    }
+
+    /// One `recvmsg` appending to the buffer; returns the bytes read (0: EOF).
+    fn fill(&mut self, fd: RawFd) -> Result<usize, std::io::Error> {
+        if self.end == self.buf.len() {
+            self.buf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+        }
+        let mut got = Vec::new();
+        let n = recv_some(fd, &mut self.buf[self.end..], &mut got)?;
+        self.end += n;
+        let last = (self.pos + self.buffered() as u64).saturating_sub(1);
+        self.note_fds(last, got);
+        Ok(n)
+    }
+
+    /// Reads `out.len()` bytes straight from the socket (the buffer is empty).
+    fn read_direct(&mut self, fd: RawFd, out: &mut [u8]) -> Result<(), std::io::Error> {
+        let mut done = 0;
+        while done < out.len() {
+            let mut got = Vec::new();
+            let n = recv_some(fd, &mut out[done..], &mut got)?;
+            if n == 0 {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+            self.pos += n as u64;
+            self.note_fds(self.pos - 1, got);
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Takes the fds of the message ending before stream offset `end`.
+    fn take_fds(&mut self, end: u64) -> Vec<OwnedFd> {
+        let mut out = Vec::new();
+        while self.fds.front().is_some_and(|(last, _)| *last < end) {
+            if let Some((_, f)) = self.fds.pop_front() {
+                out.extend(f);
+            }
+        }
+        out
+    }
+
+    /// Receive one message, as [`recv_message`] (same errors and limits; `TimedOut` only
+    /// when nothing of the next message had arrived).
+    pub fn recv(
+        &mut self,
+        stream: &UnixStream,
+        limits: RecvLimits,
+    ) -> Result<Option<Message>, RecvError> {
+        let fd = stream.as_raw_fd();
+        while self.buffered() < HEADER_SIZE {
+            let n = match self.fill(fd) {
+                Ok(n) => n,
+                Err(e) if self.buffered() == 0 && e.kind() == std::io::ErrorKind::WouldBlock => {
+                    return Err(RecvError::TimedOut)
+                }
+                Err(e) => return Err(e.into()),
+            };
+            if n == 0 {
+                if self.buffered() == 0 {
+                    return Ok(None);
+                }
+                return Err(RecvError::Io(std::io::ErrorKind::UnexpectedEof.into()));
+            }
+        }
+        let header = Header::decode(&self.buf[self.start..self.start + HEADER_SIZE])
+            .map_err(RecvError::BadHeader)?;
+        header.validate().map_err(RecvError::BadHeader)?;
+        let size = header.size as usize;
+        let end = self.pos + size as u64;
+        if size > limits.max_msg_size {
+            // Skip it (buffered part, then the rest in bounded reads) and close its fds.
+            let here = self.buffered().min(size);
+            self.consume(here);
+            let mut rest = size - here;
+            let mut scratch = vec![0u8; rest.min(READ_BUF)];
+            while rest > 0 {
+                let n = rest.min(scratch.len());
+                self.read_direct(fd, &mut scratch[..n])?;
+                rest -= n;
+            }
+            drop(self.take_fds(end));
+            return Err(RecvError::TooLarge {
+                header,
+                size,
+                max: limits.max_msg_size,
+            });
+        }
+        self.consume(HEADER_SIZE);
+        let mut payload = vec![0u8; size - HEADER_SIZE];
+        let here = self.buffered().min(payload.len());
+        payload[..here].copy_from_slice(&self.buf[self.start..self.start + here]);
+        self.consume(here);
+        if here < payload.len() {
+            // Exactly the rest, so nothing of the next message is read here.
+            self.read_direct(fd, &mut payload[here..])?;
+        }
+        let fds = self.take_fds(end);
+        if fds.len() > limits.max_fds {
+            return Err(RecvError::TooManyFds {
+                header,
+                got: fds.len(),
+                max: limits.max_fds,
+            });
+        }
+        Ok(Some(Message {
+            header,
+            payload,
+            fds,
+        }))
+    }
+}
+
 /// Send one message: header and payload in one `sendmsg` carrying `fds`, then the rest if the
 /// kernel took only part (fds go with the first byte). `MSG_NOSIGNAL`: a closed peer is an
 /// EPIPE error, not a signal.
@@ -222,4 +420,129 @@ pub fn send_message(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsFd;
+
+    const LIM: RecvLimits = RecvLimits {
+        max_fds: 4,
+        max_msg_size: 1 << 20,
+    };
+
+    fn hdr(id: u16, payload: usize) -> Header {
+        Header {
+            id,
+            command: 3,
+            size: (HEADER_SIZE + payload) as u32,
+            flags: 0,
+            error: 0,
+        }
+    }
+
+    fn memfd(tag: &str) -> OwnedFd {
+        nix::sys::memfd::memfd_create(tag, nix::sys::memfd::MFdFlags::MFD_CLOEXEC).unwrap()
+    }
+
+    fn fd_name(f: &OwnedFd) -> String {
+        std::fs::read_link(format!("/proc/self/fd/{}", f.as_raw_fd()))
+            .unwrap()
+            .to_string_lossy()
+            .into_owned()
+    }
+
+    #[test]
+    fn pipelined_messages_keep_bytes_and_fds_apart() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let (f1, f3a, f3b) = (memfd("one"), memfd("three-a"), memfd("three-b"));
+        // Sent before anything is read, so one recvmsg can see several of them.
+        send_message(&a, &hdr(0, 5), b"zero!", &[]).unwrap();
+        send_message(&a, &hdr(1, 3), b"one", &[f1.as_fd()]).unwrap();
+        send_message(&a, &hdr(2, 0), b"", &[]).unwrap();
+        send_message(&a, &hdr(3, 7), b"three..", &[f3a.as_fd(), f3b.as_fd()]).unwrap();
+        let big = vec![0xA5u8; READ_BUF + 1000];
+        send_message(&a, &hdr(4, big.len()), &big, &[]).unwrap();
+        let mut r = MessageReader::new();
+        let m0 = r.recv(&b, LIM).unwrap().unwrap();
+        assert_eq!(
+            (m0.header.id, &m0.payload[..], m0.fds.len()),
+            (0, &b"zero!"[..], 0)
+        );
+        let m1 = r.recv(&b, LIM).unwrap().unwrap();
+        assert_eq!((m1.header.id, &m1.payload[..]), (1, &b"one"[..]));
+        assert_eq!(m1.fds.len(), 1);
+        assert!(fd_name(&m1.fds[0]).contains("memfd:one"));
+        let m2 = r.recv(&b, LIM).unwrap().unwrap();
+        assert_eq!((m2.header.id, m2.payload.len(), m2.fds.len()), (2, 0, 0));
+        let m3 = r.recv(&b, LIM).unwrap().unwrap();
+        assert_eq!(&m3.payload[..], b"three..");
+        let names: Vec<String> = m3.fds.iter().map(fd_name).collect();
+        assert!(
+            names[0].contains("three-a") && names[1].contains("three-b"),
+            "{names:?}"
+        );
+        let m4 = r.recv(&b, LIM).unwrap().unwrap();
+        assert_eq!(
+            (m4.header.id, m4.payload == big, m4.fds.len()),
+            (4, true, 0)
+        );
+        drop(a);
+        assert!(r.recv(&b, LIM).unwrap().is_none());
+    }
+
+    #[test]
+    fn limits_eof_and_timeouts() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let small = RecvLimits {
+            max_fds: 1,
+            max_msg_size: 64,
+        };
+        let (f1, f2) = (memfd("x"), memfd("y"));
+        // Too large (dropped with its fd), then too many fds, then a good one.
+        send_message(&a, &hdr(7, 100), &[1u8; 100], &[f1.as_fd()]).unwrap();
+        send_message(&a, &hdr(8, 1), &[2], &[f1.as_fd(), f2.as_fd()]).unwrap();
+        send_message(&a, &hdr(9, 2), &[3, 4], &[]).unwrap();
+        let mut r = MessageReader::new();
+        match r.recv(&b, small) {
+            Err(RecvError::TooLarge { header, size, .. }) => {
+                assert_eq!((header.id, size), (7, 116))
+            }
+            other => panic!("{other:?}"),
+        }
+        match r.recv(&b, small) {
+            Err(RecvError::TooManyFds { header, got, .. }) => assert_eq!((header.id, got), (8, 2)),
+            other => panic!("{other:?}"),
+        }
+        let m = r.recv(&b, small).unwrap().unwrap();
+        assert_eq!(
+            (m.header.id, &m.payload[..], m.fds.len()),
+            (9, &[3u8, 4][..], 0)
+        );
+        // Nothing there: a receive timeout is TimedOut and the stream stays usable.
+        b.set_read_timeout(Some(std::time::Duration::from_millis(20)))
+            .unwrap();
+        assert!(matches!(r.recv(&b, small), Err(RecvError::TimedOut)));
+        send_message(&a, &hdr(10, 0), &[], &[]).unwrap();
+        assert_eq!(r.recv(&b, small).unwrap().unwrap().header.id, 10);
+        // Half a header, then silence: no longer in step (Io), not TimedOut.
+        use std::io::Write;
+        (&a).write_all(&hdr(11, 4).encode()[..10]).unwrap();
+        assert!(matches!(r.recv(&b, small), Err(RecvError::Io(_))));
+        // A header with an impossible size is a bad header.
+        let (a, b) = UnixStream::pair().unwrap();
+        let mut h = hdr(1, 0).encode();
+        h[4..8].copy_from_slice(&8u32.to_ne_bytes());
+        (&a).write_all(&h).unwrap();
+        let mut r = MessageReader::new();
+        assert!(matches!(r.recv(&b, small), Err(RecvError::BadHeader(_))));
+        // EOF in the middle of a payload.
+        let (a, b) = UnixStream::pair().unwrap();
+        (&a).write_all(&hdr(1, 8).encode()).unwrap();
+        (&a).write_all(&[0u8; 3]).unwrap();
+        drop(a);
+        let mut r = MessageReader::new();
+        assert!(matches!(r.recv(&b, small), Err(RecvError::Io(_))));
+    }
 }
