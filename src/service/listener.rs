@@ -182,7 +182,7 @@ fn listen_loop(
             tracing::warn!(dev = %backend.name(), %e, "socket setup failed");
             continue;
         }
-        if conn.as_ref().is_some_and(|h| !h.is_finished()) {
+        if conn.as_ref().is_some_and(|h| !h.is_finished()) && !ends_soon(conn.as_ref()) {
             tracing::info!(dev = %backend.name(), "second client refused (EBUSY)");
             refuse(stream);
             continue;
@@ -219,6 +219,22 @@ fn listen_loop(
     if let Some(h) = conn.take() {
         let _ = h.join();
     }
+}
+
+/// Whether the connection thread ends within a short grace period. A client that reconnects
+/// right after its previous connection closed must not be refused because the old thread is
+/// still returning from its cleanup (its mappings and pins are already gone by then).
+fn ends_soon(conn: Option<&JoinHandle<()>>) -> bool {
+    const GRACE: std::time::Duration = std::time::Duration::from_millis(200);
+    let Some(h) = conn else { return true };
+    let t0 = std::time::Instant::now();
+    while !h.is_finished() {
+        if t0.elapsed() >= GRACE {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    true
 }
 
 /// Answers the first message of a client that cannot be served now with EBUSY.
