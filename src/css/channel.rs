@@ -295,6 +295,21 @@ impl ChannelRun {
         }
     }
 
+    /// Prepares the program `orb` designates, as [`Self::new`] does, keeping this run's
+    /// buffers (a subchannel reuses one run for program after program without allocating).
+    pub fn restart(&mut self, orb: &Orb) {
+        let mut fresh = ChannelRun::new(orb);
+        fresh.buf = std::mem::take(&mut self.buf);
+        fresh.segs = std::mem::take(&mut self.segs);
+        fresh.pieces = std::mem::take(&mut self.pieces);
+        fresh.transfers = std::mem::take(&mut self.transfers);
+        fresh.buf.clear();
+        fresh.segs.clear();
+        fresh.pieces.clear();
+        fresh.transfers.clear();
+        *self = fresh;
+    }
+
     /// The ORB this program was started with.
     pub fn orb(&self) -> &Orb {
         &self.orb

@@ -198,6 +198,8 @@ struct Inner {
     exec: Option<Exec>,
     /// A program whose start is pending.
     queued: Option<Arc<HostProgram>>,
+    /// The run of the last program that ended, kept for its buffers (no allocation per START).
+    spare: Option<ChannelRun>,
     /// SCSW function control of the subchannel.
     fctl: u8,
     /// SCSW activity control of the subchannel.
@@ -466,6 +468,7 @@ impl EmulatedSubchannel {
                 dev: Some(device),
                 exec: None,
                 queued: None,
+                spare: None,
                 fctl: 0,
                 actl: 0,
                 suspend_ctl: false,
@@ -744,10 +747,14 @@ fn next_work(g: &mut Inner, seq: &AtomicU64) -> Work {
     }
     if g.actl & actl::START_PENDING != 0 {
         if let Some(prog) = g.queued.take() {
-            g.exec = Some(Exec {
-                run: ChannelRun::new(prog.orb()),
-                prog,
-            });
+            let run = match g.spare.take() {
+                Some(mut run) => {
+                    run.restart(prog.orb());
+                    run
+                }
+                None => ChannelRun::new(prog.orb()),
+            };
+            g.exec = Some(Exec { run, prog });
             g.actl =
                 (g.actl & !actl::START_PENDING) | actl::SUBCHANNEL_ACTIVE | actl::DEVICE_ACTIVE;
             g.lpum = PATH;
@@ -802,7 +809,9 @@ fn finish_step(g: &mut Inner, mut exec: Exec, step: Option<Step>, sense: Option<
         }
         Some(Step::Done(mut s)) => {
             // The program (and, if the driver let go, its pins) goes before the interrupt.
-            drop(exec);
+            let Exec { run, prog } = exec;
+            drop(prog);
+            g.spare = Some(run);
             if !clearing {
                 if halting {
                     // The halt function ends with the final status (PoP).
