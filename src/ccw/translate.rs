@@ -20,7 +20,9 @@ use crate::ccw::program::{key_allows, HostProgram, Origin, PageRef, ScswMapper, 
 use crate::ccw::{
     command, Ccw0, Ccw1, CcwFlags, CommandKind, Idaw, IdawFormat, Midaw, CCW_SIZE, MIDAW_SIZE,
 };
-use crate::iommu_store::{IommuStore, Perm, PinnedPages, StoreError, MAX_PIN_PAGES, PAGE_SIZE};
+use crate::iommu_store::{
+    IommuStore, Perm, PinnedPages, StoreError, StoreView, MAX_PIN_PAGES, PAGE_SIZE,
+};
 use crate::orb::Orb;
 
 /// Limits of the translation.
@@ -133,6 +135,8 @@ pub fn translate(orb: &Orb, store: &IommuStore, cfg: &TranslateConfig) -> Result
     let fmt1 = ctl.format1();
     check_ccw_address(orb.cpa as u64, fmt1)?;
 
+    // One store snapshot for the whole translation (a failed lookup retries on a fresh one).
+    let store = &store.view();
     let segments = walk(orb, store, cfg)?;
     // 2K guest IDAWs can only be carried by 2K host IDAWs; everything else goes in 4K ones.
     let guest_fmt = IdawFormat::from_orb(ctl.format2_idaw(), ctl.idaw_2k());
@@ -176,7 +180,7 @@ fn unmapped(addr: u64) -> impl Fn(StoreError) -> E {
 /// must allow fetching from every page: a fetch-protected page with another key is a
 /// protection check. Pages are checked in address order, each for mapping then key, as a
 /// channel meets them.
-fn fetch(store: &IommuStore, addr: u64, buf: &mut [u8], key: u8) -> Result<(), E> {
+fn fetch(store: &StoreView, addr: u64, buf: &mut [u8], key: u8) -> Result<(), E> {
     if key != 0 && !buf.is_empty() {
         let last = addr.saturating_add(buf.len() as u64 - 1);
         let mut page = addr - addr % PAGE_SIZE;
@@ -195,9 +199,63 @@ fn fetch(store: &IommuStore, addr: u64, buf: &mut [u8], key: u8) -> Result<(), E
     store.read(addr, buf).map_err(unmapped(addr))
 }
 
+/// Bytes of list storage (IDAWs, MIDAWs) fetched at once, at most to the end of the page.
+const LIST_CHUNK: usize = 512;
+
+/// The last stretch of guest list storage fetched: IDALs and MIDALs of consecutive CCWs
+/// usually sit together, so one store read serves many of them.
+///
+/// Exact: a list entry never crosses a page (entries are aligned to their size), mapping,
+/// permission and storage key are per page, and the stretch is fetched from the entry's own
+/// address on, so the fetch that fills it fails exactly when fetching the entry alone would,
+/// with the same error. Each entry is still copied out once and used as copied.
+struct ListCache {
+    /// Guest address of `buf[0]`; `len` 0 means empty.
+    at: u64,
+    len: usize,
+    buf: [u8; LIST_CHUNK],
+}
+
+impl Default for ListCache {
+    fn default() -> Self {
+        ListCache {
+            at: 0,
+            len: 0,
+            buf: [0; LIST_CHUNK],
+        }
+    }
+}
+
+impl ListCache {
+    /// Fetches the list entry at `addr` (`out.len()` bytes, not crossing a page) as
+    /// [`fetch`] would.
+    fn fetch(&mut self, store: &StoreView, addr: u64, out: &mut [u8], key: u8) -> Result<(), E> {
+        let n = out.len();
+        if let Some(off) = addr.checked_sub(self.at) {
+            if off < self.len as u64 && off as usize + n <= self.len {
+                let off = off as usize;
+                out.copy_from_slice(&self.buf[off..off + n]);
+                return Ok(());
+            }
+        }
+        let to_page_end = (PAGE_SIZE - addr % PAGE_SIZE) as usize;
+        if n > to_page_end {
+            // Not a list entry's shape: fetch it alone.
+            return fetch(store, addr, out, key);
+        }
+        let len = to_page_end.min(LIST_CHUNK);
+        self.len = 0;
+        fetch(store, addr, &mut self.buf[..len], key)?;
+        self.at = addr;
+        self.len = len;
+        out.copy_from_slice(&self.buf[..n]);
+        Ok(())
+    }
+}
+
 /// Reads CCWs from `addr` up to the end of its page (one store lookup for many CCWs).
 fn fetch_ccws(
-    store: &IommuStore,
+    store: &StoreView,
     addr: u64,
     max: usize,
     buf: &mut Vec<u8>,
@@ -260,7 +318,8 @@ fn validate(c: &Ccw1, addr: u64, orb: &Orb, data_chained: bool) -> Result<(), E>
 }
 
 /// Pass 1: find and validate the reachable chain segments.
-fn walk(orb: &Orb, store: &IommuStore, cfg: &TranslateConfig) -> Result<Vec<Segment>, E> {
+#[inline(never)]
+fn walk(orb: &Orb, store: &StoreView, cfg: &TranslateConfig) -> Result<Vec<Segment>, E> {
     let fmt1 = orb.ctl.format1();
     let mut segments: Vec<Segment> = Vec::new();
     // (guest address, reached only speculatively, command continued by data chaining)
@@ -414,7 +473,9 @@ fn find_in(segments: &[Segment], addr: u64) -> Option<(usize, usize)> {
 /// Passes 2 and 3.
 struct Builder<'a> {
     orb: &'a Orb,
-    store: &'a IommuStore,
+    store: &'a StoreView<'a>,
+    /// The last stretch of IDAL/MIDAL storage fetched.
+    lists: ListCache,
     cfg: &'a TranslateConfig,
     guest_fmt: IdawFormat,
     host_block: u64,
@@ -435,7 +496,7 @@ struct Builder<'a> {
 impl<'a> Builder<'a> {
     fn new(
         orb: &'a Orb,
-        store: &'a IommuStore,
+        store: &'a StoreView<'a>,
         cfg: &'a TranslateConfig,
         guest_fmt: IdawFormat,
         host_block: u64,
@@ -443,6 +504,7 @@ impl<'a> Builder<'a> {
         Builder {
             orb,
             store,
+            lists: ListCache::default(),
             cfg,
             guest_fmt,
             host_block,
@@ -506,6 +568,7 @@ impl<'a> Builder<'a> {
     }
 
     /// A TIC: its target is a slot of some segment (the walk fetched it).
+    #[inline(never)]
     fn tic(&self, g: &GuestCcw, segments: &[Segment], heads: &[usize]) -> Result<HostCcw, E> {
         let target = g.ccw.cda as u64;
         let (si, ci) = find_in(segments, target).ok_or(E::CcwAddress(target))?;
@@ -540,6 +603,7 @@ impl<'a> Builder<'a> {
     /// A command CCW (or a data-chained continuation): pins and describes its data.
     /// `slot` is this CCW's host index, `seg_end` the end of its segment's slots and `total`
     /// the number of slots (expansions follow them).
+    #[inline(never)]
     fn data_ccw(
         &mut self,
         g: &GuestCcw,
@@ -706,7 +770,7 @@ impl<'a> Builder<'a> {
     }
 
     /// The guest storage a data CCW designates, in transfer order.
-    fn pieces(&self, g: &GuestCcw, backward: bool, pieces: &mut Vec<Piece>) -> Result<(), E> {
+    fn pieces(&mut self, g: &GuestCcw, backward: bool, pieces: &mut Vec<Piece>) -> Result<(), E> {
         let c = g.ccw;
         let count = c.count as u64;
         let fmt1 = self.orb.ctl.format1();
@@ -751,7 +815,7 @@ impl<'a> Builder<'a> {
         while rest > 0 {
             let at = list + i * fmt.idaw_size();
             let buf = &mut raw[..fmt.idaw_size() as usize];
-            fetch(self.store, at, buf, self.orb.ctl.key())?;
+            self.lists.fetch(self.store, at, buf, self.orb.ctl.key())?;
             // Each IDAW is read exactly once; the value used is the value checked.
             let idaw = fmt.decode(buf);
             if !idaw.is_valid(fmt) {
@@ -777,7 +841,12 @@ impl<'a> Builder<'a> {
         Ok(())
     }
 
-    fn midaw_pieces(&self, g: &GuestCcw, backward: bool, pieces: &mut Vec<Piece>) -> Result<(), E> {
+    fn midaw_pieces(
+        &mut self,
+        g: &GuestCcw,
+        backward: bool,
+        pieces: &mut Vec<Piece>,
+    ) -> Result<(), E> {
         let list = g.ccw.cda as u64;
         if list % MIDAW_SIZE != 0 || list > 0x7fff_ffff {
             return Err(E::ListAddress(g.addr));
@@ -787,7 +856,8 @@ impl<'a> Builder<'a> {
         let mut raw = [0u8; 16];
         let mut at = list;
         loop {
-            fetch(self.store, at, &mut raw, self.orb.ctl.key())?;
+            self.lists
+                .fetch(self.store, at, &mut raw, self.orb.ctl.key())?;
             let m = Midaw::from_bytes(raw);
             if !m.reserved_ok() {
                 return Err(E::Midaw(g.addr, "reserved bits set"));
@@ -876,6 +946,7 @@ impl<'a> Builder<'a> {
 
     /// Pins `pages` (guest page, access bits): sorted, merged, and pinned in runs of
     /// contiguous pages with the same access, at most 512 pages a call.
+    #[inline(never)]
     fn pin_pages(&mut self, mut pages: Vec<(u64, u8)>, at: u64) -> Result<(), E> {
         // Sequential programs already list their pages in order.
         if !pages.is_sorted() {
@@ -920,6 +991,7 @@ impl<'a> Builder<'a> {
         Ok(())
     }
 
+    #[inline(never)]
     fn layout(self, segments: Vec<Segment>, heads: Vec<usize>) -> Result<HostProgram, E> {
         let Builder {
             orb,
