@@ -552,19 +552,36 @@ impl<'a> Builder<'a> {
         }
         let wanted = std::mem::take(&mut self.wanted);
         self.pin_pages(wanted, 0)?;
-        // Guest -> host for every IDAW, through the pinned pages sorted by guest address.
-        let mut by_iova: Vec<(u64, u64)> =
-            self.all_pages.iter().map(|p| (p.iova, p.host)).collect();
-        if !by_iova.is_sorted() {
-            by_iova.sort_unstable();
+        self.idaws_to_host()?;
+        self.layout(segments, heads)
+    }
+
+    /// Guest -> host for every IDAW, through the pinned pages sorted by guest address. IDAWs
+    /// mostly follow each other page by page, so the page after the last one found is tried
+    /// before a binary search.
+    fn idaws_to_host(&mut self) -> Result<(), E> {
+        let mut pages: Vec<(u64, u64)> = self.all_pages.iter().map(|p| (p.iova, p.host)).collect();
+        if !pages.is_sorted() {
+            pages.sort_unstable();
         }
+        let mut cur = 0usize;
         for w in &mut self.idaws {
             let page = *w & !(PAGE_SIZE - 1);
-            let i = by_iova.partition_point(|(g, _)| *g < page);
-            debug_assert_eq!(by_iova.get(i).map(|p| p.0), Some(page), "IDAW page pinned");
-            *w = by_iova[i].1 + (*w - page);
+            let i = match pages.get(cur) {
+                Some(p) if p.0 == page => cur,
+                _ => match pages.get(cur + 1) {
+                    Some(p) if p.0 == page => cur + 1,
+                    _ => pages.partition_point(|(g, _)| *g < page),
+                },
+            };
+            match pages.get(i) {
+                Some(&(iova, host)) if iova == page => *w = host + (*w - page),
+                // Every IDAW's page was pinned above; never build an IDAW from a guess.
+                _ => return Err(E::Unmapped(page)),
+            }
+            cur = i;
         }
-        self.layout(segments, heads)
+        Ok(())
     }
 
     /// A TIC: its target is a slot of some segment (the walk fetched it).
@@ -655,6 +672,23 @@ impl<'a> Builder<'a> {
             });
         }
         let backward = kind == CommandKind::ReadBackward;
+        if !c.flags.ida() && !c.flags.mida() {
+            // Direct data: one piece, which one IDAL always describes (no skip: a skipping
+            // input CCW moves no data, handled above).
+            let piece = self.direct_piece(g, backward)?;
+            let first = self.idal(std::slice::from_ref(&piece), backward, g, input)?;
+            return Ok(HostCcw {
+                ccw: Ccw1 {
+                    cmd: c.cmd,
+                    flags: flags.with_ida(true),
+                    count: c.count,
+                    cda: 0,
+                },
+                cda: Cda::Idal(first),
+                guest: g.addr,
+                residual_extra: 0,
+            });
+        }
         let mut pieces = std::mem::take(&mut self.scratch);
         pieces.clear();
         let r = self.pieces(g, backward, &mut pieces).and_then(|()| {
@@ -769,6 +803,32 @@ impl<'a> Builder<'a> {
         })
     }
 
+    /// The storage of a direct-addressed data CCW (count not zero), within the format's
+    /// addressing limit.
+    fn direct_piece(&self, g: &GuestCcw, backward: bool) -> Result<Piece, E> {
+        let c = g.ccw;
+        let count = c.count as u64;
+        let limit: u64 = if self.orb.ctl.format1() {
+            0x7fff_ffff
+        } else {
+            0x00ff_ffff
+        };
+        let a = c.cda as u64;
+        let ok = if backward {
+            a <= limit && a + 1 >= count
+        } else {
+            a <= limit && a + count - 1 <= limit
+        };
+        if !ok {
+            return Err(E::DataAddress(g.addr));
+        }
+        Ok(Piece {
+            addr: a,
+            len: c.count as u32,
+            skip: false,
+        })
+    }
+
     /// The guest storage a data CCW designates, in transfer order.
     fn pieces(&mut self, g: &GuestCcw, backward: bool, pieces: &mut Vec<Piece>) -> Result<(), E> {
         let c = g.ccw;
@@ -778,21 +838,7 @@ impl<'a> Builder<'a> {
             return self.midaw_pieces(g, backward, pieces);
         }
         if !c.flags.ida() {
-            let limit: u64 = if fmt1 { 0x7fff_ffff } else { 0x00ff_ffff };
-            let a = c.cda as u64;
-            let ok = if backward {
-                a <= limit && a + 1 >= count
-            } else {
-                a <= limit && a + count - 1 <= limit
-            };
-            if !ok {
-                return Err(E::DataAddress(g.addr));
-            }
-            pieces.push(Piece {
-                addr: a,
-                len: c.count as u32,
-                skip: false,
-            });
+            pieces.push(self.direct_piece(g, backward)?);
             return Ok(());
         }
         // IDA: the IDAL address is 31-bit and aligned to the IDAW size.
@@ -927,19 +973,8 @@ impl<'a> Builder<'a> {
             push_pages(&mut self.wanted, pieces, backward, acc);
         }
         let first = self.idaws.len();
-        let bs = self.host_block;
         for p in pieces {
-            let mut a = p.addr;
-            let mut left = p.len as u64;
-            while left > 0 {
-                // One IDAW per block touched: its first byte in transfer order.
-                let in_block = if backward { a % bs + 1 } else { bs - a % bs }.min(left);
-                self.idaws.push(a);
-                left -= in_block;
-                if left > 0 {
-                    a = if backward { a - in_block } else { a + in_block };
-                }
-            }
+            push_idaws(&mut self.idaws, p, self.host_block, backward);
         }
         Ok(first)
     }
@@ -1014,9 +1049,9 @@ impl<'a> Builder<'a> {
         let base = cfg.arena_base;
         let ccw_addr = |i: usize| base + (i * CCW_SIZE as usize) as u32;
         let idaw_addr = |i: usize| base + (ccw_bytes + i * 8) as u32;
-        let mut image = Vec::with_capacity(size);
-        let mut origins = Vec::with_capacity(ccws.len());
-        for (i, h) in ccws.iter().enumerate() {
+        let mut image = vec![0u8; size];
+        let (ccw_area, idaw_area) = image.split_at_mut(ccw_bytes);
+        for (dst, h) in ccw_area.chunks_exact_mut(CCW_SIZE as usize).zip(&ccws) {
             let mut c = h.ccw;
             c.cda = match h.cda {
                 Cda::Fixed(a) => a,
@@ -1024,19 +1059,26 @@ impl<'a> Builder<'a> {
                 Cda::Ccw(k) => ccw_addr(k),
                 Cda::Slot(k) => ccw_addr(resolve_slot(&ccws[..nslots], k)),
             };
-            image.extend_from_slice(&c.to_bytes());
-            origins.push(Origin {
+            dst.copy_from_slice(&c.to_bytes());
+        }
+        for (dst, w) in idaw_area.chunks_exact_mut(8).zip(&idaws) {
+            dst.copy_from_slice(&Idaw(*w).to_format2_bytes());
+        }
+        let origins: std::sync::Arc<[Origin]> = ccws
+            .iter()
+            .enumerate()
+            .map(|(i, h)| Origin {
                 host: ccw_addr(i),
                 guest: h.guest as u32,
                 residual_extra: h.residual_extra,
-            });
+            })
+            .collect();
+        // One entry per page; writable if any CCW pinned it for input. Pages pinned in
+        // ascending runs of one mapping are already in order, with no repeats.
+        if !all_pages.windows(2).all(|w| w[0].host < w[1].host) {
+            all_pages.sort_unstable_by_key(|p| (p.host, !p.writable));
+            all_pages.dedup_by_key(|p| p.host);
         }
-        for w in &idaws {
-            image.extend_from_slice(&Idaw(*w).to_format2_bytes());
-        }
-        // One entry per page; writable if any CCW pinned it for input.
-        all_pages.sort_unstable_by_key(|p| (p.host, !p.writable));
-        all_pages.dedup_by_key(|p| p.host);
         let pages = all_pages;
         let host_orb = Orb {
             intparm: orb.intparm,
@@ -1078,7 +1120,7 @@ impl<'a> Builder<'a> {
             mapper: ScswMapper {
                 host_cpa: host_orb.cpa,
                 guest_orb: *orb,
-                origins: origins.into(),
+                origins,
             },
             pages,
             pins,
@@ -1143,20 +1185,44 @@ fn access(input: bool) -> u8 {
 /// Appends the guest pages `pieces` touch (may repeat), with access bits `acc`.
 fn push_pages(out: &mut Vec<(u64, u8)>, pieces: &[Piece], backward: bool, acc: u8) {
     for p in pieces {
-        let (lo, hi) = if backward {
-            (p.addr + 1 - p.len as u64, p.addr)
+        let (lo, hi) = piece_bounds(p, backward);
+        // Page numbers, not addresses: the last page of the 64-bit space has no successor
+        // address (`page + PAGE_SIZE` would wrap; found by fuzzing).
+        let (first, last) = (lo >> PAGE_SHIFT, hi >> PAGE_SHIFT);
+        out.push((first << PAGE_SHIFT, acc));
+        if last > first {
+            out.extend((first + 1..=last).map(|n| (n << PAGE_SHIFT, acc)));
+        }
+    }
+}
+
+/// log2 of [`PAGE_SIZE`].
+const PAGE_SHIFT: u32 = PAGE_SIZE.trailing_zeros();
+
+/// Lowest and highest byte of a piece (in transfer order `addr` is the first byte: the
+/// highest for read backward). The walk and the data checks keep pieces inside the space.
+fn piece_bounds(p: &Piece, backward: bool) -> (u64, u64) {
+    let len = p.len as u64;
+    if backward {
+        (p.addr + 1 - len, p.addr)
+    } else {
+        (p.addr, p.addr + len - 1)
+    }
+}
+
+/// Appends one IDAW per `bs`-byte block (a power of two) the piece touches: the first byte
+/// transferred in that block (the piece's first byte, then each block's first byte, or its
+/// last byte going backward), as guest addresses.
+fn push_idaws(out: &mut Vec<u64>, p: &Piece, bs: u64, backward: bool) {
+    let (lo, hi) = piece_bounds(p, backward);
+    let shift = bs.trailing_zeros();
+    let (first, last) = (lo >> shift, hi >> shift);
+    out.push(p.addr);
+    if last > first {
+        if backward {
+            out.extend((first..last).rev().map(|b| (b << shift) + (bs - 1)));
         } else {
-            (p.addr, p.addr + p.len as u64 - 1)
-        };
-        // The last page of the 64-bit space has no successor: no `page + PAGE_SIZE` (it
-        // would wrap to 0 and loop for ever; found by fuzzing).
-        let mut page = lo & !(PAGE_SIZE - 1);
-        loop {
-            out.push((page, acc));
-            match page.checked_add(PAGE_SIZE) {
-                Some(next) if next <= hi => page = next,
-                _ => break,
-            }
+            out.extend((first + 1..=last).map(|b| b << shift));
         }
     }
 }
