@@ -137,9 +137,22 @@ pub fn translate(orb: &Orb, store: &IommuStore, cfg: &TranslateConfig) -> Result
 
     // One store snapshot for the whole translation (a failed lookup retries on a fresh one).
     let store = &store.view();
-    let segments = walk(orb, store, cfg)?;
     // 2K guest IDAWs can only be carried by 2K host IDAWs; everything else goes in 4K ones.
     let guest_fmt = IdawFormat::from_orb(ctl.format2_idaw(), ctl.idaw_2k());
+    if let Some(chain) = walk_simple(orb, store, cfg) {
+        let uses_2k = guest_fmt.block_size() == 2048 && chain.ccws.iter().any(|c| c.flags.ida());
+        let b = Builder::new(
+            orb,
+            store,
+            cfg,
+            guest_fmt,
+            if uses_2k { 2048 } else { 4096 },
+        );
+        if let Some(p) = b.build_simple(&chain) {
+            return Ok(p);
+        }
+    }
+    let segments = walk(orb, store, cfg)?;
     let uses_2k = guest_fmt.block_size() == 2048
         && segments
             .iter()
@@ -267,6 +280,7 @@ fn fetch_ccws(
     fetch(store, addr, buf, key)
 }
 
+#[inline]
 fn decode(raw: &[u8], fmt1: bool) -> Ccw1 {
     let mut b = [0u8; 8];
     b.copy_from_slice(raw);
@@ -280,12 +294,14 @@ fn decode(raw: &[u8], fmt1: bool) -> Ccw1 {
 /// Whether a fetched guest CCW (format-0 ones already converted) is a TIC. In format 1 only
 /// command code 0x08 is a TIC; other `xxxx1000` codes are invalid commands (Hercules, and
 /// vccw's channel), so `Ccw1::is_tic` (any `xxxx1000`) is too wide here.
+#[inline]
 fn is_tic(c: &Ccw1) -> bool {
     c.cmd == command::TIC
 }
 
 /// Validates one CCW as a channel would on fetching it (`data_chained`: reached by data
 /// chaining, where only a TIC's command code counts).
+#[inline]
 fn validate(c: &Ccw1, addr: u64, orb: &Orb, data_chained: bool) -> Result<(), E> {
     let ctl = &orb.ctl;
     let fmt1 = ctl.format1();
@@ -451,6 +467,120 @@ fn walk(orb: &Orb, store: &StoreView, cfg: &TranslateConfig) -> Result<Vec<Segme
     Ok(segments)
 }
 
+/// The common program shape, translated by a fast path: one chain segment of command-chained
+/// CCWs without TICs, data chaining or MIDAWs, every CCW valid, and after its end at most a
+/// trap slot (an invalid CCW only a status-modifier skip reaches). Anything else, and every
+/// error, goes to the general passes, which then decide (so each rejection is theirs).
+struct SimpleChain {
+    /// The certainly reachable CCWs, converted to format 1.
+    ccws: Vec<Ccw1>,
+    /// The trap slot after the last one, in its host form.
+    trap: Option<Ccw1>,
+}
+
+/// CCWs the fast path fetches at once: fewer than [`walk`] may (it fetches to the end of
+/// the page), which fails exactly as often, with the same error (one page either way).
+const READ_AHEAD: usize = 64;
+
+/// CCWs fetched ahead, in one page, at most to the segment limit.
+struct CcwReader {
+    raw: [u8; READ_AHEAD * CCW_SIZE as usize],
+    at: u64,
+    len: usize,
+}
+
+impl CcwReader {
+    /// The CCW at `addr` (`left`: CCWs the segment may still hold), fetched as [`walk`]
+    /// fetches it; addresses only go up.
+    #[inline]
+    fn read(
+        &mut self,
+        store: &StoreView,
+        addr: u64,
+        left: usize,
+        orb: &Orb,
+    ) -> Result<Ccw1, E> {
+        let fmt1 = orb.ctl.format1();
+        let off = addr.wrapping_sub(self.at);
+        if self.len == 0 || off >= self.len as u64 {
+            check_ccw_address(addr, fmt1)?;
+            let in_page = ((PAGE_SIZE - (addr % PAGE_SIZE)) / CCW_SIZE) as usize;
+            let n = in_page.min(left).clamp(1, READ_AHEAD) * CCW_SIZE as usize;
+            self.len = 0;
+            fetch(store, addr, &mut self.raw[..n], orb.ctl.key())?;
+            self.at = addr;
+            self.len = n;
+        }
+        let off = (addr - self.at) as usize;
+        Ok(decode(&self.raw[off..off + CCW_SIZE as usize], fmt1))
+    }
+}
+
+/// Walks a [`SimpleChain`], or says `None` when the program is not one (see there). Each
+/// step mirrors [`walk`] exactly for this shape.
+fn walk_simple(orb: &Orb, store: &StoreView, cfg: &TranslateConfig) -> Option<SimpleChain> {
+    if cfg.max_segments == 0 {
+        return None;
+    }
+    let head = orb.cpa as u64;
+    let max = cfg.max_segment_ccws;
+    let mut reader = CcwReader {
+        raw: [0; READ_AHEAD * CCW_SIZE as usize],
+        at: head,
+        len: 0,
+    };
+    let mut ccws: Vec<Ccw1> = Vec::with_capacity(max.min(256));
+    let mut no_data_run = 0usize;
+    loop {
+        let i = ccws.len();
+        if i >= max {
+            return None;
+        }
+        let addr = head + CCW_SIZE * i as u64;
+        let c = reader.read(store, addr, max - i, orb).ok()?;
+        if validate(&c, addr, orb, false).is_err()
+            || is_tic(&c)
+            || c.flags.cd()
+            || c.flags.mida()
+        {
+            return None;
+        }
+        let transfers = c.count != 0 && c.cmd != command::NOOP;
+        no_data_run = if transfers { 0 } else { no_data_run + 1 };
+        if no_data_run > MAX_NO_DATA_CCWS {
+            return None;
+        }
+        ccws.push(c);
+        if !c.flags.cc() {
+            break;
+        }
+    }
+    // The chain ended at a CCW that the one before command-chains to: a status-modifier
+    // skip from that one reaches the next slot. Only a trap there keeps the shape simple.
+    let mut trap = None;
+    if ccws.len() >= 2 {
+        let i = ccws.len();
+        let addr = head + CCW_SIZE * i as u64;
+        let slot = if i >= max {
+            Ccw1::default()
+        } else {
+            match reader.read(store, addr, max - i, orb) {
+                Err(_) => Ccw1::default(),
+                Ok(c) => {
+                    let transfers = !is_tic(&c) && c.count != 0 && c.cmd != command::NOOP;
+                    let run = if transfers { 0 } else { no_data_run + 1 };
+                    if validate(&c, addr, orb, false).is_ok() && run <= MAX_NO_DATA_CCWS {
+                        return None;
+                    }
+                    trap_of(&c)
+                }
+            }
+        };
+        trap = Some(slot);
+    }
+    Some(SimpleChain { ccws, trap })
+}
+
 /// The slot holding the CCW at `addr`: one reached with certainty if there is one (see the
 /// walk), else a speculative one.
 fn find_in(segments: &[Segment], addr: u64) -> Option<(usize, usize)> {
@@ -556,26 +686,152 @@ impl<'a> Builder<'a> {
         self.layout(segments, heads)
     }
 
+    /// The fast path: the host program of a [`SimpleChain`], the same bytes, pins and maps
+    /// the general passes build for it; `None` (nothing kept pinned) to leave it to them.
+    fn build_simple(mut self, chain: &SimpleChain) -> Option<HostProgram> {
+        let n = chain.ccws.len();
+        let nslots = n + chain.trap.is_some() as usize;
+        let base = self.cfg.arena_base;
+        let ccw_bytes = nslots * CCW_SIZE as usize;
+        let head = self.orb.cpa as u64;
+        let idaw_base = base.wrapping_add(ccw_bytes as u32);
+        // Room for the CCWs and, typically, an IDAW or two each.
+        let mut image = Vec::with_capacity(ccw_bytes + 2 * n * 8);
+        self.idaws.reserve(n);
+        self.wanted.reserve(n);
+        for (i, c) in chain.ccws.iter().enumerate() {
+            let h = self.simple_ccw(head + CCW_SIZE * i as u64, c, idaw_base)?;
+            image.extend_from_slice(&h.to_bytes());
+        }
+        if let Some(t) = &chain.trap {
+            image.extend_from_slice(&t.to_bytes());
+        }
+        let wanted = std::mem::take(&mut self.wanted);
+        self.pin_pages(wanted, 0).ok()?;
+        self.idaws_to_host().ok()?;
+        let size = ccw_bytes + self.idaws.len() * 8;
+        if size as u64 > self.cfg.arena_size as u64 {
+            return None;
+        }
+        image.reserve(size - ccw_bytes);
+        for w in &self.idaws {
+            image.extend_from_slice(&Idaw(*w).to_format2_bytes());
+        }
+        let origins: std::sync::Arc<[Origin]> = (0..nslots)
+            .map(|i| Origin {
+                host: base + (i * CCW_SIZE as usize) as u32,
+                guest: (head + CCW_SIZE * i as u64) as u32,
+                residual_extra: 0,
+            })
+            .collect();
+        let pages = unique_pages(self.all_pages);
+        let host_orb = host_orb(self.orb, self.host_block, base);
+        Some(HostProgram {
+            orb: host_orb,
+            guest_orb: *self.orb,
+            base,
+            image,
+            ccw_bytes,
+            segments: vec![SegmentInfo {
+                guest: head,
+                host: base,
+                len: nslots,
+            }],
+            mapper: ScswMapper {
+                host_cpa: host_orb.cpa,
+                guest_orb: *self.orb,
+                origins,
+            },
+            pages,
+            pins: self.pins,
+        })
+    }
+
+    /// One CCW of a [`SimpleChain`] at `addr`, as [`Builder::data_ccw`] makes it, with its
+    /// IDAL placed from `idaw_base` on; `None` where that would fail or need an expansion.
+    fn simple_ccw(&mut self, addr: u64, c: &Ccw1, idaw_base: u32) -> Option<Ccw1> {
+        let kind = CommandKind::of(c.cmd);
+        let input = kind.is_input();
+        let flags = c.flags.with_ida(false).with_mida(false);
+        let skips = input && c.flags.skp();
+        // (No data chaining here: a NOOP is always one.)
+        if c.count == 0 || c.cmd == command::NOOP || skips {
+            if c.count != 0 && !skips {
+                self.check_noop(addr, c).ok()?;
+            }
+            return Some(Ccw1 {
+                cmd: c.cmd,
+                flags,
+                count: c.count,
+                cda: 0,
+            });
+        }
+        let backward = kind == CommandKind::ReadBackward;
+        let acc = access(input);
+        let first = self.idaws.len();
+        let g = GuestCcw {
+            addr,
+            ccw: *c,
+            cmd: c.cmd,
+            data_chained: false,
+            speculative: false,
+            trap: false,
+            unfetched: false,
+        };
+        if !c.flags.ida() {
+            let piece = self.direct_piece(&g, backward).ok()?;
+            push_pages(&mut self.wanted, std::slice::from_ref(&piece), backward, acc);
+            push_idaws(&mut self.idaws, &piece, self.host_block, backward);
+        } else {
+            let mut pieces = std::mem::take(&mut self.scratch);
+            pieces.clear();
+            // IDA pieces never skip; one run unless the IDAL's blocks do not join.
+            let ok = self.pieces(&g, backward, &mut pieces).is_ok()
+                && single_run(&pieces, self.host_block, backward, input);
+            if ok {
+                push_pages(&mut self.wanted, &pieces, backward, acc);
+                for p in &pieces {
+                    push_idaws(&mut self.idaws, p, self.host_block, backward);
+                }
+            }
+            self.scratch = pieces;
+            if !ok {
+                return None;
+            }
+        }
+        Some(Ccw1 {
+            cmd: c.cmd,
+            flags: flags.with_ida(true),
+            count: c.count,
+            cda: idaw_base.wrapping_add(first as u32 * 8),
+        })
+    }
+
     /// Guest -> host for every IDAW, through the pinned pages sorted by guest address. IDAWs
     /// mostly follow each other page by page, so the page after the last one found is tried
     /// before a binary search.
     fn idaws_to_host(&mut self) -> Result<(), E> {
-        let mut pages: Vec<(u64, u64)> = self.all_pages.iter().map(|p| (p.iova, p.host)).collect();
-        if !pages.is_sorted() {
-            pages.sort_unstable();
-        }
+        let sorted_copy: Vec<PageRef>;
+        let pages: &[PageRef] = if self.all_pages.is_sorted_by_key(|p| p.iova) {
+            &self.all_pages
+        } else {
+            let mut v = self.all_pages.clone();
+            v.sort_unstable_by_key(|p| p.iova);
+            sorted_copy = v;
+            &sorted_copy
+        };
         let mut cur = 0usize;
         for w in &mut self.idaws {
             let page = *w & !(PAGE_SIZE - 1);
             let i = match pages.get(cur) {
-                Some(p) if p.0 == page => cur,
+                Some(p) if p.iova == page => cur,
                 _ => match pages.get(cur + 1) {
-                    Some(p) if p.0 == page => cur + 1,
-                    _ => pages.partition_point(|(g, _)| *g < page),
+                    Some(p) if p.iova == page => cur + 1,
+                    _ => pages.partition_point(|p| p.iova < page),
                 },
             };
             match pages.get(i) {
-                Some(&(iova, host)) if iova == page => *w = host + (*w - page),
+                Some(p) if p.iova == page => *w = p.host + (*w - page),
                 // Every IDAW's page was pinned above; never build an IDAW from a guess.
                 _ => return Err(E::Unmapped(page)),
             }
@@ -638,26 +894,7 @@ impl<'a> Builder<'a> {
             || (input && c.flags.skp());
         if no_data {
             if c.count != 0 && !(input && c.flags.skp()) {
-                // A NOOP moves nothing, but a channel still checks its data (or list)
-                // address against the format's limit before starting it.
-                let limit: u64 = if self.orb.ctl.format1() {
-                    0x7fff_ffff
-                } else {
-                    0x00ff_ffff
-                };
-                let a = c.cda as u64;
-                if c.flags.ida() || c.flags.mida() {
-                    let align = if c.flags.ida() {
-                        self.guest_fmt.idaw_size()
-                    } else {
-                        MIDAW_SIZE
-                    };
-                    if a % align != 0 || a > limit {
-                        return Err(E::ListAddress(g.addr));
-                    }
-                } else if a + c.count as u64 - 1 > limit {
-                    return Err(E::DataAddress(g.addr));
-                }
+                self.check_noop(g.addr, &c)?;
             }
             return Ok(HostCcw {
                 ccw: Ccw1 {
@@ -801,6 +1038,30 @@ impl<'a> Builder<'a> {
             guest: g.addr,
             residual_extra: 0,
         })
+    }
+
+    /// A NOOP moves nothing, but a channel still checks its data (or list) address against
+    /// the format's limit before starting it.
+    fn check_noop(&self, at: u64, c: &Ccw1) -> Result<(), E> {
+        let limit: u64 = if self.orb.ctl.format1() {
+            0x7fff_ffff
+        } else {
+            0x00ff_ffff
+        };
+        let a = c.cda as u64;
+        if c.flags.ida() || c.flags.mida() {
+            let align = if c.flags.ida() {
+                self.guest_fmt.idaw_size()
+            } else {
+                MIDAW_SIZE
+            };
+            if a % align != 0 || a > limit {
+                return Err(E::ListAddress(at));
+            }
+        } else if a + c.count as u64 - 1 > limit {
+            return Err(E::DataAddress(at));
+        }
+        Ok(())
     }
 
     /// The storage of a direct-addressed data CCW (count not zero), within the format's
@@ -983,18 +1244,18 @@ impl<'a> Builder<'a> {
     /// contiguous pages with the same access, at most 512 pages a call.
     #[inline(never)]
     fn pin_pages(&mut self, mut pages: Vec<(u64, u8)>, at: u64) -> Result<(), E> {
-        // Sequential programs already list their pages in order.
-        if !pages.is_sorted() {
+        // Sequential programs already list their pages in order, each once.
+        if !pages.windows(2).all(|w| w[0].0 < w[1].0) {
             pages.sort_unstable();
+            // One entry per page; a page needed for input and output is pinned for both.
+            pages.dedup_by(|b, a| {
+                let same = a.0 == b.0;
+                if same {
+                    a.1 |= b.1;
+                }
+                same
+            });
         }
-        // One entry per page; a page needed for input and output is pinned for both.
-        pages.dedup_by(|b, a| {
-            let same = a.0 == b.0;
-            if same {
-                a.1 |= b.1;
-            }
-            same
-        });
         let mut i = 0;
         while i < pages.len() {
             let (first, acc) = pages[i];
@@ -1036,7 +1297,7 @@ impl<'a> Builder<'a> {
             expansions,
             idaws,
             pins,
-            mut all_pages,
+            all_pages,
             ..
         } = self;
         let nslots = ccws.len();
@@ -1073,34 +1334,8 @@ impl<'a> Builder<'a> {
                 residual_extra: h.residual_extra,
             })
             .collect();
-        // One entry per page; writable if any CCW pinned it for input. Pages pinned in
-        // ascending runs of one mapping are already in order, with no repeats.
-        if !all_pages.windows(2).all(|w| w[0].host < w[1].host) {
-            all_pages.sort_unstable_by_key(|p| (p.host, !p.writable));
-            all_pages.dedup_by_key(|p| p.host);
-        }
-        let pages = all_pages;
-        let host_orb = Orb {
-            intparm: orb.intparm,
-            ctl: orb
-                .ctl
-                .with_format1(true)
-                // Incorrect-length-suppression mode applies to format-1 CCWs only: a
-                // format-0 guest program must not gain it by becoming format 1.
-                .with_incorrect_length_suppression(
-                    orb.ctl.format1() && orb.ctl.incorrect_length_suppression(),
-                )
-                .with_format2_idaw(true)
-                .with_idaw_2k(host_block == 2048)
-                .with_midaw(false)
-                .with_orb_extension(false)
-                .with_lpm(if orb.ctl.lpm() == 0 {
-                    0xff
-                } else {
-                    orb.ctl.lpm()
-                }),
-            cpa: ccw_addr(heads[0]),
-        };
+        let pages = unique_pages(all_pages);
+        let host_orb = host_orb(orb, host_block, ccw_addr(heads[0]));
         let seg_info = segments
             .iter()
             .zip(&heads)
@@ -1128,6 +1363,42 @@ impl<'a> Builder<'a> {
     }
 }
 
+/// One entry per page, sorted by host address; writable if any CCW pinned it for input.
+/// Pages pinned in ascending runs of one mapping are already in order, with no repeats.
+fn unique_pages(mut pages: Vec<PageRef>) -> Vec<PageRef> {
+    if !pages.windows(2).all(|w| w[0].host < w[1].host) {
+        pages.sort_unstable_by_key(|p| (p.host, !p.writable));
+        pages.dedup_by_key(|p| p.host);
+    }
+    pages
+}
+
+/// The ORB that starts the host program at `cpa`: format 1, format-2 IDAWs of
+/// `host_block` bytes, no MIDAWs, the guest's other controls.
+fn host_orb(orb: &Orb, host_block: u64, cpa: u32) -> Orb {
+    Orb {
+        intparm: orb.intparm,
+        ctl: orb
+            .ctl
+            .with_format1(true)
+            // Incorrect-length-suppression mode applies to format-1 CCWs only: a
+            // format-0 guest program must not gain it by becoming format 1.
+            .with_incorrect_length_suppression(
+                orb.ctl.format1() && orb.ctl.incorrect_length_suppression(),
+            )
+            .with_format2_idaw(true)
+            .with_idaw_2k(host_block == 2048)
+            .with_midaw(false)
+            .with_orb_extension(false)
+            .with_lpm(if orb.ctl.lpm() == 0 {
+                0xff
+            } else {
+                orb.ctl.lpm()
+            }),
+        cpa,
+    }
+}
+
 /// The host CCW a channel should be sent to for slot `k`: through a TIC there, since TIC to
 /// TIC is a program check. Guest TIC-to-TIC is refused, so only an expansion TIC can sit behind
 /// a guest TIC: the walk is at most two TICs long.
@@ -1147,6 +1418,7 @@ fn resolve_slot(slots: &[HostCcw], mut k: usize) -> usize {
 
 /// The trap form of a guest CCW: command code 0 (a program check when reached), keeping the
 /// count and PCI flag the guest's channel would present with that program check.
+#[inline]
 fn trap_of(c: &Ccw1) -> Ccw1 {
     Ccw1 {
         cmd: 0,
@@ -1174,6 +1446,7 @@ fn pin_error(e: StoreError, page: u64, _at: u64) -> E {
 }
 
 /// Access bits of a data transfer: input stores (2), output fetches (1).
+#[inline]
 fn access(input: bool) -> u8 {
     if input {
         2
@@ -1183,6 +1456,7 @@ fn access(input: bool) -> u8 {
 }
 
 /// Appends the guest pages `pieces` touch (may repeat), with access bits `acc`.
+#[inline]
 fn push_pages(out: &mut Vec<(u64, u8)>, pieces: &[Piece], backward: bool, acc: u8) {
     for p in pieces {
         let (lo, hi) = piece_bounds(p, backward);
@@ -1201,6 +1475,7 @@ const PAGE_SHIFT: u32 = PAGE_SIZE.trailing_zeros();
 
 /// Lowest and highest byte of a piece (in transfer order `addr` is the first byte: the
 /// highest for read backward). The walk and the data checks keep pieces inside the space.
+#[inline]
 fn piece_bounds(p: &Piece, backward: bool) -> (u64, u64) {
     let len = p.len as u64;
     if backward {
@@ -1213,6 +1488,7 @@ fn piece_bounds(p: &Piece, backward: bool) -> (u64, u64) {
 /// Appends one IDAW per `bs`-byte block (a power of two) the piece touches: the first byte
 /// transferred in that block (the piece's first byte, then each block's first byte, or its
 /// last byte going backward), as guest addresses.
+#[inline]
 fn push_idaws(out: &mut Vec<u64>, p: &Piece, bs: u64, backward: bool) {
     let (lo, hi) = piece_bounds(p, backward);
     let shift = bs.trailing_zeros();
