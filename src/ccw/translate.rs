@@ -125,6 +125,16 @@ struct Piece {
 /// assert!(prog.orb().ctl.format2_idaw());
 /// ```
 pub fn translate(orb: &Orb, store: &IommuStore, cfg: &TranslateConfig) -> Result<HostProgram, E> {
+    translate_with(orb, store, cfg, true)
+}
+
+/// [`translate`], with or without the fast path (tests compare the two).
+fn translate_with(
+    orb: &Orb,
+    store: &IommuStore,
+    cfg: &TranslateConfig,
+    fast: bool,
+) -> Result<HostProgram, E> {
     let ctl = &orb.ctl;
     if ctl.transport_mode() {
         return Err(E::TransportMode);
@@ -139,7 +149,7 @@ pub fn translate(orb: &Orb, store: &IommuStore, cfg: &TranslateConfig) -> Result
     let store = &store.view();
     // 2K guest IDAWs can only be carried by 2K host IDAWs; everything else goes in 4K ones.
     let guest_fmt = IdawFormat::from_orb(ctl.format2_idaw(), ctl.idaw_2k());
-    if let Some(chain) = walk_simple(orb, store, cfg) {
+    if let Some(chain) = walk_simple(orb, store, cfg).filter(|_| fast) {
         let uses_2k = guest_fmt.block_size() == 2048 && chain.ccws.iter().any(|c| c.flags.ida());
         let b = Builder::new(
             orb,
@@ -334,7 +344,6 @@ fn validate(c: &Ccw1, addr: u64, orb: &Orb, data_chained: bool) -> Result<(), E>
 }
 
 /// Pass 1: find and validate the reachable chain segments.
-#[inline(never)]
 fn walk(orb: &Orb, store: &StoreView, cfg: &TranslateConfig) -> Result<Vec<Segment>, E> {
     let fmt1 = orb.ctl.format1();
     let mut segments: Vec<Segment> = Vec::new();
@@ -493,13 +502,7 @@ impl CcwReader {
     /// The CCW at `addr` (`left`: CCWs the segment may still hold), fetched as [`walk`]
     /// fetches it; addresses only go up.
     #[inline]
-    fn read(
-        &mut self,
-        store: &StoreView,
-        addr: u64,
-        left: usize,
-        orb: &Orb,
-    ) -> Result<Ccw1, E> {
+    fn read(&mut self, store: &StoreView, addr: u64, left: usize, orb: &Orb) -> Result<Ccw1, E> {
         let fmt1 = orb.ctl.format1();
         let off = addr.wrapping_sub(self.at);
         if self.len == 0 || off >= self.len as u64 {
@@ -538,11 +541,7 @@ fn walk_simple(orb: &Orb, store: &StoreView, cfg: &TranslateConfig) -> Option<Si
         }
         let addr = head + CCW_SIZE * i as u64;
         let c = reader.read(store, addr, max - i, orb).ok()?;
-        if validate(&c, addr, orb, false).is_err()
-            || is_tic(&c)
-            || c.flags.cd()
-            || c.flags.mida()
-        {
+        if validate(&c, addr, orb, false).is_err() || is_tic(&c) || c.flags.cd() || c.flags.mida() {
             return None;
         }
         let transfers = c.count != 0 && c.cmd != command::NOOP;
@@ -780,7 +779,12 @@ impl<'a> Builder<'a> {
         };
         if !c.flags.ida() {
             let piece = self.direct_piece(&g, backward).ok()?;
-            push_pages(&mut self.wanted, std::slice::from_ref(&piece), backward, acc);
+            push_pages(
+                &mut self.wanted,
+                std::slice::from_ref(&piece),
+                backward,
+                acc,
+            );
             push_idaws(&mut self.idaws, &piece, self.host_block, backward);
         } else {
             let mut pieces = std::mem::take(&mut self.scratch);
@@ -841,7 +845,6 @@ impl<'a> Builder<'a> {
     }
 
     /// A TIC: its target is a slot of some segment (the walk fetched it).
-    #[inline(never)]
     fn tic(&self, g: &GuestCcw, segments: &[Segment], heads: &[usize]) -> Result<HostCcw, E> {
         let target = g.ccw.cda as u64;
         let (si, ci) = find_in(segments, target).ok_or(E::CcwAddress(target))?;
@@ -876,7 +879,6 @@ impl<'a> Builder<'a> {
     /// A command CCW (or a data-chained continuation): pins and describes its data.
     /// `slot` is this CCW's host index, `seg_end` the end of its segment's slots and `total`
     /// the number of slots (expansions follow them).
-    #[inline(never)]
     fn data_ccw(
         &mut self,
         g: &GuestCcw,
@@ -1242,7 +1244,6 @@ impl<'a> Builder<'a> {
 
     /// Pins `pages` (guest page, access bits): sorted, merged, and pinned in runs of
     /// contiguous pages with the same access, at most 512 pages a call.
-    #[inline(never)]
     fn pin_pages(&mut self, mut pages: Vec<(u64, u8)>, at: u64) -> Result<(), E> {
         // Sequential programs already list their pages in order, each once.
         if !pages.windows(2).all(|w| w[0].0 < w[1].0) {
@@ -1287,7 +1288,6 @@ impl<'a> Builder<'a> {
         Ok(())
     }
 
-    #[inline(never)]
     fn layout(self, segments: Vec<Segment>, heads: Vec<usize>) -> Result<HostProgram, E> {
         let Builder {
             orb,
@@ -1538,6 +1538,249 @@ fn split_runs(pieces: &[Piece], bs: u64, backward: bool, input: bool) -> Vec<(bo
         runs.push((skip, vec![*p]));
     }
     runs
+}
+
+/// The fast path against the general passes: for programs of every shape (most of them
+/// simple), the same result, byte for byte, or the same error.
+#[cfg(test)]
+mod fast_path {
+    use super::*;
+    use crate::iommu_store::{Backing, StoreConfig};
+    use crate::orb::OrbControls;
+    use proptest::prelude::*;
+
+    const MEM: u64 = 0x4_0000;
+    const PROG: u64 = 0x1000;
+    const LISTS: u64 = 0x8000;
+
+    fn same(a: &Result<HostProgram, E>, b: &Result<HostProgram, E>) -> Result<(), String> {
+        match (a, b) {
+            (Err(x), Err(y)) if x == y => Ok(()),
+            (Ok(x), Ok(y)) => {
+                let ok = x.orb == y.orb
+                    && x.guest_orb == y.guest_orb
+                    && x.base == y.base
+                    && x.image == y.image
+                    && x.ccw_bytes == y.ccw_bytes
+                    && x.segments == y.segments
+                    && x.pages == y.pages
+                    && x.mapper.host_cpa == y.mapper.host_cpa
+                    && x.mapper.origins == y.mapper.origins
+                    && x.pin_count() == y.pin_count();
+                if ok {
+                    Ok(())
+                } else {
+                    Err(format!("fast:\n{x}\ngeneral:\n{y}"))
+                }
+            }
+            _ => Err(format!(
+                "fast: {:?}\ngeneral: {:?}",
+                a.as_ref().err(),
+                b.as_ref().err()
+            )),
+        }
+    }
+
+    /// One CCW: command, flags, count, data address choice.
+    fn ccw() -> impl Strategy<Value = (u8, u8, u16, u32)> {
+        let cmd = prop_oneof![
+            8 => Just(0x02u8),
+            4 => Just(0x01),
+            1 => Just(0x03),
+            1 => Just(0x04),
+            1 => Just(0x0c),
+            1 => Just(0x07),
+            1 => Just(0x08),
+            1 => Just(0x00),
+            1 => any::<u8>(),
+        ];
+        // Mostly command chaining; sometimes anything.
+        let flags = prop_oneof![
+            12 => Just(0x40u8),
+            4 => Just(0x44),
+            1 => Just(0x60),
+            1 => Just(0x50),
+            1 => Just(0x48),
+            1 => Just(0x00),
+            1 => any::<u8>(),
+        ];
+        let count = prop_oneof![
+            1 => Just(0u16),
+            1 => Just(1),
+            2 => Just(100),
+            2 => Just(2048),
+            4 => Just(4096),
+            2 => Just(5000),
+            1 => any::<u16>(),
+        ];
+        let cda = prop_oneof![
+            4 => 0x1_0000u32..0x3_0000,
+            2 => (0u32..0x40).prop_map(|i| 0x1_0000 + i * 0x1000),
+            1 => (0u32..0x100).prop_map(|i| LISTS as u32 + i * 8),
+            1 => any::<u32>(),
+            1 => Just(0x3_ff00u32),
+        ];
+        (cmd, flags, count, cda)
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn case() -> impl Strategy<
+        Value = (
+            Vec<(u8, u8, u16, u32)>,
+            bool,
+            u8,
+            u8,
+            Vec<u64>,
+            Option<(u32, u8)>,
+            u32,
+        ),
+    > {
+        (
+            prop_oneof![
+                proptest::collection::vec(ccw(), 1..6),
+                proptest::collection::vec(ccw(), 1..24)
+            ],
+            prop_oneof![4 => Just(true), 1 => Just(false)],
+            0u8..3,
+            prop_oneof![3 => Just(0u8), 1 => 0u8..16],
+            proptest::collection::vec(
+                prop_oneof![
+                    (0x10u64..0x3f).prop_map(|p| p << 12),
+                    0x1_0000u64..0x3_f000,
+                    any::<u64>()
+                ],
+                0..64,
+            ),
+            proptest::option::of((0u32..0x30, any::<u8>())),
+            prop_oneof![3 => Just(0u32), 1 => 1u32..4],
+        )
+            .prop_flat_map(|c| (Just(c), any::<bool>()))
+            .prop_map(|(mut c, end)| {
+                // Mostly end the chain where the program ends.
+                if end {
+                    if let Some(last) = c.0.last_mut() {
+                        last.1 &= !0xc0;
+                    }
+                }
+                c
+            })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(3000))]
+        #[test]
+        fn fast_path_matches_the_general_passes(
+            (ccws, fmt1, idaw, key, idaws, skey, max) in case()
+        ) {
+            let store = IommuStore::new(StoreConfig::default());
+            store.map_dma(0, MEM, Perm::READ_WRITE, Backing::Anonymous).unwrap();
+            let mut prog = Vec::new();
+            for &(cmd, flags, count, cda) in &ccws {
+                if fmt1 {
+                    prog.extend(Ccw1 { cmd, flags: CcwFlags::from_bits(flags), count, cda }.to_bytes());
+                } else {
+                    prog.extend(Ccw0 {
+                        cmd,
+                        cda: cda & 0xff_ffff,
+                        flags: CcwFlags::from_bits(flags),
+                        count,
+                    }.to_bytes());
+                }
+            }
+            store.write(PROG, &prog).unwrap();
+            let mut list = Vec::new();
+            for w in &idaws {
+                if idaw == 0 {
+                    list.extend((*w as u32).to_be_bytes());
+                } else {
+                    list.extend(w.to_be_bytes());
+                }
+            }
+            store.write(LISTS, &list).unwrap();
+            if let Some((page, k)) = skey {
+                store.set_storage_key((0x10 + page as u64) << 12, k & 0xfe).unwrap();
+            }
+            let ctl = OrbControls::new()
+                .with_format1(fmt1)
+                .with_format2_idaw(idaw != 0)
+                .with_idaw_2k(idaw == 2)
+                .with_key(key)
+                .with_suspend(key % 2 == 1);
+            let orb = Orb { intparm: 7, ctl, cpa: PROG as u32 };
+            let cfg = TranslateConfig {
+                max_segment_ccws: [256, 4, 2, 1][max as usize],
+                ..TranslateConfig::default()
+            };
+            let fast = translate_with(&orb, &store, &cfg, true);
+            let general = translate_with(&orb, &store, &cfg, false);
+            if let Err(e) = same(&fast, &general) {
+                prop_assert!(false, "{}", e);
+            }
+            drop((fast, general));
+            prop_assert_eq!(store.stats().pinned_pages, 0);
+        }
+    }
+
+    /// The fast path does take the common shapes (else the comparison above proves little).
+    #[test]
+    fn common_chains_take_the_fast_path() {
+        let store = IommuStore::new(StoreConfig::default());
+        store
+            .map_dma(0, MEM, Perm::READ_WRITE, Backing::Anonymous)
+            .unwrap();
+        let mut prog = Vec::new();
+        for i in 0..8u32 {
+            let flags = CcwFlags::new().with_cc(i < 7).with_ida(i % 2 == 1);
+            let cda = if i % 2 == 1 {
+                LISTS as u32
+            } else {
+                0x1_0000 + i * 0x1000
+            };
+            prog.extend(
+                Ccw1 {
+                    cmd: 0x02,
+                    flags,
+                    count: 4096,
+                    cda,
+                }
+                .to_bytes(),
+            );
+        }
+        store.write(PROG, &prog).unwrap();
+        store.write(LISTS, &0x2_0000u64.to_be_bytes()).unwrap();
+        let orb = Orb {
+            intparm: 1,
+            ctl: OrbControls::new()
+                .with_format1(true)
+                .with_format2_idaw(true),
+            cpa: PROG as u32,
+        };
+        let cfg = TranslateConfig::default();
+        let chain = walk_simple(&orb, &store.view(), &cfg).expect("simple");
+        assert_eq!(chain.ccws.len(), 8);
+        // The slot after the last CCW holds zeros: a trap a status-modifier skip reaches.
+        assert_eq!(chain.trap, Some(Ccw1::default()));
+        let p = Builder::new(&orb, &store.view(), &cfg, IdawFormat::Format2, 4096)
+            .build_simple(&chain)
+            .expect("built");
+        assert_eq!(p.segments().len(), 1);
+        assert_eq!(p.segments()[0].len, 9);
+        assert_eq!(p.pin_count(), 5);
+        // A TIC, data chaining or a MIDAW leaves it to the general passes.
+        for flags in [0x80u8, 0x01] {
+            let c = Ccw1 {
+                cmd: 0x02,
+                flags: CcwFlags::from_bits(flags),
+                count: 8,
+                cda: 0x1_0000,
+            };
+            store.write(PROG + 8, &c.to_bytes()).unwrap();
+            assert!(
+                walk_simple(&orb, &store.view(), &cfg).is_none(),
+                "flags {flags:#x}"
+            );
+        }
+    }
 }
 
 #[cfg(test)]
