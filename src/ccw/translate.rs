@@ -506,16 +506,22 @@ impl CcwReader {
         let fmt1 = orb.ctl.format1();
         let off = addr.wrapping_sub(self.at);
         if self.len == 0 || off >= self.len as u64 {
-            check_ccw_address(addr, fmt1)?;
-            let in_page = ((PAGE_SIZE - (addr % PAGE_SIZE)) / CCW_SIZE) as usize;
-            let n = in_page.min(left).clamp(1, READ_AHEAD) * CCW_SIZE as usize;
-            self.len = 0;
-            fetch(store, addr, &mut self.raw[..n], orb.ctl.key())?;
-            self.at = addr;
-            self.len = n;
+            self.refill(store, addr, left, orb)?;
         }
         let off = (addr - self.at) as usize;
         Ok(decode(&self.raw[off..off + CCW_SIZE as usize], fmt1))
+    }
+
+    #[cold]
+    fn refill(&mut self, store: &StoreView, addr: u64, left: usize, orb: &Orb) -> Result<(), E> {
+        check_ccw_address(addr, orb.ctl.format1())?;
+        let in_page = ((PAGE_SIZE - (addr % PAGE_SIZE)) / CCW_SIZE) as usize;
+        let n = in_page.min(left).clamp(1, READ_AHEAD) * CCW_SIZE as usize;
+        self.len = 0;
+        fetch(store, addr, &mut self.raw[..n], orb.ctl.key())?;
+        self.at = addr;
+        self.len = n;
+        Ok(())
     }
 }
 
@@ -616,6 +622,8 @@ struct Builder<'a> {
     /// Pages the certainly-reachable CCWs need, (guest page, access: 1 fetch, 2 store),
     /// pinned together at the end in as few calls as possible.
     wanted: Vec<(u64, u8)>,
+    /// The fast path's pages: runs (first page, last page, access bits) in CCW order.
+    runs: Vec<(u64, u64, u8)>,
     /// Every page pinned, writable when pinned for input.
     all_pages: Vec<PageRef>,
     /// Reused for each CCW's storage pieces.
@@ -642,6 +650,7 @@ impl<'a> Builder<'a> {
             idaws: Vec::new(),
             pins: Vec::new(),
             wanted: Vec::new(),
+            runs: Vec::new(),
             all_pages: Vec::new(),
             scratch: Vec::new(),
         }
@@ -697,7 +706,6 @@ impl<'a> Builder<'a> {
         // Room for the CCWs and, typically, an IDAW or two each.
         let mut image = Vec::with_capacity(ccw_bytes + 2 * n * 8);
         self.idaws.reserve(n);
-        self.wanted.reserve(n);
         for (i, c) in chain.ccws.iter().enumerate() {
             let h = self.simple_ccw(head + CCW_SIZE * i as u64, c, idaw_base)?;
             image.extend_from_slice(&h.to_bytes());
@@ -705,8 +713,7 @@ impl<'a> Builder<'a> {
         if let Some(t) = &chain.trap {
             image.extend_from_slice(&t.to_bytes());
         }
-        let wanted = std::mem::take(&mut self.wanted);
-        self.pin_pages(wanted, 0).ok()?;
+        self.pin_runs().ok()?;
         self.idaws_to_host().ok()?;
         let size = ccw_bytes + self.idaws.len() * 8;
         if size as u64 > self.cfg.arena_size as u64 {
@@ -768,33 +775,28 @@ impl<'a> Builder<'a> {
         let backward = kind == CommandKind::ReadBackward;
         let acc = access(input);
         let first = self.idaws.len();
-        let g = GuestCcw {
-            addr,
-            ccw: *c,
-            cmd: c.cmd,
-            data_chained: false,
-            speculative: false,
-            trap: false,
-            unfetched: false,
-        };
         if !c.flags.ida() {
-            let piece = self.direct_piece(&g, backward).ok()?;
-            push_pages(
-                &mut self.wanted,
-                std::slice::from_ref(&piece),
-                backward,
-                acc,
-            );
+            let piece = self.direct_piece(addr, c, backward).ok()?;
+            self.push_run(&piece, backward, acc);
             push_idaws(&mut self.idaws, &piece, self.host_block, backward);
         } else {
+            let g = GuestCcw {
+                addr,
+                ccw: *c,
+                cmd: c.cmd,
+                data_chained: false,
+                speculative: false,
+                trap: false,
+                unfetched: false,
+            };
             let mut pieces = std::mem::take(&mut self.scratch);
             pieces.clear();
             // IDA pieces never skip; one run unless the IDAL's blocks do not join.
             let ok = self.pieces(&g, backward, &mut pieces).is_ok()
                 && single_run(&pieces, self.host_block, backward, input);
             if ok {
-                push_pages(&mut self.wanted, &pieces, backward, acc);
                 for p in &pieces {
+                    self.push_run(p, backward, acc);
                     push_idaws(&mut self.idaws, p, self.host_block, backward);
                 }
             }
@@ -811,6 +813,70 @@ impl<'a> Builder<'a> {
         })
     }
 
+    /// Records the guest pages a piece touches as a run of pages, joined to the last run when
+    /// it continues it with the same access (sequential programs make one run).
+    #[inline]
+    fn push_run(&mut self, p: &Piece, backward: bool, acc: u8) {
+        let (lo, hi) = piece_bounds(p, backward);
+        let (first, last) = (lo & !(PAGE_SIZE - 1), hi & !(PAGE_SIZE - 1));
+        if let Some(r) = self.runs.last_mut() {
+            if r.2 == acc && first > r.1 && first - r.1 == PAGE_SIZE {
+                r.1 = last;
+                return;
+            }
+        }
+        self.runs.push((first, last, acc));
+    }
+
+    /// Pins the pages of `runs` as [`Builder::pin_pages`] would pin them as a page list:
+    /// ascending, disjoint runs directly (at most 512 pages a call), anything else through
+    /// the page list.
+    fn pin_runs(&mut self) -> Result<(), E> {
+        let runs = std::mem::take(&mut self.runs);
+        if !runs.windows(2).all(|w| w[0].1 < w[1].0) {
+            let mut pages = Vec::new();
+            for &(first, last, acc) in &runs {
+                let (a, b) = (first >> PAGE_SHIFT, last >> PAGE_SHIFT);
+                pages.extend((a..=b).map(|n| (n << PAGE_SHIFT, acc)));
+            }
+            return self.pin_pages(pages, 0);
+        }
+        for (first, last, acc) in runs {
+            let mut page = first;
+            let mut left = ((last - first) >> PAGE_SHIFT) + 1;
+            while left > 0 {
+                let n = left.min(MAX_PIN_PAGES as u64);
+                self.pin_run(page, n as usize, acc, 0)?;
+                left -= n;
+                if left > 0 {
+                    page += n << PAGE_SHIFT;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Pins `n` pages from `first` for access `acc` (1 fetch, 2 store) and records them.
+    fn pin_run(&mut self, first: u64, n: usize, acc: u8, at: u64) -> Result<(), E> {
+        let perm = Perm {
+            read: acc & 1 != 0,
+            write: acc & 2 != 0,
+        };
+        let pinned = self
+            .store
+            .pin(first, n, perm)
+            .map_err(|e| pin_error(e, first, at))?;
+        self.all_pages
+            .extend(pinned.pages().iter().map(|p| PageRef {
+                host: p.host_addr,
+                iova: p.iova,
+                writable: perm.write,
+                key: p.storage_key,
+            }));
+        self.pins.push(pinned);
+        Ok(())
+    }
+
     /// Guest -> host for every IDAW, through the pinned pages sorted by guest address. IDAWs
     /// mostly follow each other page by page, so the page after the last one found is tried
     /// before a binary search.
@@ -824,22 +890,34 @@ impl<'a> Builder<'a> {
             sorted_copy = v;
             &sorted_copy
         };
+        // Extents (first page, last page, host address of the first): pages pinned in one
+        // mapping run on contiguously in both spaces.
+        let mut ext: Vec<(u64, u64, u64)> = Vec::new();
+        for p in pages {
+            if let Some(e) = ext.last_mut() {
+                if p.iova == e.1 {
+                    continue; // the same page pinned twice
+                }
+                if p.iova - e.1 == PAGE_SIZE && p.host.wrapping_sub(e.2) == p.iova - e.0 {
+                    e.1 = p.iova;
+                    continue;
+                }
+            }
+            ext.push((p.iova, p.iova, p.host));
+        }
         let mut cur = 0usize;
         for w in &mut self.idaws {
             let page = *w & !(PAGE_SIZE - 1);
-            let i = match pages.get(cur) {
-                Some(p) if p.iova == page => cur,
-                _ => match pages.get(cur + 1) {
-                    Some(p) if p.iova == page => cur + 1,
-                    _ => pages.partition_point(|p| p.iova < page),
-                },
-            };
-            match pages.get(i) {
-                Some(p) if p.iova == page => *w = p.host + (*w - page),
+            let hit = |e: &(u64, u64, u64)| e.0 <= page && page <= e.1;
+            if !ext.get(cur).is_some_and(hit) {
+                cur = ext.partition_point(|e| e.1 < page);
                 // Every IDAW's page was pinned above; never build an IDAW from a guess.
-                _ => return Err(E::Unmapped(page)),
+                if !ext.get(cur).is_some_and(hit) {
+                    return Err(E::Unmapped(page));
+                }
             }
-            cur = i;
+            let e = ext[cur];
+            *w = e.2 + (*w - e.0);
         }
         Ok(())
     }
@@ -914,7 +992,7 @@ impl<'a> Builder<'a> {
         if !c.flags.ida() && !c.flags.mida() {
             // Direct data: one piece, which one IDAL always describes (no skip: a skipping
             // input CCW moves no data, handled above).
-            let piece = self.direct_piece(g, backward)?;
+            let piece = self.direct_piece(g.addr, &c, backward)?;
             let first = self.idal(std::slice::from_ref(&piece), backward, g, input)?;
             return Ok(HostCcw {
                 ccw: Ccw1 {
@@ -1068,8 +1146,7 @@ impl<'a> Builder<'a> {
 
     /// The storage of a direct-addressed data CCW (count not zero), within the format's
     /// addressing limit.
-    fn direct_piece(&self, g: &GuestCcw, backward: bool) -> Result<Piece, E> {
-        let c = g.ccw;
+    fn direct_piece(&self, at: u64, c: &Ccw1, backward: bool) -> Result<Piece, E> {
         let count = c.count as u64;
         let limit: u64 = if self.orb.ctl.format1() {
             0x7fff_ffff
@@ -1083,7 +1160,7 @@ impl<'a> Builder<'a> {
             a <= limit && a + count - 1 <= limit
         };
         if !ok {
-            return Err(E::DataAddress(g.addr));
+            return Err(E::DataAddress(at));
         }
         Ok(Piece {
             addr: a,
@@ -1101,7 +1178,7 @@ impl<'a> Builder<'a> {
             return self.midaw_pieces(g, backward, pieces);
         }
         if !c.flags.ida() {
-            pieces.push(self.direct_piece(g, backward)?);
+            pieces.push(self.direct_piece(g.addr, &c, backward)?);
             return Ok(());
         }
         // IDA: the IDAL address is 31-bit and aligned to the IDAW size.
@@ -1267,22 +1344,7 @@ impl<'a> Builder<'a> {
             {
                 j += 1;
             }
-            let perm = Perm {
-                read: acc & 1 != 0,
-                write: acc & 2 != 0,
-            };
-            let pinned = self
-                .store
-                .pin(first, j - i, perm)
-                .map_err(|e| pin_error(e, first, at))?;
-            self.all_pages
-                .extend(pinned.pages().iter().map(|p| PageRef {
-                    host: p.host_addr,
-                    iova: p.iova,
-                    writable: perm.write,
-                    key: p.storage_key,
-                }));
-            self.pins.push(pinned);
+            self.pin_run(first, j - i, acc, at)?;
             i = j;
         }
         Ok(())
