@@ -309,19 +309,54 @@ fn is_tic(c: &Ccw1) -> bool {
     c.cmd == command::TIC
 }
 
+/// The ORB controls CCW validation depends on, read once per translation.
+#[derive(Debug, Clone, Copy)]
+struct Rules {
+    fmt1: bool,
+    midaw: bool,
+    suspend: bool,
+}
+
+impl Rules {
+    fn of(orb: &Orb) -> Self {
+        Rules {
+            fmt1: orb.ctl.format1(),
+            midaw: orb.ctl.midaw(),
+            suspend: orb.ctl.suspend(),
+        }
+    }
+}
+
+/// [`CommandKind::of`] for each value of a command code's low four bits, the only bits it
+/// looks at.
+const KIND: [CommandKind; 16] = {
+    let mut t = [CommandKind::Invalid; 16];
+    let mut i = 0;
+    while i < 16 {
+        t[i] = CommandKind::of(i as u8);
+        i += 1;
+    }
+    t
+};
+
+/// [`CommandKind::of`] by table.
+#[inline]
+fn kind_of(cmd: u8) -> CommandKind {
+    KIND[(cmd & 0x0f) as usize]
+}
+
 /// Validates one CCW as a channel would on fetching it (`data_chained`: reached by data
 /// chaining, where only a TIC's command code counts).
 #[inline]
-fn validate(c: &Ccw1, addr: u64, orb: &Orb, data_chained: bool) -> Result<(), E> {
-    let ctl = &orb.ctl;
-    let fmt1 = ctl.format1();
+fn validate(c: &Ccw1, addr: u64, rules: &Rules, data_chained: bool) -> Result<(), E> {
+    let fmt1 = rules.fmt1;
     if is_tic(c) {
         if fmt1 && (c.flags.into_bits() != 0 || c.count != 0) {
             return Err(E::TicFlags(addr));
         }
         return check_ccw_address(c.cda as u64, fmt1);
     }
-    if !data_chained && matches!(c.kind(), CommandKind::Invalid | CommandKind::Tic) {
+    if !data_chained && matches!(kind_of(c.cmd), CommandKind::Invalid | CommandKind::Tic) {
         return Err(E::InvalidCommand {
             at: addr,
             cmd: c.cmd,
@@ -334,10 +369,10 @@ fn validate(c: &Ccw1, addr: u64, orb: &Orb, data_chained: bool) -> Result<(), E>
         return Err(E::ZeroCountDataChain(addr));
     }
     // MIDAWs carry their own skip flags: MIDA with IDA or SKP is a program check (Hercules).
-    if c.flags.mida() && (!ctl.midaw() || c.flags.ida() || c.flags.skp()) {
+    if c.flags.mida() && (!rules.midaw || c.flags.ida() || c.flags.skp()) {
         return Err(E::MidaNotAllowed(addr));
     }
-    if c.flags.s() && !ctl.suspend() {
+    if c.flags.s() && !rules.suspend {
         return Err(E::SuspendNotAllowed(addr));
     }
     Ok(())
@@ -346,6 +381,7 @@ fn validate(c: &Ccw1, addr: u64, orb: &Orb, data_chained: bool) -> Result<(), E>
 /// Pass 1: find and validate the reachable chain segments.
 fn walk(orb: &Orb, store: &StoreView, cfg: &TranslateConfig) -> Result<Vec<Segment>, E> {
     let fmt1 = orb.ctl.format1();
+    let rules = Rules::of(orb);
     let mut segments: Vec<Segment> = Vec::new();
     // (guest address, reached only speculatively, command continued by data chaining)
     let mut queue: VecDeque<(u64, bool, Option<u8>)> =
@@ -397,7 +433,7 @@ fn walk(orb: &Orb, store: &StoreView, cfg: &TranslateConfig) -> Result<Vec<Segme
                 let off = (addr - raw_at) as usize;
                 let ccw = decode(&raw[off..off + CCW_SIZE as usize], fmt1);
                 fetched = Some(ccw);
-                validate(&ccw, addr, orb, dc_cmd.is_some())?;
+                validate(&ccw, addr, &rules, dc_cmd.is_some())?;
                 let transfers = !is_tic(&ccw) && ccw.count != 0 && ccw.cmd != command::NOOP;
                 no_data_run = if transfers { 0 } else { no_data_run + 1 };
                 if no_data_run > MAX_NO_DATA_CCWS {
@@ -533,6 +569,7 @@ fn walk_simple(orb: &Orb, store: &StoreView, cfg: &TranslateConfig) -> Option<Si
     }
     let head = orb.cpa as u64;
     let max = cfg.max_segment_ccws;
+    let rules = Rules::of(orb);
     let mut reader = CcwReader {
         raw: [0; READ_AHEAD * CCW_SIZE as usize],
         at: head,
@@ -547,7 +584,11 @@ fn walk_simple(orb: &Orb, store: &StoreView, cfg: &TranslateConfig) -> Option<Si
         }
         let addr = head + CCW_SIZE * i as u64;
         let c = reader.read(store, addr, max - i, orb).ok()?;
-        if validate(&c, addr, orb, false).is_err() || is_tic(&c) || c.flags.cd() || c.flags.mida() {
+        if validate(&c, addr, &rules, false).is_err()
+            || is_tic(&c)
+            || c.flags.cd()
+            || c.flags.mida()
+        {
             return None;
         }
         let transfers = c.count != 0 && c.cmd != command::NOOP;
@@ -574,7 +615,7 @@ fn walk_simple(orb: &Orb, store: &StoreView, cfg: &TranslateConfig) -> Option<Si
                 Ok(c) => {
                     let transfers = !is_tic(&c) && c.count != 0 && c.cmd != command::NOOP;
                     let run = if transfers { 0 } else { no_data_run + 1 };
-                    if validate(&c, addr, orb, false).is_ok() && run <= MAX_NO_DATA_CCWS {
+                    if validate(&c, addr, &rules, false).is_ok() && run <= MAX_NO_DATA_CCWS {
                         return None;
                     }
                     trap_of(&c)
@@ -626,6 +667,8 @@ struct Builder<'a> {
     runs: Vec<(u64, u64, u8)>,
     /// Every page pinned, writable when pinned for input.
     all_pages: Vec<PageRef>,
+    /// The pinned pages as extents, in pin order (see [`add_to_extents`]).
+    extents: Vec<(u64, u64, u64)>,
     /// Reused for each CCW's storage pieces.
     scratch: Vec<Piece>,
 }
@@ -652,6 +695,7 @@ impl<'a> Builder<'a> {
             wanted: Vec::new(),
             runs: Vec::new(),
             all_pages: Vec::new(),
+            extents: Vec::new(),
             scratch: Vec::new(),
         }
     }
@@ -703,15 +747,15 @@ impl<'a> Builder<'a> {
         let ccw_bytes = nslots * CCW_SIZE as usize;
         let head = self.orb.cpa as u64;
         let idaw_base = base.wrapping_add(ccw_bytes as u32);
-        // Room for the CCWs and, typically, an IDAW or two each.
-        let mut image = Vec::with_capacity(ccw_bytes + 2 * n * 8);
+        let mut image = vec![0u8; ccw_bytes];
         self.idaws.reserve(n);
-        for (i, c) in chain.ccws.iter().enumerate() {
+        let mut slots = image.chunks_exact_mut(CCW_SIZE as usize);
+        for (i, (c, dst)) in chain.ccws.iter().zip(&mut slots).enumerate() {
             let h = self.simple_ccw(head + CCW_SIZE * i as u64, c, idaw_base)?;
-            image.extend_from_slice(&h.to_bytes());
+            dst.copy_from_slice(&h.to_bytes());
         }
-        if let Some(t) = &chain.trap {
-            image.extend_from_slice(&t.to_bytes());
+        if let (Some(t), Some(dst)) = (&chain.trap, slots.next()) {
+            dst.copy_from_slice(&t.to_bytes());
         }
         self.pin_runs().ok()?;
         self.idaws_to_host().ok()?;
@@ -719,9 +763,9 @@ impl<'a> Builder<'a> {
         if size as u64 > self.cfg.arena_size as u64 {
             return None;
         }
-        image.reserve(size - ccw_bytes);
-        for w in &self.idaws {
-            image.extend_from_slice(&Idaw(*w).to_format2_bytes());
+        image.resize(size, 0);
+        for (dst, w) in image[ccw_bytes..].chunks_exact_mut(8).zip(&self.idaws) {
+            dst.copy_from_slice(&Idaw(*w).to_format2_bytes());
         }
         let origins: std::sync::Arc<[Origin]> = (0..nslots)
             .map(|i| Origin {
@@ -756,7 +800,7 @@ impl<'a> Builder<'a> {
     /// One CCW of a [`SimpleChain`] at `addr`, as [`Builder::data_ccw`] makes it, with its
     /// IDAL placed from `idaw_base` on; `None` where that would fail or need an expansion.
     fn simple_ccw(&mut self, addr: u64, c: &Ccw1, idaw_base: u32) -> Option<Ccw1> {
-        let kind = CommandKind::of(c.cmd);
+        let kind = kind_of(c.cmd);
         let input = kind.is_input();
         let flags = c.flags.with_ida(false).with_mida(false);
         let skips = input && c.flags.skp();
@@ -873,6 +917,9 @@ impl<'a> Builder<'a> {
                 writable: perm.write,
                 key: p.storage_key,
             }));
+        for p in pinned.pages() {
+            add_to_extents(&mut self.extents, p.iova, p.host_addr);
+        }
         self.pins.push(pinned);
         Ok(())
     }
@@ -881,30 +928,21 @@ impl<'a> Builder<'a> {
     /// mostly follow each other page by page, so the page after the last one found is tried
     /// before a binary search.
     fn idaws_to_host(&mut self) -> Result<(), E> {
-        let sorted_copy: Vec<PageRef>;
-        let pages: &[PageRef] = if self.all_pages.is_sorted_by_key(|p| p.iova) {
-            &self.all_pages
+        // The extents recorded while pinning serve when they are ascending and disjoint
+        // (pages pinned in order, each once); else they are rebuilt from the sorted pages.
+        let rebuilt: Vec<(u64, u64, u64)>;
+        let ext: &[(u64, u64, u64)] = if self.extents.windows(2).all(|w| w[0].1 < w[1].0) {
+            &self.extents
         } else {
-            let mut v = self.all_pages.clone();
-            v.sort_unstable_by_key(|p| p.iova);
-            sorted_copy = v;
-            &sorted_copy
-        };
-        // Extents (first page, last page, host address of the first): pages pinned in one
-        // mapping run on contiguously in both spaces.
-        let mut ext: Vec<(u64, u64, u64)> = Vec::new();
-        for p in pages {
-            if let Some(e) = ext.last_mut() {
-                if p.iova == e.1 {
-                    continue; // the same page pinned twice
-                }
-                if p.iova - e.1 == PAGE_SIZE && p.host.wrapping_sub(e.2) == p.iova - e.0 {
-                    e.1 = p.iova;
-                    continue;
-                }
+            let mut pages = self.all_pages.clone();
+            pages.sort_unstable_by_key(|p| p.iova);
+            let mut v = Vec::new();
+            for p in &pages {
+                add_to_extents(&mut v, p.iova, p.host);
             }
-            ext.push((p.iova, p.iova, p.host));
-        }
+            rebuilt = v;
+            &rebuilt
+        };
         let mut cur = 0usize;
         for w in &mut self.idaws {
             let page = *w & !(PAGE_SIZE - 1);
@@ -966,7 +1004,7 @@ impl<'a> Builder<'a> {
     ) -> Result<HostCcw, E> {
         let c = g.ccw;
         let cmd = g.cmd;
-        let kind = CommandKind::of(cmd);
+        let kind = kind_of(cmd);
         let input = kind.is_input();
         let flags = c.flags.with_ida(false).with_mida(false);
         let no_data = c.count == 0
@@ -1423,6 +1461,22 @@ impl<'a> Builder<'a> {
             pins,
         })
     }
+}
+
+/// Adds a pinned page to extents (first page, last page, host address of the first): a page
+/// that continues the last extent in both spaces extends it, the same page again is skipped.
+#[inline]
+fn add_to_extents(ext: &mut Vec<(u64, u64, u64)>, iova: u64, host: u64) {
+    if let Some(e) = ext.last_mut() {
+        if iova == e.1 {
+            return;
+        }
+        if iova > e.1 && iova - e.1 == PAGE_SIZE && host.wrapping_sub(e.2) == iova - e.0 {
+            e.1 = iova;
+            return;
+        }
+    }
+    ext.push((iova, iova, host));
 }
 
 /// One entry per page, sorted by host address; writable if any CCW pinned it for input.

@@ -216,25 +216,33 @@ pub(super) fn try_pin(
             if overflow {
                 return;
             }
-            let keys = sh.keys.chunk(idx0, counts.len());
-            for (i, c) in counts.iter().enumerate() {
+            let mut got = 0usize;
+            for c in counts {
                 if c.fetch_add(inc, Ordering::SeqCst) & 0xffff_ffff >= PIN_MAX {
                     c.fetch_sub(inc, Ordering::SeqCst);
                     overflow = true;
-                    return;
+                    break;
                 }
-                taken += 1;
+                got += 1;
+            }
+            taken += got as u64;
+            let keys = sh.keys.chunk(idx0, counts.len());
+            let page = |i: usize| {
                 let idx = idx0 + i as u64;
-                let page = PinnedPage {
+                PinnedPage {
                     iova: sh.iova + idx * PAGE_SIZE,
                     host_addr: base + idx * PAGE_SIZE,
                     storage_key: keys.map_or(0, |k| k[i].load(Ordering::Relaxed)),
                     writable: perm.write,
-                };
-                match pages {
-                    Pages::One(p) => *p = page,
-                    Pages::Many(v) => v.push(page),
                 }
+            };
+            match pages {
+                Pages::One(p) => {
+                    if got > 0 {
+                        *p = page(0);
+                    }
+                }
+                Pages::Many(v) => v.extend((0..got).map(page)),
             }
         });
         if taken < n {
