@@ -513,7 +513,8 @@ fn walk(orb: &Orb, store: &StoreView, cfg: &TranslateConfig) -> Result<Vec<Segme
 }
 
 /// The common program shape, translated by a fast path: one chain segment of command-chained
-/// CCWs without TICs, data chaining or MIDAWs, every CCW valid, and after its end at most a
+/// CCWs without TICs or data chaining (and whose IDALs and MIDALs each make one host IDAL),
+/// every CCW valid, and after its end at most a
 /// trap slot (an invalid CCW only a status-modifier skip reaches). Anything else, and every
 /// error, goes to the general passes, which then decide (so each rejection is theirs).
 struct SimpleChain {
@@ -584,11 +585,7 @@ fn walk_simple(orb: &Orb, store: &StoreView, cfg: &TranslateConfig) -> Option<Si
         }
         let addr = head + CCW_SIZE * i as u64;
         let c = reader.read(store, addr, max - i, orb).ok()?;
-        if validate(&c, addr, &rules, false).is_err()
-            || is_tic(&c)
-            || c.flags.cd()
-            || c.flags.mida()
-        {
+        if validate(&c, addr, &rules, false).is_err() || is_tic(&c) || c.flags.cd() {
             return None;
         }
         let transfers = c.count != 0 && c.cmd != command::NOOP;
@@ -819,7 +816,8 @@ impl<'a> Builder<'a> {
         let backward = kind == CommandKind::ReadBackward;
         let acc = access(input);
         let first = self.idaws.len();
-        if !c.flags.ida() {
+        let mut flags = flags;
+        if !c.flags.ida() && !c.flags.mida() {
             let piece = self.direct_piece(addr, c, backward).ok()?;
             self.push_run(&piece, backward, acc);
             push_idaws(&mut self.idaws, &piece, self.host_block, backward);
@@ -835,10 +833,13 @@ impl<'a> Builder<'a> {
             };
             let mut pieces = std::mem::take(&mut self.scratch);
             pieces.clear();
-            // IDA pieces never skip; one run unless the IDAL's blocks do not join.
+            // One run unless the list's blocks do not join (or skip flags differ): then the
+            // general passes expand it.
             let ok = self.pieces(&g, backward, &mut pieces).is_ok()
                 && single_run(&pieces, self.host_block, backward, input);
-            if ok {
+            // Input the MIDAWs skip: no data moves, nothing is pinned.
+            let skip = ok && input && pieces[0].skip;
+            if ok && !skip {
                 for p in &pieces {
                     self.push_run(p, backward, acc);
                     push_idaws(&mut self.idaws, p, self.host_block, backward);
@@ -847,6 +848,15 @@ impl<'a> Builder<'a> {
             self.scratch = pieces;
             if !ok {
                 return None;
+            }
+            if skip {
+                flags = flags.with_skp(true);
+                return Some(Ccw1 {
+                    cmd: c.cmd,
+                    flags,
+                    count: c.count,
+                    cda: 0,
+                });
             }
         }
         Some(Ccw1 {
@@ -858,13 +868,15 @@ impl<'a> Builder<'a> {
     }
 
     /// Records the guest pages a piece touches as a run of pages, joined to the last run when
-    /// it continues it with the same access (sequential programs make one run).
+    /// it continues it (or its last page) with the same access (sequential programs make one
+    /// run; a page in a run is pinned once, as the page list would pin it).
     #[inline]
     fn push_run(&mut self, p: &Piece, backward: bool, acc: u8) {
         let (lo, hi) = piece_bounds(p, backward);
         let (first, last) = (lo & !(PAGE_SIZE - 1), hi & !(PAGE_SIZE - 1));
         if let Some(r) = self.runs.last_mut() {
-            if r.2 == acc && first > r.1 && first - r.1 == PAGE_SIZE {
+            // (The same page again, or the next one.)
+            if r.2 == acc && first >= r.1 && first - r.1 <= PAGE_SIZE {
                 r.1 = last;
                 return;
             }
@@ -1661,6 +1673,7 @@ fn split_runs(pieces: &[Piece], bs: u64, backward: bool, input: bool) -> Vec<(bo
 #[cfg(test)]
 mod fast_path {
     use super::*;
+    use crate::ccw::MidawFlags;
     use crate::iommu_store::{Backing, StoreConfig};
     use crate::orb::OrbControls;
     use proptest::prelude::*;
@@ -1714,6 +1727,7 @@ mod fast_path {
         let flags = prop_oneof![
             12 => Just(0x40u8),
             4 => Just(0x44),
+            3 => Just(0x41),
             1 => Just(0x60),
             1 => Just(0x50),
             1 => Just(0x48),
@@ -1790,8 +1804,62 @@ mod fast_path {
         ) {
             let store = IommuStore::new(StoreConfig::default());
             store.map_dma(0, MEM, Perm::READ_WRITE, Backing::Anonymous).unwrap();
+            let mut list = Vec::new();
+            let midal = idaws.len() % 2 == 1;
+            let mut prev_end: Option<u64> = None;
+            for (i, w) in idaws.iter().enumerate() {
+                if midal {
+                    // Mostly valid MIDAWs: within a page, some last, some skipping, some
+                    // continuing the one before (so that one host IDAL can carry them).
+                    let count = 1 + (w >> 32) % 2048;
+                    let mut data = 0x1_0000 + (w & 0x1_f000) + (w >> 20) % (4096 - count + 1);
+                    if let Some(end) = prev_end.filter(|_| w & 4 != 0) {
+                        data = if end % 4096 + count <= 4096 { end } else { (end + 4095) & !4095 };
+                    }
+                    prev_end = Some(data + count);
+                    let m = Midaw {
+                        reserved: 0,
+                        flags: MidawFlags::from_bits(
+                            (if i % 3 == 2 || w & 1 != 0 { 0x80 } else { 0 })
+                                | (if w & 0x10 != 0 { 0x40 } else { 0 })
+                                | (if w & 0xf00 == 0 { 0x20 } else { 0 }),
+                        ),
+                        count: count as u16,
+                        data,
+                    };
+                    list.extend(m.to_bytes());
+                } else if idaw == 0 {
+                    list.extend((*w as u32).to_be_bytes());
+                } else {
+                    list.extend(w.to_be_bytes());
+                }
+            }
+            store.write(LISTS, &list).unwrap();
+            // A MIDA CCW's count: its MIDAL's total (to the last MIDAW), where there is one.
+            let midal_total = |cda: u32| -> Option<u16> {
+                let at = (cda as u64).checked_sub(LISTS)?;
+                if !midal || at % 16 != 0 {
+                    return None;
+                }
+                let mut sum = 0u64;
+                for m in list.get(at as usize..)?.chunks_exact(16) {
+                    let m = Midaw::from_bytes(m.try_into().unwrap());
+                    sum += m.count as u64;
+                    if m.flags.last() {
+                        return u16::try_from(sum).ok();
+                    }
+                }
+                None
+            };
             let mut prog = Vec::new();
             for &(cmd, flags, count, cda) in &ccws {
+                // MIDA CCWs mostly designate one of the first MIDAWs.
+                let cda = if flags & 1 != 0 && cda % 8 != 0 {
+                    LISTS as u32 + (cda % 4) * 16
+                } else {
+                    cda
+                };
+                let count = if flags & 1 != 0 { midal_total(cda).unwrap_or(count) } else { count };
                 if fmt1 {
                     prog.extend(Ccw1 { cmd, flags: CcwFlags::from_bits(flags), count, cda }.to_bytes());
                 } else {
@@ -1804,15 +1872,6 @@ mod fast_path {
                 }
             }
             store.write(PROG, &prog).unwrap();
-            let mut list = Vec::new();
-            for w in &idaws {
-                if idaw == 0 {
-                    list.extend((*w as u32).to_be_bytes());
-                } else {
-                    list.extend(w.to_be_bytes());
-                }
-            }
-            store.write(LISTS, &list).unwrap();
             if let Some((page, k)) = skey {
                 store.set_storage_key((0x10 + page as u64) << 12, k & 0xfe).unwrap();
             }
@@ -1821,6 +1880,7 @@ mod fast_path {
                 .with_format2_idaw(idaw != 0)
                 .with_idaw_2k(idaw == 2)
                 .with_key(key)
+                .with_midaw(midal || key == 1)
                 .with_suspend(key % 2 == 1);
             let orb = Orb { intparm: 7, ctl, cpa: PROG as u32 };
             let cfg = TranslateConfig {
@@ -1882,8 +1942,47 @@ mod fast_path {
         assert_eq!(p.segments().len(), 1);
         assert_eq!(p.segments()[0].len, 9);
         assert_eq!(p.pin_count(), 5);
-        // A TIC, data chaining or a MIDAW leaves it to the general passes.
-        for flags in [0x80u8, 0x01] {
+        // A MIDAW list one host IDAL carries: the second half of a page and the first half
+        // of the next.
+        let midaws = [(0x2_0800u64, 0u8), (0x2_1000, 0x80)];
+        for (i, (data, flags)) in midaws.into_iter().enumerate() {
+            let m = Midaw {
+                reserved: 0,
+                flags: MidawFlags::from_bits(flags),
+                count: 2048,
+                data,
+            };
+            store
+                .write(LISTS + 0x100 + 16 * i as u64, &m.to_bytes())
+                .unwrap();
+        }
+        let mida = Ccw1 {
+            cmd: 0x02,
+            flags: CcwFlags::new().with_mida(true),
+            count: 4096,
+            cda: LISTS as u32 + 0x100,
+        };
+        store.write(PROG + 7 * 8, &mida.to_bytes()).unwrap();
+        let orb_m = Orb {
+            ctl: orb.ctl.with_midaw(true),
+            ..orb
+        };
+        let chain = walk_simple(&orb_m, &store.view(), &cfg).expect("simple with a MIDAW");
+        let p = Builder::new(&orb_m, &store.view(), &cfg, IdawFormat::Format2, 4096)
+            .build_simple(&chain)
+            .expect("one IDAL carries it");
+        let (_, last) = p.ccws().nth(7).unwrap();
+        assert!(last.flags.ida() && !last.flags.mida());
+        let g = translate_with(&orb_m, &store, &cfg, false).unwrap();
+        assert_eq!((p.image(), p.pages()), (g.image(), g.pages()));
+        let idaws: Vec<u64> = p.idaws().map(|(_, w)| w).collect();
+        assert_eq!(
+            idaws[idaws.len() - 2..],
+            [p.pages()[4].host + 0x800, p.pages()[5].host]
+        );
+        drop((p, g));
+        // A TIC or data chaining leaves it to the general passes.
+        for flags in [0x80u8, 0x04 | 0x80] {
             let c = Ccw1 {
                 cmd: 0x02,
                 flags: CcwFlags::from_bits(flags),
