@@ -250,8 +250,24 @@ impl Default for ListCache {
 }
 
 impl ListCache {
+    /// The `N`-byte list entry at `addr` (aligned to `N`, so within a page), fetched as
+    /// [`fetch`] would fetch it.
+    #[inline]
+    fn get<const N: usize>(&mut self, store: &StoreView, addr: u64, key: u8) -> Result<[u8; N], E> {
+        let mut out = [0u8; N];
+        let off = addr.wrapping_sub(self.at);
+        if off < self.len as u64 && self.len - (off as usize) >= N {
+            let off = off as usize;
+            out.copy_from_slice(&self.buf[off..off + N]);
+        } else {
+            self.fetch(store, addr, &mut out, key)?;
+        }
+        Ok(out)
+    }
+
     /// Fetches the list entry at `addr` (`out.len()` bytes, not crossing a page) as
     /// [`fetch`] would.
+    #[cold]
     fn fetch(&mut self, store: &StoreView, addr: u64, out: &mut [u8], key: u8) -> Result<(), E> {
         let n = out.len();
         if let Some(off) = addr.checked_sub(self.at) {
@@ -1237,30 +1253,37 @@ impl<'a> Builder<'a> {
         if list & (fmt.idaw_size() - 1) != 0 || list > 0x7fff_ffff || (!fmt1 && list > 0xff_ffff) {
             return Err(E::ListAddress(g.addr));
         }
+        // Block sizes are powers of two: offsets by mask.
         let bs = fmt.block_size();
+        let mask = bs - 1;
+        let size = fmt.idaw_size();
+        let key = self.orb.ctl.key();
         let first_len = |a: u64| {
             if backward {
-                (a % bs) + 1
+                (a & mask) + 1
             } else {
-                bs - (a % bs)
+                bs - (a & mask)
             }
         };
         let mut rest = count;
-        let mut raw = [0u8; 8];
         let mut i = 0u64;
         while rest > 0 {
-            let at = list + i * fmt.idaw_size();
-            let buf = &mut raw[..fmt.idaw_size() as usize];
-            self.lists.fetch(self.store, at, buf, self.orb.ctl.key())?;
+            let at = list + i * size;
             // Each IDAW is read exactly once; the value used is the value checked.
-            let idaw = fmt.decode(buf);
+            let idaw = if size == 4 {
+                Idaw(u32::from_be_bytes(self.lists.get::<4>(self.store, at, key)?) as u64)
+            } else {
+                Idaw(u64::from_be_bytes(
+                    self.lists.get::<8>(self.store, at, key)?,
+                ))
+            };
             if !idaw.is_valid(fmt) {
                 return Err(E::Idaw(g.addr, idaw.0));
             }
             let boundary_ok = if backward {
-                idaw.0 % bs == bs - 1
+                idaw.0 & mask == mask
             } else {
-                idaw.0 % bs == 0
+                idaw.0 & mask == 0
             };
             if i > 0 && !boundary_ok {
                 return Err(E::Idaw(g.addr, idaw.0));
@@ -1289,12 +1312,10 @@ impl<'a> Builder<'a> {
         }
         let count = g.ccw.count as u64;
         let mut sum = 0u64;
-        let mut raw = [0u8; 16];
+        let key = self.orb.ctl.key();
         let mut at = list;
         loop {
-            self.lists
-                .fetch(self.store, at, &mut raw, self.orb.ctl.key())?;
-            let m = Midaw::from_bytes(raw);
+            let m = Midaw::from_bytes(self.lists.get::<16>(self.store, at, key)?);
             if !m.reserved_ok() {
                 return Err(E::Midaw(g.addr, "reserved bits set"));
             }
