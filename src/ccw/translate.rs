@@ -780,13 +780,13 @@ impl<'a> Builder<'a> {
         for (dst, w) in image[ccw_bytes..].chunks_exact_mut(8).zip(&self.idaws) {
             dst.copy_from_slice(&Idaw(*w).to_format2_bytes());
         }
-        let origins: std::sync::Arc<[Origin]> = (0..nslots)
-            .map(|i| Origin {
-                host: base + (i * CCW_SIZE as usize) as u32,
-                guest: (head + CCW_SIZE * i as u64) as u32,
-                residual_extra: 0,
-            })
-            .collect();
+        // Slot i at base + 8i stands for the guest CCW at head + 8i: one run.
+        let origins: std::sync::Arc<[Origin]> = std::sync::Arc::new([Origin {
+            host: base,
+            guest: head as u32,
+            residual_extra: 0,
+            len: nslots as u32,
+        }]);
         let pages = unique_pages(self.all_pages);
         let host_orb = host_orb(self.orb, self.host_block, base);
         Some(HostProgram {
@@ -1458,15 +1458,11 @@ impl<'a> Builder<'a> {
         for (dst, w) in idaw_area.chunks_exact_mut(8).zip(&idaws) {
             dst.copy_from_slice(&Idaw(*w).to_format2_bytes());
         }
-        let origins: std::sync::Arc<[Origin]> = ccws
-            .iter()
-            .enumerate()
-            .map(|(i, h)| Origin {
-                host: ccw_addr(i),
-                guest: h.guest as u32,
-                residual_extra: h.residual_extra,
-            })
-            .collect();
+        let mut runs = Vec::new();
+        for (i, h) in ccws.iter().enumerate() {
+            Origin::push(&mut runs, ccw_addr(i), h.guest as u32, h.residual_extra);
+        }
+        let origins: std::sync::Arc<[Origin]> = runs.into();
         let pages = unique_pages(all_pages);
         let host_orb = host_orb(orb, host_block, ccw_addr(heads[0]));
         let seg_info = segments
