@@ -760,7 +760,9 @@ impl<'a> Builder<'a> {
         let ccw_bytes = nslots * CCW_SIZE as usize;
         let head = self.orb.cpa as u64;
         let idaw_base = base.wrapping_add(ccw_bytes as u32);
-        let mut image = vec![0u8; ccw_bytes];
+        // Room for the IDAWs too (typically one or two a CCW): no copy when they are added.
+        let mut image = Vec::with_capacity(ccw_bytes + 2 * n * 8);
+        image.resize(ccw_bytes, 0);
         self.idaws.reserve(n);
         let mut slots = image.chunks_exact_mut(CCW_SIZE as usize);
         for (i, (c, dst)) in chain.ccws.iter().zip(&mut slots).enumerate() {
