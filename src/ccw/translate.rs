@@ -12,6 +12,14 @@
 //!
 //! CCWs a status modifier could reach but that are invalid become *trap* slots (command code
 //! 0): a channel that reaches one presents a program check, as it would for the guest's CCW.
+//!
+//! Most programs are one chain segment of command-chained CCWs whose data one host IDAL per
+//! CCW describes. A fast path translates exactly those in one walk and one build loop, with no
+//! intermediate host-CCW list: the CCW image is written as it goes, pages are pinned as runs
+//! and IDAWs converted through the pinned extents. Anything else, and any error, is left to
+//! the three passes, so every rejection (errno, channel status) is theirs; a differential
+//! test checks that both give the same program, byte for byte. All guest storage is read
+//! through one store snapshot per translation.
 
 use std::collections::VecDeque;
 
