@@ -21,16 +21,43 @@ pub struct PageRef {
     pub key: u8,
 }
 
-/// Where a host CCW came from.
+/// Where a run of host CCWs came from: `len` host CCWs from `host` on stand for as many guest
+/// CCWs from `guest` on (both addresses advancing by 8), all with the same `residual_extra`.
+/// Runs are sorted by `host` and disjoint.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Origin {
-    /// Channel address of the host CCW.
+    /// Channel address of the first host CCW.
     pub host: u32,
     /// Guest address of the CCW it stands for.
     pub guest: u32,
     /// Bytes of the same guest CCW carried by later host CCWs (MIDAW expansions), added to a
     /// residual count reported for this one.
     pub residual_extra: u32,
+    /// Host CCWs in the run (at least 1).
+    pub len: u32,
+}
+
+impl Origin {
+    /// Appends the origin of the host CCW at `host` to `runs`, extending the last run when
+    /// it continues it.
+    pub(crate) fn push(runs: &mut Vec<Origin>, host: u32, guest: u32, residual_extra: u32) {
+        if let Some(r) = runs.last_mut() {
+            let n = r.len.wrapping_mul(CCW_SIZE as u32);
+            if r.residual_extra == residual_extra
+                && r.host.wrapping_add(n) == host
+                && r.guest.wrapping_add(n) == guest
+            {
+                r.len += 1;
+                return;
+            }
+        }
+        runs.push(Origin {
+            host,
+            guest,
+            residual_extra,
+            len: 1,
+        });
+    }
 }
 
 /// The part of a host program that maps a channel's status back to the guest's view: small,
@@ -67,11 +94,17 @@ impl ScswMapper {
         s
     }
 
-    fn origin(&self, host: u32) -> Option<&Origin> {
-        self.origins
-            .binary_search_by_key(&host, |o| o.host)
-            .ok()
-            .map(|i| &self.origins[i])
+    /// The origin of the host CCW at `host` (a run of one), if `host` is one.
+    fn origin(&self, host: u32) -> Option<Origin> {
+        let i = self.origins.partition_point(|o| o.host <= host);
+        let r = self.origins.get(i.checked_sub(1)?)?;
+        let off = host - r.host;
+        (off % CCW_SIZE as u32 == 0 && off / (CCW_SIZE as u32) < r.len).then_some(Origin {
+            host,
+            guest: r.guest.wrapping_add(off),
+            residual_extra: r.residual_extra,
+            len: 1,
+        })
     }
 }
 
@@ -320,5 +353,55 @@ impl fmt::Display for HostProgram {
             )?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::orb::OrbControls;
+
+    /// Origins are kept as runs; a lookup still answers per host CCW, exactly.
+    #[test]
+    fn origin_runs_answer_per_ccw() {
+        let mut runs = Vec::new();
+        // Three CCWs of one segment, then an expansion (same guest CCW twice, residuals).
+        Origin::push(&mut runs, 0x100, 0x2000, 0);
+        Origin::push(&mut runs, 0x108, 0x2008, 0);
+        Origin::push(&mut runs, 0x110, 0x2010, 0);
+        Origin::push(&mut runs, 0x118, 0x2008, 300);
+        Origin::push(&mut runs, 0x120, 0x2008, 100);
+        assert_eq!(runs.len(), 3);
+        assert_eq!(
+            (runs[0].host, runs[0].guest, runs[0].len),
+            (0x100, 0x2000, 3)
+        );
+        let m = ScswMapper {
+            host_cpa: 0x100,
+            guest_orb: Orb {
+                intparm: 0,
+                ctl: OrbControls::new().with_format1(true),
+                cpa: 0x2000,
+            },
+            origins: runs.into(),
+        };
+        let at = |h| m.origin(h).map(|o| (o.guest, o.residual_extra));
+        assert_eq!(at(0x100), Some((0x2000, 0)));
+        assert_eq!(at(0x110), Some((0x2010, 0)));
+        assert_eq!(at(0x118), Some((0x2008, 300)));
+        assert_eq!(at(0x120), Some((0x2008, 100)));
+        // Not a CCW address of the program: before, between CCWs, one past the end.
+        for h in [0xf8, 0x104, 0x128, 0] {
+            assert_eq!(at(h), None, "{h:#x}");
+        }
+        // A status stored after the expansion's first CCW: guest CPA after the guest CCW,
+        // residual of the rest added.
+        let s = Scsw {
+            cpa: 0x120,
+            count: 5,
+            ..Scsw::default()
+        };
+        let g = m.to_guest_scsw(&s);
+        assert_eq!((g.cpa, g.count), (0x2010, 305));
     }
 }

@@ -12,6 +12,14 @@
 //!
 //! CCWs a status modifier could reach but that are invalid become *trap* slots (command code
 //! 0): a channel that reaches one presents a program check, as it would for the guest's CCW.
+//!
+//! Most programs are one chain segment of command-chained CCWs whose data one host IDAL per
+//! CCW describes. A fast path translates exactly those in one walk and one build loop, with no
+//! intermediate host-CCW list: the CCW image is written as it goes, pages are pinned as runs
+//! and IDAWs converted through the pinned extents. Anything else, and any error, is left to
+//! the three passes, so every rejection (errno, channel status) is theirs; a differential
+//! test checks that both give the same program, byte for byte. All guest storage is read
+//! through one store snapshot per translation.
 
 use std::collections::VecDeque;
 
@@ -20,7 +28,9 @@ use crate::ccw::program::{key_allows, HostProgram, Origin, PageRef, ScswMapper, 
 use crate::ccw::{
     command, Ccw0, Ccw1, CcwFlags, CommandKind, Idaw, IdawFormat, Midaw, CCW_SIZE, MIDAW_SIZE,
 };
-use crate::iommu_store::{IommuStore, Perm, PinnedPages, StoreError, MAX_PIN_PAGES, PAGE_SIZE};
+use crate::iommu_store::{
+    IommuStore, Perm, PinnedPages, StoreError, StoreView, MAX_PIN_PAGES, PAGE_SIZE,
+};
 use crate::orb::Orb;
 
 /// Limits of the translation.
@@ -123,6 +133,16 @@ struct Piece {
 /// assert!(prog.orb().ctl.format2_idaw());
 /// ```
 pub fn translate(orb: &Orb, store: &IommuStore, cfg: &TranslateConfig) -> Result<HostProgram, E> {
+    translate_with(orb, store, cfg, true)
+}
+
+/// [`translate`], with or without the fast path (tests compare the two).
+fn translate_with(
+    orb: &Orb,
+    store: &IommuStore,
+    cfg: &TranslateConfig,
+    fast: bool,
+) -> Result<HostProgram, E> {
     let ctl = &orb.ctl;
     if ctl.transport_mode() {
         return Err(E::TransportMode);
@@ -133,9 +153,24 @@ pub fn translate(orb: &Orb, store: &IommuStore, cfg: &TranslateConfig) -> Result
     let fmt1 = ctl.format1();
     check_ccw_address(orb.cpa as u64, fmt1)?;
 
-    let segments = walk(orb, store, cfg)?;
+    // One store snapshot for the whole translation (a failed lookup retries on a fresh one).
+    let store = &store.view();
     // 2K guest IDAWs can only be carried by 2K host IDAWs; everything else goes in 4K ones.
     let guest_fmt = IdawFormat::from_orb(ctl.format2_idaw(), ctl.idaw_2k());
+    if let Some(chain) = walk_simple(orb, store, cfg).filter(|_| fast) {
+        let uses_2k = guest_fmt.block_size() == 2048 && chain.ccws.iter().any(|c| c.flags.ida());
+        let b = Builder::new(
+            orb,
+            store,
+            cfg,
+            guest_fmt,
+            if uses_2k { 2048 } else { 4096 },
+        );
+        if let Some(p) = b.build_simple(&chain) {
+            return Ok(p);
+        }
+    }
+    let segments = walk(orb, store, cfg)?;
     let uses_2k = guest_fmt.block_size() == 2048
         && segments
             .iter()
@@ -176,7 +211,7 @@ fn unmapped(addr: u64) -> impl Fn(StoreError) -> E {
 /// must allow fetching from every page: a fetch-protected page with another key is a
 /// protection check. Pages are checked in address order, each for mapping then key, as a
 /// channel meets them.
-fn fetch(store: &IommuStore, addr: u64, buf: &mut [u8], key: u8) -> Result<(), E> {
+fn fetch(store: &StoreView, addr: u64, buf: &mut [u8], key: u8) -> Result<(), E> {
     if key != 0 && !buf.is_empty() {
         let last = addr.saturating_add(buf.len() as u64 - 1);
         let mut page = addr - addr % PAGE_SIZE;
@@ -195,9 +230,79 @@ fn fetch(store: &IommuStore, addr: u64, buf: &mut [u8], key: u8) -> Result<(), E
     store.read(addr, buf).map_err(unmapped(addr))
 }
 
+/// Bytes of list storage (IDAWs, MIDAWs) fetched at once, at most to the end of the page.
+const LIST_CHUNK: usize = 512;
+
+/// The last stretch of guest list storage fetched: IDALs and MIDALs of consecutive CCWs
+/// usually sit together, so one store read serves many of them.
+///
+/// Exact: a list entry never crosses a page (entries are aligned to their size), mapping,
+/// permission and storage key are per page, and the stretch is fetched from the entry's own
+/// address on, so the fetch that fills it fails exactly when fetching the entry alone would,
+/// with the same error. Each entry is still copied out once and used as copied.
+struct ListCache {
+    /// Guest address of `buf[0]`; `len` 0 means empty.
+    at: u64,
+    len: usize,
+    buf: [u8; LIST_CHUNK],
+}
+
+impl Default for ListCache {
+    fn default() -> Self {
+        ListCache {
+            at: 0,
+            len: 0,
+            buf: [0; LIST_CHUNK],
+        }
+    }
+}
+
+impl ListCache {
+    /// The `N`-byte list entry at `addr` (aligned to `N`, so within a page), fetched as
+    /// [`fetch`] would fetch it.
+    #[inline]
+    fn get<const N: usize>(&mut self, store: &StoreView, addr: u64, key: u8) -> Result<[u8; N], E> {
+        let mut out = [0u8; N];
+        let off = addr.wrapping_sub(self.at);
+        if off < self.len as u64 && self.len - (off as usize) >= N {
+            let off = off as usize;
+            out.copy_from_slice(&self.buf[off..off + N]);
+        } else {
+            self.fetch(store, addr, &mut out, key)?;
+        }
+        Ok(out)
+    }
+
+    /// Fetches the list entry at `addr` (`out.len()` bytes, not crossing a page) as
+    /// [`fetch`] would.
+    #[cold]
+    fn fetch(&mut self, store: &StoreView, addr: u64, out: &mut [u8], key: u8) -> Result<(), E> {
+        let n = out.len();
+        if let Some(off) = addr.checked_sub(self.at) {
+            if off < self.len as u64 && off as usize + n <= self.len {
+                let off = off as usize;
+                out.copy_from_slice(&self.buf[off..off + n]);
+                return Ok(());
+            }
+        }
+        let to_page_end = (PAGE_SIZE - addr % PAGE_SIZE) as usize;
+        if n > to_page_end {
+            // Not a list entry's shape: fetch it alone.
+            return fetch(store, addr, out, key);
+        }
+        let len = to_page_end.min(LIST_CHUNK);
+        self.len = 0;
+        fetch(store, addr, &mut self.buf[..len], key)?;
+        self.at = addr;
+        self.len = len;
+        out.copy_from_slice(&self.buf[..n]);
+        Ok(())
+    }
+}
+
 /// Reads CCWs from `addr` up to the end of its page (one store lookup for many CCWs).
 fn fetch_ccws(
-    store: &IommuStore,
+    store: &StoreView,
     addr: u64,
     max: usize,
     buf: &mut Vec<u8>,
@@ -209,6 +314,7 @@ fn fetch_ccws(
     fetch(store, addr, buf, key)
 }
 
+#[inline]
 fn decode(raw: &[u8], fmt1: bool) -> Ccw1 {
     let mut b = [0u8; 8];
     b.copy_from_slice(raw);
@@ -222,22 +328,59 @@ fn decode(raw: &[u8], fmt1: bool) -> Ccw1 {
 /// Whether a fetched guest CCW (format-0 ones already converted) is a TIC. In format 1 only
 /// command code 0x08 is a TIC; other `xxxx1000` codes are invalid commands (Hercules, and
 /// vccw's channel), so `Ccw1::is_tic` (any `xxxx1000`) is too wide here.
+#[inline]
 fn is_tic(c: &Ccw1) -> bool {
     c.cmd == command::TIC
 }
 
+/// The ORB controls CCW validation depends on, read once per translation.
+#[derive(Debug, Clone, Copy)]
+struct Rules {
+    fmt1: bool,
+    midaw: bool,
+    suspend: bool,
+}
+
+impl Rules {
+    fn of(orb: &Orb) -> Self {
+        Rules {
+            fmt1: orb.ctl.format1(),
+            midaw: orb.ctl.midaw(),
+            suspend: orb.ctl.suspend(),
+        }
+    }
+}
+
+/// [`CommandKind::of`] for each value of a command code's low four bits, the only bits it
+/// looks at.
+const KIND: [CommandKind; 16] = {
+    let mut t = [CommandKind::Invalid; 16];
+    let mut i = 0;
+    while i < 16 {
+        t[i] = CommandKind::of(i as u8);
+        i += 1;
+    }
+    t
+};
+
+/// [`CommandKind::of`] by table.
+#[inline]
+fn kind_of(cmd: u8) -> CommandKind {
+    KIND[(cmd & 0x0f) as usize]
+}
+
 /// Validates one CCW as a channel would on fetching it (`data_chained`: reached by data
 /// chaining, where only a TIC's command code counts).
-fn validate(c: &Ccw1, addr: u64, orb: &Orb, data_chained: bool) -> Result<(), E> {
-    let ctl = &orb.ctl;
-    let fmt1 = ctl.format1();
+#[inline]
+fn validate(c: &Ccw1, addr: u64, rules: &Rules, data_chained: bool) -> Result<(), E> {
+    let fmt1 = rules.fmt1;
     if is_tic(c) {
         if fmt1 && (c.flags.into_bits() != 0 || c.count != 0) {
             return Err(E::TicFlags(addr));
         }
         return check_ccw_address(c.cda as u64, fmt1);
     }
-    if !data_chained && matches!(c.kind(), CommandKind::Invalid | CommandKind::Tic) {
+    if !data_chained && matches!(kind_of(c.cmd), CommandKind::Invalid | CommandKind::Tic) {
         return Err(E::InvalidCommand {
             at: addr,
             cmd: c.cmd,
@@ -250,18 +393,19 @@ fn validate(c: &Ccw1, addr: u64, orb: &Orb, data_chained: bool) -> Result<(), E>
         return Err(E::ZeroCountDataChain(addr));
     }
     // MIDAWs carry their own skip flags: MIDA with IDA or SKP is a program check (Hercules).
-    if c.flags.mida() && (!ctl.midaw() || c.flags.ida() || c.flags.skp()) {
+    if c.flags.mida() && (!rules.midaw || c.flags.ida() || c.flags.skp()) {
         return Err(E::MidaNotAllowed(addr));
     }
-    if c.flags.s() && !ctl.suspend() {
+    if c.flags.s() && !rules.suspend {
         return Err(E::SuspendNotAllowed(addr));
     }
     Ok(())
 }
 
 /// Pass 1: find and validate the reachable chain segments.
-fn walk(orb: &Orb, store: &IommuStore, cfg: &TranslateConfig) -> Result<Vec<Segment>, E> {
+fn walk(orb: &Orb, store: &StoreView, cfg: &TranslateConfig) -> Result<Vec<Segment>, E> {
     let fmt1 = orb.ctl.format1();
+    let rules = Rules::of(orb);
     let mut segments: Vec<Segment> = Vec::new();
     // (guest address, reached only speculatively, command continued by data chaining)
     let mut queue: VecDeque<(u64, bool, Option<u8>)> =
@@ -313,7 +457,7 @@ fn walk(orb: &Orb, store: &IommuStore, cfg: &TranslateConfig) -> Result<Vec<Segm
                 let off = (addr - raw_at) as usize;
                 let ccw = decode(&raw[off..off + CCW_SIZE as usize], fmt1);
                 fetched = Some(ccw);
-                validate(&ccw, addr, orb, dc_cmd.is_some())?;
+                validate(&ccw, addr, &rules, dc_cmd.is_some())?;
                 let transfers = !is_tic(&ccw) && ccw.count != 0 && ccw.cmd != command::NOOP;
                 no_data_run = if transfers { 0 } else { no_data_run + 1 };
                 if no_data_run > MAX_NO_DATA_CCWS {
@@ -392,6 +536,118 @@ fn walk(orb: &Orb, store: &IommuStore, cfg: &TranslateConfig) -> Result<Vec<Segm
     Ok(segments)
 }
 
+/// The common program shape, translated by a fast path: one chain segment of command-chained
+/// CCWs without TICs or data chaining (and whose IDALs and MIDALs each make one host IDAL),
+/// every CCW valid, and after its end at most a
+/// trap slot (an invalid CCW only a status-modifier skip reaches). Anything else, and every
+/// error, goes to the general passes, which then decide (so each rejection is theirs).
+struct SimpleChain {
+    /// The certainly reachable CCWs, converted to format 1.
+    ccws: Vec<Ccw1>,
+    /// The trap slot after the last one, in its host form.
+    trap: Option<Ccw1>,
+}
+
+/// CCWs the fast path fetches at once: fewer than [`walk`] may (it fetches to the end of
+/// the page), which fails exactly as often, with the same error (one page either way).
+const READ_AHEAD: usize = 64;
+
+/// CCWs fetched ahead, in one page, at most to the segment limit.
+struct CcwReader {
+    raw: [u8; READ_AHEAD * CCW_SIZE as usize],
+    at: u64,
+    len: usize,
+}
+
+impl CcwReader {
+    /// The CCW at `addr` (`left`: CCWs the segment may still hold), fetched as [`walk`]
+    /// fetches it; addresses only go up.
+    #[inline]
+    fn read(&mut self, store: &StoreView, addr: u64, left: usize, orb: &Orb) -> Result<Ccw1, E> {
+        let fmt1 = orb.ctl.format1();
+        let off = addr.wrapping_sub(self.at);
+        if self.len == 0 || off >= self.len as u64 {
+            self.refill(store, addr, left, orb)?;
+        }
+        let off = (addr - self.at) as usize;
+        Ok(decode(&self.raw[off..off + CCW_SIZE as usize], fmt1))
+    }
+
+    #[cold]
+    fn refill(&mut self, store: &StoreView, addr: u64, left: usize, orb: &Orb) -> Result<(), E> {
+        check_ccw_address(addr, orb.ctl.format1())?;
+        let in_page = ((PAGE_SIZE - (addr % PAGE_SIZE)) / CCW_SIZE) as usize;
+        let n = in_page.min(left).clamp(1, READ_AHEAD) * CCW_SIZE as usize;
+        self.len = 0;
+        fetch(store, addr, &mut self.raw[..n], orb.ctl.key())?;
+        self.at = addr;
+        self.len = n;
+        Ok(())
+    }
+}
+
+/// Walks a [`SimpleChain`], or says `None` when the program is not one (see there). Each
+/// step mirrors [`walk`] exactly for this shape.
+fn walk_simple(orb: &Orb, store: &StoreView, cfg: &TranslateConfig) -> Option<SimpleChain> {
+    if cfg.max_segments == 0 {
+        return None;
+    }
+    let head = orb.cpa as u64;
+    let max = cfg.max_segment_ccws;
+    let rules = Rules::of(orb);
+    let mut reader = CcwReader {
+        raw: [0; READ_AHEAD * CCW_SIZE as usize],
+        at: head,
+        len: 0,
+    };
+    let mut ccws: Vec<Ccw1> = Vec::with_capacity(max.min(256));
+    let mut no_data_run = 0usize;
+    loop {
+        let i = ccws.len();
+        if i >= max {
+            return None;
+        }
+        let addr = head + CCW_SIZE * i as u64;
+        let c = reader.read(store, addr, max - i, orb).ok()?;
+        if validate(&c, addr, &rules, false).is_err() || is_tic(&c) || c.flags.cd() {
+            return None;
+        }
+        let transfers = c.count != 0 && c.cmd != command::NOOP;
+        no_data_run = if transfers { 0 } else { no_data_run + 1 };
+        if no_data_run > MAX_NO_DATA_CCWS {
+            return None;
+        }
+        ccws.push(c);
+        if !c.flags.cc() {
+            break;
+        }
+    }
+    // The chain ended at a CCW that the one before command-chains to: a status-modifier
+    // skip from that one reaches the next slot. Only a trap there keeps the shape simple.
+    let mut trap = None;
+    if ccws.len() >= 2 {
+        let i = ccws.len();
+        let addr = head + CCW_SIZE * i as u64;
+        let slot = if i >= max {
+            Ccw1::default()
+        } else {
+            match reader.read(store, addr, max - i, orb) {
+                Err(_) => Ccw1::default(),
+                Ok(c) => {
+                    let transfers = !is_tic(&c) && c.count != 0 && c.cmd != command::NOOP;
+                    let run = if transfers { 0 } else { no_data_run + 1 };
+                    if validate(&c, addr, &rules, false).is_ok() && run <= MAX_NO_DATA_CCWS {
+                        return None;
+                    }
+                    trap_of(&c)
+                }
+            }
+        };
+        trap = Some(slot);
+    }
+    Some(SimpleChain { ccws, trap })
+}
+
 /// The slot holding the CCW at `addr`: one reached with certainty if there is one (see the
 /// walk), else a speculative one.
 fn find_in(segments: &[Segment], addr: u64) -> Option<(usize, usize)> {
@@ -414,7 +670,9 @@ fn find_in(segments: &[Segment], addr: u64) -> Option<(usize, usize)> {
 /// Passes 2 and 3.
 struct Builder<'a> {
     orb: &'a Orb,
-    store: &'a IommuStore,
+    store: &'a StoreView<'a>,
+    /// The last stretch of IDAL/MIDAL storage fetched.
+    lists: ListCache,
     cfg: &'a TranslateConfig,
     guest_fmt: IdawFormat,
     host_block: u64,
@@ -426,8 +684,12 @@ struct Builder<'a> {
     /// Pages the certainly-reachable CCWs need, (guest page, access: 1 fetch, 2 store),
     /// pinned together at the end in as few calls as possible.
     wanted: Vec<(u64, u8)>,
+    /// The fast path's pages: runs (first page, last page, access bits) in CCW order.
+    runs: Vec<(u64, u64, u8)>,
     /// Every page pinned, writable when pinned for input.
     all_pages: Vec<PageRef>,
+    /// The pinned pages as extents, in pin order (see [`add_to_extents`]).
+    extents: Vec<(u64, u64, u64)>,
     /// Reused for each CCW's storage pieces.
     scratch: Vec<Piece>,
 }
@@ -435,7 +697,7 @@ struct Builder<'a> {
 impl<'a> Builder<'a> {
     fn new(
         orb: &'a Orb,
-        store: &'a IommuStore,
+        store: &'a StoreView<'a>,
         cfg: &'a TranslateConfig,
         guest_fmt: IdawFormat,
         host_block: u64,
@@ -443,6 +705,7 @@ impl<'a> Builder<'a> {
         Builder {
             orb,
             store,
+            lists: ListCache::default(),
             cfg,
             guest_fmt,
             host_block,
@@ -451,7 +714,9 @@ impl<'a> Builder<'a> {
             idaws: Vec::new(),
             pins: Vec::new(),
             wanted: Vec::new(),
+            runs: Vec::new(),
             all_pages: Vec::new(),
+            extents: Vec::new(),
             scratch: Vec::new(),
         }
     }
@@ -490,19 +755,247 @@ impl<'a> Builder<'a> {
         }
         let wanted = std::mem::take(&mut self.wanted);
         self.pin_pages(wanted, 0)?;
-        // Guest -> host for every IDAW, through the pinned pages sorted by guest address.
-        let mut by_iova: Vec<(u64, u64)> =
-            self.all_pages.iter().map(|p| (p.iova, p.host)).collect();
-        if !by_iova.is_sorted() {
-            by_iova.sort_unstable();
+        self.idaws_to_host()?;
+        self.layout(segments, heads)
+    }
+
+    /// The fast path: the host program of a [`SimpleChain`], the same bytes, pins and maps
+    /// the general passes build for it; `None` (nothing kept pinned) to leave it to them.
+    fn build_simple(mut self, chain: &SimpleChain) -> Option<HostProgram> {
+        let n = chain.ccws.len();
+        let nslots = n + chain.trap.is_some() as usize;
+        let base = self.cfg.arena_base;
+        let ccw_bytes = nslots * CCW_SIZE as usize;
+        let head = self.orb.cpa as u64;
+        let idaw_base = base.wrapping_add(ccw_bytes as u32);
+        // Room for the IDAWs too (typically one or two a CCW): no copy when they are added.
+        let mut image = Vec::with_capacity(ccw_bytes + 2 * n * 8);
+        image.resize(ccw_bytes, 0);
+        self.idaws.reserve(n);
+        let mut slots = image.chunks_exact_mut(CCW_SIZE as usize);
+        for (i, (c, dst)) in chain.ccws.iter().zip(&mut slots).enumerate() {
+            let h = self.simple_ccw(head + CCW_SIZE * i as u64, c, idaw_base)?;
+            dst.copy_from_slice(&h.to_bytes());
         }
+        if let (Some(t), Some(dst)) = (&chain.trap, slots.next()) {
+            dst.copy_from_slice(&t.to_bytes());
+        }
+        self.pin_runs().ok()?;
+        self.idaws_to_host().ok()?;
+        let size = ccw_bytes + self.idaws.len() * 8;
+        if size as u64 > self.cfg.arena_size as u64 {
+            return None;
+        }
+        image.resize(size, 0);
+        for (dst, w) in image[ccw_bytes..].chunks_exact_mut(8).zip(&self.idaws) {
+            dst.copy_from_slice(&Idaw(*w).to_format2_bytes());
+        }
+        // Slot i at base + 8i stands for the guest CCW at head + 8i: one run.
+        let origins: std::sync::Arc<[Origin]> = std::sync::Arc::new([Origin {
+            host: base,
+            guest: head as u32,
+            residual_extra: 0,
+            len: nslots as u32,
+        }]);
+        let pages = unique_pages(self.all_pages);
+        let host_orb = host_orb(self.orb, self.host_block, base);
+        Some(HostProgram {
+            orb: host_orb,
+            guest_orb: *self.orb,
+            base,
+            image,
+            ccw_bytes,
+            segments: vec![SegmentInfo {
+                guest: head,
+                host: base,
+                len: nslots,
+            }],
+            mapper: ScswMapper {
+                host_cpa: host_orb.cpa,
+                guest_orb: *self.orb,
+                origins,
+            },
+            pages,
+            pins: self.pins,
+        })
+    }
+
+    /// One CCW of a [`SimpleChain`] at `addr`, as [`Builder::data_ccw`] makes it, with its
+    /// IDAL placed from `idaw_base` on; `None` where that would fail or need an expansion.
+    fn simple_ccw(&mut self, addr: u64, c: &Ccw1, idaw_base: u32) -> Option<Ccw1> {
+        let kind = kind_of(c.cmd);
+        let input = kind.is_input();
+        let flags = c.flags.with_ida(false).with_mida(false);
+        let skips = input && c.flags.skp();
+        // (No data chaining here: a NOOP is always one.)
+        if c.count == 0 || c.cmd == command::NOOP || skips {
+            if c.count != 0 && !skips {
+                self.check_noop(addr, c).ok()?;
+            }
+            return Some(Ccw1 {
+                cmd: c.cmd,
+                flags,
+                count: c.count,
+                cda: 0,
+            });
+        }
+        let backward = kind == CommandKind::ReadBackward;
+        let acc = access(input);
+        let first = self.idaws.len();
+        let mut flags = flags;
+        if !c.flags.ida() && !c.flags.mida() {
+            let piece = self.direct_piece(addr, c, backward).ok()?;
+            self.push_run(&piece, backward, acc);
+            push_idaws(&mut self.idaws, &piece, self.host_block, backward);
+        } else {
+            let g = GuestCcw {
+                addr,
+                ccw: *c,
+                cmd: c.cmd,
+                data_chained: false,
+                speculative: false,
+                trap: false,
+                unfetched: false,
+            };
+            let mut pieces = std::mem::take(&mut self.scratch);
+            pieces.clear();
+            // One run unless the list's blocks do not join (or skip flags differ): then the
+            // general passes expand it.
+            let ok = self.pieces(&g, backward, &mut pieces).is_ok()
+                && single_run(&pieces, self.host_block, backward, input);
+            // Input the MIDAWs skip: no data moves, nothing is pinned.
+            let skip = ok && input && pieces[0].skip;
+            if ok && !skip {
+                for p in &pieces {
+                    self.push_run(p, backward, acc);
+                    push_idaws(&mut self.idaws, p, self.host_block, backward);
+                }
+            }
+            self.scratch = pieces;
+            if !ok {
+                return None;
+            }
+            if skip {
+                flags = flags.with_skp(true);
+                return Some(Ccw1 {
+                    cmd: c.cmd,
+                    flags,
+                    count: c.count,
+                    cda: 0,
+                });
+            }
+        }
+        Some(Ccw1 {
+            cmd: c.cmd,
+            flags: flags.with_ida(true),
+            count: c.count,
+            cda: idaw_base.wrapping_add(first as u32 * 8),
+        })
+    }
+
+    /// Records the guest pages a piece touches as a run of pages, joined to the last run when
+    /// it continues it (or its last page) with the same access (sequential programs make one
+    /// run; a page in a run is pinned once, as the page list would pin it).
+    #[inline]
+    fn push_run(&mut self, p: &Piece, backward: bool, acc: u8) {
+        let (lo, hi) = piece_bounds(p, backward);
+        let (first, last) = (lo & !(PAGE_SIZE - 1), hi & !(PAGE_SIZE - 1));
+        if let Some(r) = self.runs.last_mut() {
+            // (The same page again, or the next one.)
+            if r.2 == acc && first >= r.1 && first - r.1 <= PAGE_SIZE {
+                r.1 = last;
+                return;
+            }
+        }
+        self.runs.push((first, last, acc));
+    }
+
+    /// Pins the pages of `runs` as [`Builder::pin_pages`] would pin them as a page list:
+    /// ascending, disjoint runs directly (at most 512 pages a call), anything else through
+    /// the page list.
+    fn pin_runs(&mut self) -> Result<(), E> {
+        let runs = std::mem::take(&mut self.runs);
+        if !runs.windows(2).all(|w| w[0].1 < w[1].0) {
+            let mut pages = Vec::new();
+            for &(first, last, acc) in &runs {
+                let (a, b) = (first >> PAGE_SHIFT, last >> PAGE_SHIFT);
+                pages.extend((a..=b).map(|n| (n << PAGE_SHIFT, acc)));
+            }
+            return self.pin_pages(pages, 0);
+        }
+        for (first, last, acc) in runs {
+            let mut page = first;
+            let mut left = ((last - first) >> PAGE_SHIFT) + 1;
+            while left > 0 {
+                let n = left.min(MAX_PIN_PAGES as u64);
+                self.pin_run(page, n as usize, acc, 0)?;
+                left -= n;
+                if left > 0 {
+                    page += n << PAGE_SHIFT;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Pins `n` pages from `first` for access `acc` (1 fetch, 2 store) and records them.
+    fn pin_run(&mut self, first: u64, n: usize, acc: u8, at: u64) -> Result<(), E> {
+        let perm = Perm {
+            read: acc & 1 != 0,
+            write: acc & 2 != 0,
+        };
+        let pinned = self
+            .store
+            .pin(first, n, perm)
+            .map_err(|e| pin_error(e, first, at))?;
+        self.all_pages
+            .extend(pinned.pages().iter().map(|p| PageRef {
+                host: p.host_addr,
+                iova: p.iova,
+                writable: perm.write,
+                key: p.storage_key,
+            }));
+        for p in pinned.pages() {
+            add_to_extents(&mut self.extents, p.iova, p.host_addr);
+        }
+        self.pins.push(pinned);
+        Ok(())
+    }
+
+    /// Guest -> host for every IDAW, through the pinned pages sorted by guest address. IDAWs
+    /// mostly follow each other page by page, so the page after the last one found is tried
+    /// before a binary search.
+    fn idaws_to_host(&mut self) -> Result<(), E> {
+        // The extents recorded while pinning serve when they are ascending and disjoint
+        // (pages pinned in order, each once); else they are rebuilt from the sorted pages.
+        let rebuilt: Vec<(u64, u64, u64)>;
+        let ext: &[(u64, u64, u64)] = if self.extents.windows(2).all(|w| w[0].1 < w[1].0) {
+            &self.extents
+        } else {
+            let mut pages = self.all_pages.clone();
+            pages.sort_unstable_by_key(|p| p.iova);
+            let mut v = Vec::new();
+            for p in &pages {
+                add_to_extents(&mut v, p.iova, p.host);
+            }
+            rebuilt = v;
+            &rebuilt
+        };
+        let mut cur = 0usize;
         for w in &mut self.idaws {
             let page = *w & !(PAGE_SIZE - 1);
-            let i = by_iova.partition_point(|(g, _)| *g < page);
-            debug_assert_eq!(by_iova.get(i).map(|p| p.0), Some(page), "IDAW page pinned");
-            *w = by_iova[i].1 + (*w - page);
+            let hit = |e: &(u64, u64, u64)| e.0 <= page && page <= e.1;
+            if !ext.get(cur).is_some_and(hit) {
+                cur = ext.partition_point(|e| e.1 < page);
+                // Every IDAW's page was pinned above; never build an IDAW from a guess.
+                if !ext.get(cur).is_some_and(hit) {
+                    return Err(E::Unmapped(page));
+                }
+            }
+            let e = ext[cur];
+            *w = e.2 + (*w - e.0);
         }
-        self.layout(segments, heads)
+        Ok(())
     }
 
     /// A TIC: its target is a slot of some segment (the walk fetched it).
@@ -549,7 +1042,7 @@ impl<'a> Builder<'a> {
     ) -> Result<HostCcw, E> {
         let c = g.ccw;
         let cmd = g.cmd;
-        let kind = CommandKind::of(cmd);
+        let kind = kind_of(cmd);
         let input = kind.is_input();
         let flags = c.flags.with_ida(false).with_mida(false);
         let no_data = c.count == 0
@@ -557,26 +1050,7 @@ impl<'a> Builder<'a> {
             || (input && c.flags.skp());
         if no_data {
             if c.count != 0 && !(input && c.flags.skp()) {
-                // A NOOP moves nothing, but a channel still checks its data (or list)
-                // address against the format's limit before starting it.
-                let limit: u64 = if self.orb.ctl.format1() {
-                    0x7fff_ffff
-                } else {
-                    0x00ff_ffff
-                };
-                let a = c.cda as u64;
-                if c.flags.ida() || c.flags.mida() {
-                    let align = if c.flags.ida() {
-                        self.guest_fmt.idaw_size()
-                    } else {
-                        MIDAW_SIZE
-                    };
-                    if a % align != 0 || a > limit {
-                        return Err(E::ListAddress(g.addr));
-                    }
-                } else if a + c.count as u64 - 1 > limit {
-                    return Err(E::DataAddress(g.addr));
-                }
+                self.check_noop(g.addr, &c)?;
             }
             return Ok(HostCcw {
                 ccw: Ccw1 {
@@ -591,6 +1065,23 @@ impl<'a> Builder<'a> {
             });
         }
         let backward = kind == CommandKind::ReadBackward;
+        if !c.flags.ida() && !c.flags.mida() {
+            // Direct data: one piece, which one IDAL always describes (no skip: a skipping
+            // input CCW moves no data, handled above).
+            let piece = self.direct_piece(g.addr, &c, backward)?;
+            let first = self.idal(std::slice::from_ref(&piece), backward, g, input)?;
+            return Ok(HostCcw {
+                ccw: Ccw1 {
+                    cmd: c.cmd,
+                    flags: flags.with_ida(true),
+                    count: c.count,
+                    cda: 0,
+                },
+                cda: Cda::Idal(first),
+                guest: g.addr,
+                residual_extra: 0,
+            });
+        }
         let mut pieces = std::mem::take(&mut self.scratch);
         pieces.clear();
         let r = self.pieces(g, backward, &mut pieces).and_then(|()| {
@@ -705,8 +1196,57 @@ impl<'a> Builder<'a> {
         })
     }
 
+    /// A NOOP moves nothing, but a channel still checks its data (or list) address against
+    /// the format's limit before starting it.
+    fn check_noop(&self, at: u64, c: &Ccw1) -> Result<(), E> {
+        let limit: u64 = if self.orb.ctl.format1() {
+            0x7fff_ffff
+        } else {
+            0x00ff_ffff
+        };
+        let a = c.cda as u64;
+        if c.flags.ida() || c.flags.mida() {
+            let align = if c.flags.ida() {
+                self.guest_fmt.idaw_size()
+            } else {
+                MIDAW_SIZE
+            };
+            if a % align != 0 || a > limit {
+                return Err(E::ListAddress(at));
+            }
+        } else if a + c.count as u64 - 1 > limit {
+            return Err(E::DataAddress(at));
+        }
+        Ok(())
+    }
+
+    /// The storage of a direct-addressed data CCW (count not zero), within the format's
+    /// addressing limit.
+    fn direct_piece(&self, at: u64, c: &Ccw1, backward: bool) -> Result<Piece, E> {
+        let count = c.count as u64;
+        let limit: u64 = if self.orb.ctl.format1() {
+            0x7fff_ffff
+        } else {
+            0x00ff_ffff
+        };
+        let a = c.cda as u64;
+        let ok = if backward {
+            a <= limit && a + 1 >= count
+        } else {
+            a <= limit && a + count - 1 <= limit
+        };
+        if !ok {
+            return Err(E::DataAddress(at));
+        }
+        Ok(Piece {
+            addr: a,
+            len: c.count as u32,
+            skip: false,
+        })
+    }
+
     /// The guest storage a data CCW designates, in transfer order.
-    fn pieces(&self, g: &GuestCcw, backward: bool, pieces: &mut Vec<Piece>) -> Result<(), E> {
+    fn pieces(&mut self, g: &GuestCcw, backward: bool, pieces: &mut Vec<Piece>) -> Result<(), E> {
         let c = g.ccw;
         let count = c.count as u64;
         let fmt1 = self.orb.ctl.format1();
@@ -714,21 +1254,7 @@ impl<'a> Builder<'a> {
             return self.midaw_pieces(g, backward, pieces);
         }
         if !c.flags.ida() {
-            let limit: u64 = if fmt1 { 0x7fff_ffff } else { 0x00ff_ffff };
-            let a = c.cda as u64;
-            let ok = if backward {
-                a <= limit && a + 1 >= count
-            } else {
-                a <= limit && a + count - 1 <= limit
-            };
-            if !ok {
-                return Err(E::DataAddress(g.addr));
-            }
-            pieces.push(Piece {
-                addr: a,
-                len: c.count as u32,
-                skip: false,
-            });
+            pieces.push(self.direct_piece(g.addr, &c, backward)?);
             return Ok(());
         }
         // IDA: the IDAL address is 31-bit and aligned to the IDAW size.
@@ -737,30 +1263,37 @@ impl<'a> Builder<'a> {
         if list & (fmt.idaw_size() - 1) != 0 || list > 0x7fff_ffff || (!fmt1 && list > 0xff_ffff) {
             return Err(E::ListAddress(g.addr));
         }
+        // Block sizes are powers of two: offsets by mask.
         let bs = fmt.block_size();
+        let mask = bs - 1;
+        let size = fmt.idaw_size();
+        let key = self.orb.ctl.key();
         let first_len = |a: u64| {
             if backward {
-                (a % bs) + 1
+                (a & mask) + 1
             } else {
-                bs - (a % bs)
+                bs - (a & mask)
             }
         };
         let mut rest = count;
-        let mut raw = [0u8; 8];
         let mut i = 0u64;
         while rest > 0 {
-            let at = list + i * fmt.idaw_size();
-            let buf = &mut raw[..fmt.idaw_size() as usize];
-            fetch(self.store, at, buf, self.orb.ctl.key())?;
+            let at = list + i * size;
             // Each IDAW is read exactly once; the value used is the value checked.
-            let idaw = fmt.decode(buf);
+            let idaw = if size == 4 {
+                Idaw(u32::from_be_bytes(self.lists.get::<4>(self.store, at, key)?) as u64)
+            } else {
+                Idaw(u64::from_be_bytes(
+                    self.lists.get::<8>(self.store, at, key)?,
+                ))
+            };
             if !idaw.is_valid(fmt) {
                 return Err(E::Idaw(g.addr, idaw.0));
             }
             let boundary_ok = if backward {
-                idaw.0 % bs == bs - 1
+                idaw.0 & mask == mask
             } else {
-                idaw.0 % bs == 0
+                idaw.0 & mask == 0
             };
             if i > 0 && !boundary_ok {
                 return Err(E::Idaw(g.addr, idaw.0));
@@ -777,18 +1310,22 @@ impl<'a> Builder<'a> {
         Ok(())
     }
 
-    fn midaw_pieces(&self, g: &GuestCcw, backward: bool, pieces: &mut Vec<Piece>) -> Result<(), E> {
+    fn midaw_pieces(
+        &mut self,
+        g: &GuestCcw,
+        backward: bool,
+        pieces: &mut Vec<Piece>,
+    ) -> Result<(), E> {
         let list = g.ccw.cda as u64;
         if list % MIDAW_SIZE != 0 || list > 0x7fff_ffff {
             return Err(E::ListAddress(g.addr));
         }
         let count = g.ccw.count as u64;
         let mut sum = 0u64;
-        let mut raw = [0u8; 16];
+        let key = self.orb.ctl.key();
         let mut at = list;
         loop {
-            fetch(self.store, at, &mut raw, self.orb.ctl.key())?;
-            let m = Midaw::from_bytes(raw);
+            let m = Midaw::from_bytes(self.lists.get::<16>(self.store, at, key)?);
             if !m.reserved_ok() {
                 return Err(E::Midaw(g.addr, "reserved bits set"));
             }
@@ -857,19 +1394,8 @@ impl<'a> Builder<'a> {
             push_pages(&mut self.wanted, pieces, backward, acc);
         }
         let first = self.idaws.len();
-        let bs = self.host_block;
         for p in pieces {
-            let mut a = p.addr;
-            let mut left = p.len as u64;
-            while left > 0 {
-                // One IDAW per block touched: its first byte in transfer order.
-                let in_block = if backward { a % bs + 1 } else { bs - a % bs }.min(left);
-                self.idaws.push(a);
-                left -= in_block;
-                if left > 0 {
-                    a = if backward { a - in_block } else { a + in_block };
-                }
-            }
+            push_idaws(&mut self.idaws, p, self.host_block, backward);
         }
         Ok(first)
     }
@@ -877,18 +1403,18 @@ impl<'a> Builder<'a> {
     /// Pins `pages` (guest page, access bits): sorted, merged, and pinned in runs of
     /// contiguous pages with the same access, at most 512 pages a call.
     fn pin_pages(&mut self, mut pages: Vec<(u64, u8)>, at: u64) -> Result<(), E> {
-        // Sequential programs already list their pages in order.
-        if !pages.is_sorted() {
+        // Sequential programs already list their pages in order, each once.
+        if !pages.windows(2).all(|w| w[0].0 < w[1].0) {
             pages.sort_unstable();
+            // One entry per page; a page needed for input and output is pinned for both.
+            pages.dedup_by(|b, a| {
+                let same = a.0 == b.0;
+                if same {
+                    a.1 |= b.1;
+                }
+                same
+            });
         }
-        // One entry per page; a page needed for input and output is pinned for both.
-        pages.dedup_by(|b, a| {
-            let same = a.0 == b.0;
-            if same {
-                a.1 |= b.1;
-            }
-            same
-        });
         let mut i = 0;
         while i < pages.len() {
             let (first, acc) = pages[i];
@@ -899,22 +1425,7 @@ impl<'a> Builder<'a> {
             {
                 j += 1;
             }
-            let perm = Perm {
-                read: acc & 1 != 0,
-                write: acc & 2 != 0,
-            };
-            let pinned = self
-                .store
-                .pin(first, j - i, perm)
-                .map_err(|e| pin_error(e, first, at))?;
-            self.all_pages
-                .extend(pinned.pages().iter().map(|p| PageRef {
-                    host: p.host_addr,
-                    iova: p.iova,
-                    writable: perm.write,
-                    key: p.storage_key,
-                }));
-            self.pins.push(pinned);
+            self.pin_run(first, j - i, acc, at)?;
             i = j;
         }
         Ok(())
@@ -929,7 +1440,7 @@ impl<'a> Builder<'a> {
             expansions,
             idaws,
             pins,
-            mut all_pages,
+            all_pages,
             ..
         } = self;
         let nslots = ccws.len();
@@ -942,9 +1453,9 @@ impl<'a> Builder<'a> {
         let base = cfg.arena_base;
         let ccw_addr = |i: usize| base + (i * CCW_SIZE as usize) as u32;
         let idaw_addr = |i: usize| base + (ccw_bytes + i * 8) as u32;
-        let mut image = Vec::with_capacity(size);
-        let mut origins = Vec::with_capacity(ccws.len());
-        for (i, h) in ccws.iter().enumerate() {
+        let mut image = vec![0u8; size];
+        let (ccw_area, idaw_area) = image.split_at_mut(ccw_bytes);
+        for (dst, h) in ccw_area.chunks_exact_mut(CCW_SIZE as usize).zip(&ccws) {
             let mut c = h.ccw;
             c.cda = match h.cda {
                 Cda::Fixed(a) => a,
@@ -952,41 +1463,18 @@ impl<'a> Builder<'a> {
                 Cda::Ccw(k) => ccw_addr(k),
                 Cda::Slot(k) => ccw_addr(resolve_slot(&ccws[..nslots], k)),
             };
-            image.extend_from_slice(&c.to_bytes());
-            origins.push(Origin {
-                host: ccw_addr(i),
-                guest: h.guest as u32,
-                residual_extra: h.residual_extra,
-            });
+            dst.copy_from_slice(&c.to_bytes());
         }
-        for w in &idaws {
-            image.extend_from_slice(&Idaw(*w).to_format2_bytes());
+        for (dst, w) in idaw_area.chunks_exact_mut(8).zip(&idaws) {
+            dst.copy_from_slice(&Idaw(*w).to_format2_bytes());
         }
-        // One entry per page; writable if any CCW pinned it for input.
-        all_pages.sort_unstable_by_key(|p| (p.host, !p.writable));
-        all_pages.dedup_by_key(|p| p.host);
-        let pages = all_pages;
-        let host_orb = Orb {
-            intparm: orb.intparm,
-            ctl: orb
-                .ctl
-                .with_format1(true)
-                // Incorrect-length-suppression mode applies to format-1 CCWs only: a
-                // format-0 guest program must not gain it by becoming format 1.
-                .with_incorrect_length_suppression(
-                    orb.ctl.format1() && orb.ctl.incorrect_length_suppression(),
-                )
-                .with_format2_idaw(true)
-                .with_idaw_2k(host_block == 2048)
-                .with_midaw(false)
-                .with_orb_extension(false)
-                .with_lpm(if orb.ctl.lpm() == 0 {
-                    0xff
-                } else {
-                    orb.ctl.lpm()
-                }),
-            cpa: ccw_addr(heads[0]),
-        };
+        let mut runs = Vec::new();
+        for (i, h) in ccws.iter().enumerate() {
+            Origin::push(&mut runs, ccw_addr(i), h.guest as u32, h.residual_extra);
+        }
+        let origins: std::sync::Arc<[Origin]> = runs.into();
+        let pages = unique_pages(all_pages);
+        let host_orb = host_orb(orb, host_block, ccw_addr(heads[0]));
         let seg_info = segments
             .iter()
             .zip(&heads)
@@ -1006,11 +1494,63 @@ impl<'a> Builder<'a> {
             mapper: ScswMapper {
                 host_cpa: host_orb.cpa,
                 guest_orb: *orb,
-                origins: origins.into(),
+                origins,
             },
             pages,
             pins,
         })
+    }
+}
+
+/// Adds a pinned page to extents (first page, last page, host address of the first): a page
+/// that continues the last extent in both spaces extends it, the same page again is skipped.
+#[inline]
+fn add_to_extents(ext: &mut Vec<(u64, u64, u64)>, iova: u64, host: u64) {
+    if let Some(e) = ext.last_mut() {
+        if iova == e.1 {
+            return;
+        }
+        if iova > e.1 && iova - e.1 == PAGE_SIZE && host.wrapping_sub(e.2) == iova - e.0 {
+            e.1 = iova;
+            return;
+        }
+    }
+    ext.push((iova, iova, host));
+}
+
+/// One entry per page, sorted by host address; writable if any CCW pinned it for input.
+/// Pages pinned in ascending runs of one mapping are already in order, with no repeats.
+fn unique_pages(mut pages: Vec<PageRef>) -> Vec<PageRef> {
+    if !pages.windows(2).all(|w| w[0].host < w[1].host) {
+        pages.sort_unstable_by_key(|p| (p.host, !p.writable));
+        pages.dedup_by_key(|p| p.host);
+    }
+    pages
+}
+
+/// The ORB that starts the host program at `cpa`: format 1, format-2 IDAWs of
+/// `host_block` bytes, no MIDAWs, the guest's other controls.
+fn host_orb(orb: &Orb, host_block: u64, cpa: u32) -> Orb {
+    Orb {
+        intparm: orb.intparm,
+        ctl: orb
+            .ctl
+            .with_format1(true)
+            // Incorrect-length-suppression mode applies to format-1 CCWs only: a
+            // format-0 guest program must not gain it by becoming format 1.
+            .with_incorrect_length_suppression(
+                orb.ctl.format1() && orb.ctl.incorrect_length_suppression(),
+            )
+            .with_format2_idaw(true)
+            .with_idaw_2k(host_block == 2048)
+            .with_midaw(false)
+            .with_orb_extension(false)
+            .with_lpm(if orb.ctl.lpm() == 0 {
+                0xff
+            } else {
+                orb.ctl.lpm()
+            }),
+        cpa,
     }
 }
 
@@ -1033,6 +1573,7 @@ fn resolve_slot(slots: &[HostCcw], mut k: usize) -> usize {
 
 /// The trap form of a guest CCW: command code 0 (a program check when reached), keeping the
 /// count and PCI flag the guest's channel would present with that program check.
+#[inline]
 fn trap_of(c: &Ccw1) -> Ccw1 {
     Ccw1 {
         cmd: 0,
@@ -1060,6 +1601,7 @@ fn pin_error(e: StoreError, page: u64, _at: u64) -> E {
 }
 
 /// Access bits of a data transfer: input stores (2), output fetches (1).
+#[inline]
 fn access(input: bool) -> u8 {
     if input {
         2
@@ -1069,22 +1611,49 @@ fn access(input: bool) -> u8 {
 }
 
 /// Appends the guest pages `pieces` touch (may repeat), with access bits `acc`.
+#[inline]
 fn push_pages(out: &mut Vec<(u64, u8)>, pieces: &[Piece], backward: bool, acc: u8) {
     for p in pieces {
-        let (lo, hi) = if backward {
-            (p.addr + 1 - p.len as u64, p.addr)
+        let (lo, hi) = piece_bounds(p, backward);
+        // Page numbers, not addresses: the last page of the 64-bit space has no successor
+        // address (`page + PAGE_SIZE` would wrap; found by fuzzing).
+        let (first, last) = (lo >> PAGE_SHIFT, hi >> PAGE_SHIFT);
+        out.push((first << PAGE_SHIFT, acc));
+        if last > first {
+            out.extend((first + 1..=last).map(|n| (n << PAGE_SHIFT, acc)));
+        }
+    }
+}
+
+/// log2 of [`PAGE_SIZE`].
+const PAGE_SHIFT: u32 = PAGE_SIZE.trailing_zeros();
+
+/// Lowest and highest byte of a piece (in transfer order `addr` is the first byte: the
+/// highest for read backward). The walk and the data checks keep pieces inside the space.
+#[inline]
+fn piece_bounds(p: &Piece, backward: bool) -> (u64, u64) {
+    let len = p.len as u64;
+    if backward {
+        (p.addr + 1 - len, p.addr)
+    } else {
+        (p.addr, p.addr + len - 1)
+    }
+}
+
+/// Appends one IDAW per `bs`-byte block (a power of two) the piece touches: the first byte
+/// transferred in that block (the piece's first byte, then each block's first byte, or its
+/// last byte going backward), as guest addresses.
+#[inline]
+fn push_idaws(out: &mut Vec<u64>, p: &Piece, bs: u64, backward: bool) {
+    let (lo, hi) = piece_bounds(p, backward);
+    let shift = bs.trailing_zeros();
+    let (first, last) = (lo >> shift, hi >> shift);
+    out.push(p.addr);
+    if last > first {
+        if backward {
+            out.extend((first..last).rev().map(|b| (b << shift) + (bs - 1)));
         } else {
-            (p.addr, p.addr + p.len as u64 - 1)
-        };
-        // The last page of the 64-bit space has no successor: no `page + PAGE_SIZE` (it
-        // would wrap to 0 and loop for ever; found by fuzzing).
-        let mut page = lo & !(PAGE_SIZE - 1);
-        loop {
-            out.push((page, acc));
-            match page.checked_add(PAGE_SIZE) {
-                Some(next) if next <= hi => page = next,
-                _ => break,
-            }
+            out.extend((first + 1..=last).map(|b| b << shift));
         }
     }
 }
@@ -1124,6 +1693,336 @@ fn split_runs(pieces: &[Piece], bs: u64, backward: bool, input: bool) -> Vec<(bo
         runs.push((skip, vec![*p]));
     }
     runs
+}
+
+/// The fast path against the general passes: for programs of every shape (most of them
+/// simple), the same result, byte for byte, or the same error.
+#[cfg(test)]
+mod fast_path {
+    use super::*;
+    use crate::ccw::MidawFlags;
+    use crate::iommu_store::{Backing, StoreConfig};
+    use crate::orb::OrbControls;
+    use proptest::prelude::*;
+
+    const MEM: u64 = 0x4_0000;
+    const PROG: u64 = 0x1000;
+    const LISTS: u64 = 0x8000;
+
+    fn same(a: &Result<HostProgram, E>, b: &Result<HostProgram, E>) -> Result<(), String> {
+        match (a, b) {
+            (Err(x), Err(y)) if x == y => Ok(()),
+            (Ok(x), Ok(y)) => {
+                let ok = x.orb == y.orb
+                    && x.guest_orb == y.guest_orb
+                    && x.base == y.base
+                    && x.image == y.image
+                    && x.ccw_bytes == y.ccw_bytes
+                    && x.segments == y.segments
+                    && x.pages == y.pages
+                    && x.mapper.host_cpa == y.mapper.host_cpa
+                    && x.mapper.origins == y.mapper.origins
+                    && x.pin_count() == y.pin_count();
+                if ok {
+                    Ok(())
+                } else {
+                    Err(format!("fast:\n{x}\ngeneral:\n{y}"))
+                }
+            }
+            _ => Err(format!(
+                "fast: {:?}\ngeneral: {:?}",
+                a.as_ref().err(),
+                b.as_ref().err()
+            )),
+        }
+    }
+
+    /// One CCW: command, flags, count, data address choice.
+    fn ccw() -> impl Strategy<Value = (u8, u8, u16, u32)> {
+        let cmd = prop_oneof![
+            8 => Just(0x02u8),
+            4 => Just(0x01),
+            1 => Just(0x03),
+            1 => Just(0x04),
+            1 => Just(0x0c),
+            1 => Just(0x07),
+            1 => Just(0x08),
+            1 => Just(0x00),
+            1 => any::<u8>(),
+        ];
+        // Mostly command chaining; sometimes anything.
+        let flags = prop_oneof![
+            12 => Just(0x40u8),
+            4 => Just(0x44),
+            3 => Just(0x41),
+            1 => Just(0x60),
+            1 => Just(0x50),
+            1 => Just(0x48),
+            1 => Just(0x00),
+            1 => any::<u8>(),
+        ];
+        let count = prop_oneof![
+            1 => Just(0u16),
+            1 => Just(1),
+            2 => Just(100),
+            2 => Just(2048),
+            4 => Just(4096),
+            2 => Just(5000),
+            1 => any::<u16>(),
+        ];
+        let cda = prop_oneof![
+            4 => 0x1_0000u32..0x3_0000,
+            2 => (0u32..0x40).prop_map(|i| 0x1_0000 + i * 0x1000),
+            1 => (0u32..0x100).prop_map(|i| LISTS as u32 + i * 8),
+            1 => any::<u32>(),
+            1 => Just(0x3_ff00u32),
+        ];
+        (cmd, flags, count, cda)
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn case() -> impl Strategy<
+        Value = (
+            Vec<(u8, u8, u16, u32)>,
+            bool,
+            u8,
+            u8,
+            Vec<u64>,
+            Option<(u32, u8)>,
+            u32,
+        ),
+    > {
+        (
+            prop_oneof![
+                proptest::collection::vec(ccw(), 1..6),
+                proptest::collection::vec(ccw(), 1..24)
+            ],
+            prop_oneof![4 => Just(true), 1 => Just(false)],
+            0u8..3,
+            prop_oneof![3 => Just(0u8), 1 => 0u8..16],
+            proptest::collection::vec(
+                prop_oneof![
+                    (0x10u64..0x3f).prop_map(|p| p << 12),
+                    0x1_0000u64..0x3_f000,
+                    any::<u64>()
+                ],
+                0..64,
+            ),
+            proptest::option::of((0u32..0x30, any::<u8>())),
+            prop_oneof![3 => Just(0u32), 1 => 1u32..4],
+        )
+            .prop_flat_map(|c| (Just(c), any::<bool>()))
+            .prop_map(|(mut c, end)| {
+                // Mostly end the chain where the program ends.
+                if end {
+                    if let Some(last) = c.0.last_mut() {
+                        last.1 &= !0xc0;
+                    }
+                }
+                c
+            })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(3000))]
+        #[test]
+        fn fast_path_matches_the_general_passes(
+            (ccws, fmt1, idaw, key, idaws, skey, max) in case()
+        ) {
+            let store = IommuStore::new(StoreConfig::default());
+            store.map_dma(0, MEM, Perm::READ_WRITE, Backing::Anonymous).unwrap();
+            let mut list = Vec::new();
+            let midal = idaws.len() % 2 == 1;
+            let mut prev_end: Option<u64> = None;
+            for (i, w) in idaws.iter().enumerate() {
+                if midal {
+                    // Mostly valid MIDAWs: within a page, some last, some skipping, some
+                    // continuing the one before (so that one host IDAL can carry them).
+                    let count = 1 + (w >> 32) % 2048;
+                    let mut data = 0x1_0000 + (w & 0x1_f000) + (w >> 20) % (4096 - count + 1);
+                    if let Some(end) = prev_end.filter(|_| w & 4 != 0) {
+                        data = if end % 4096 + count <= 4096 { end } else { (end + 4095) & !4095 };
+                    }
+                    prev_end = Some(data + count);
+                    let m = Midaw {
+                        reserved: 0,
+                        flags: MidawFlags::from_bits(
+                            (if i % 3 == 2 || w & 1 != 0 { 0x80 } else { 0 })
+                                | (if w & 0x10 != 0 { 0x40 } else { 0 })
+                                | (if w & 0xf00 == 0 { 0x20 } else { 0 }),
+                        ),
+                        count: count as u16,
+                        data,
+                    };
+                    list.extend(m.to_bytes());
+                } else if idaw == 0 {
+                    list.extend((*w as u32).to_be_bytes());
+                } else {
+                    list.extend(w.to_be_bytes());
+                }
+            }
+            store.write(LISTS, &list).unwrap();
+            // A MIDA CCW's count: its MIDAL's total (to the last MIDAW), where there is one.
+            let midal_total = |cda: u32| -> Option<u16> {
+                let at = (cda as u64).checked_sub(LISTS)?;
+                if !midal || at % 16 != 0 {
+                    return None;
+                }
+                let mut sum = 0u64;
+                for m in list.get(at as usize..)?.chunks_exact(16) {
+                    let m = Midaw::from_bytes(m.try_into().unwrap());
+                    sum += m.count as u64;
+                    if m.flags.last() {
+                        return u16::try_from(sum).ok();
+                    }
+                }
+                None
+            };
+            let mut prog = Vec::new();
+            for &(cmd, flags, count, cda) in &ccws {
+                // MIDA CCWs mostly designate one of the first MIDAWs.
+                let cda = if flags & 1 != 0 && cda % 8 != 0 {
+                    LISTS as u32 + (cda % 4) * 16
+                } else {
+                    cda
+                };
+                let count = if flags & 1 != 0 { midal_total(cda).unwrap_or(count) } else { count };
+                if fmt1 {
+                    prog.extend(Ccw1 { cmd, flags: CcwFlags::from_bits(flags), count, cda }.to_bytes());
+                } else {
+                    prog.extend(Ccw0 {
+                        cmd,
+                        cda: cda & 0xff_ffff,
+                        flags: CcwFlags::from_bits(flags),
+                        count,
+                    }.to_bytes());
+                }
+            }
+            store.write(PROG, &prog).unwrap();
+            if let Some((page, k)) = skey {
+                store.set_storage_key((0x10 + page as u64) << 12, k & 0xfe).unwrap();
+            }
+            let ctl = OrbControls::new()
+                .with_format1(fmt1)
+                .with_format2_idaw(idaw != 0)
+                .with_idaw_2k(idaw == 2)
+                .with_key(key)
+                .with_midaw(midal || key == 1)
+                .with_suspend(key % 2 == 1);
+            let orb = Orb { intparm: 7, ctl, cpa: PROG as u32 };
+            let cfg = TranslateConfig {
+                max_segment_ccws: [256, 4, 2, 1][max as usize],
+                ..TranslateConfig::default()
+            };
+            let fast = translate_with(&orb, &store, &cfg, true);
+            let general = translate_with(&orb, &store, &cfg, false);
+            if let Err(e) = same(&fast, &general) {
+                prop_assert!(false, "{}", e);
+            }
+            drop((fast, general));
+            prop_assert_eq!(store.stats().pinned_pages, 0);
+        }
+    }
+
+    /// The fast path does take the common shapes (else the comparison above proves little).
+    #[test]
+    fn common_chains_take_the_fast_path() {
+        let store = IommuStore::new(StoreConfig::default());
+        store
+            .map_dma(0, MEM, Perm::READ_WRITE, Backing::Anonymous)
+            .unwrap();
+        let mut prog = Vec::new();
+        for i in 0..8u32 {
+            let flags = CcwFlags::new().with_cc(i < 7).with_ida(i % 2 == 1);
+            let cda = if i % 2 == 1 {
+                LISTS as u32
+            } else {
+                0x1_0000 + i * 0x1000
+            };
+            prog.extend(
+                Ccw1 {
+                    cmd: 0x02,
+                    flags,
+                    count: 4096,
+                    cda,
+                }
+                .to_bytes(),
+            );
+        }
+        store.write(PROG, &prog).unwrap();
+        store.write(LISTS, &0x2_0000u64.to_be_bytes()).unwrap();
+        let orb = Orb {
+            intparm: 1,
+            ctl: OrbControls::new()
+                .with_format1(true)
+                .with_format2_idaw(true),
+            cpa: PROG as u32,
+        };
+        let cfg = TranslateConfig::default();
+        let chain = walk_simple(&orb, &store.view(), &cfg).expect("simple");
+        assert_eq!(chain.ccws.len(), 8);
+        // The slot after the last CCW holds zeros: a trap a status-modifier skip reaches.
+        assert_eq!(chain.trap, Some(Ccw1::default()));
+        let p = Builder::new(&orb, &store.view(), &cfg, IdawFormat::Format2, 4096)
+            .build_simple(&chain)
+            .expect("built");
+        assert_eq!(p.segments().len(), 1);
+        assert_eq!(p.segments()[0].len, 9);
+        assert_eq!(p.pin_count(), 5);
+        // A MIDAW list one host IDAL carries: the second half of a page and the first half
+        // of the next.
+        let midaws = [(0x2_0800u64, 0u8), (0x2_1000, 0x80)];
+        for (i, (data, flags)) in midaws.into_iter().enumerate() {
+            let m = Midaw {
+                reserved: 0,
+                flags: MidawFlags::from_bits(flags),
+                count: 2048,
+                data,
+            };
+            store
+                .write(LISTS + 0x100 + 16 * i as u64, &m.to_bytes())
+                .unwrap();
+        }
+        let mida = Ccw1 {
+            cmd: 0x02,
+            flags: CcwFlags::new().with_mida(true),
+            count: 4096,
+            cda: LISTS as u32 + 0x100,
+        };
+        store.write(PROG + 7 * 8, &mida.to_bytes()).unwrap();
+        let orb_m = Orb {
+            ctl: orb.ctl.with_midaw(true),
+            ..orb
+        };
+        let chain = walk_simple(&orb_m, &store.view(), &cfg).expect("simple with a MIDAW");
+        let p = Builder::new(&orb_m, &store.view(), &cfg, IdawFormat::Format2, 4096)
+            .build_simple(&chain)
+            .expect("one IDAL carries it");
+        let (_, last) = p.ccws().nth(7).unwrap();
+        assert!(last.flags.ida() && !last.flags.mida());
+        let g = translate_with(&orb_m, &store, &cfg, false).unwrap();
+        assert_eq!((p.image(), p.pages()), (g.image(), g.pages()));
+        let idaws: Vec<u64> = p.idaws().map(|(_, w)| w).collect();
+        assert_eq!(
+            idaws[idaws.len() - 2..],
+            [p.pages()[4].host + 0x800, p.pages()[5].host]
+        );
+        drop((p, g));
+        // A TIC or data chaining leaves it to the general passes.
+        for flags in [0x80u8, 0x04 | 0x80] {
+            let c = Ccw1 {
+                cmd: 0x02,
+                flags: CcwFlags::from_bits(flags),
+                count: 8,
+                cda: 0x1_0000,
+            };
+            store.write(PROG + 8, &c.to_bytes()).unwrap();
+            assert!(
+                walk_simple(&orb, &store.view(), &cfg).is_none(),
+                "flags {flags:#x}"
+            );
+        }
+    }
 }
 
 #[cfg(test)]

@@ -10,7 +10,7 @@ use vm_memory::{GuestAddress, GuestMemoryBackend};
 
 use super::error::StoreError;
 use super::types::PAGE_SIZE;
-use super::IommuStore;
+use super::{IommuStore, Snapshot};
 
 /// Storage-key bit for fetch protection.
 pub const KEY_FETCH_PROTECT: u8 = 0x08;
@@ -41,12 +41,16 @@ impl IommuStore {
     ///
     /// Errors: `iova` not mapped: EINVAL.
     pub fn storage_key(&self, iova: u64) -> Result<u8, StoreError> {
-        let snap = self.snapshot();
-        let r = snap
-            .find_region(GuestAddress(iova))
-            .ok_or(StoreError::NotMapped(iova))?;
-        let sh = &r.0.shared;
-        let idx = (iova - sh.iova) / PAGE_SIZE;
-        Ok(sh.keys.get(idx).map_or(0, |k| k.load(Ordering::Relaxed)))
+        storage_key_in(&self.snapshot(), iova)
     }
+}
+
+/// [`IommuStore::storage_key`] through the snapshot `snap`.
+pub(super) fn storage_key_in(snap: &Snapshot, iova: u64) -> Result<u8, StoreError> {
+    let r = snap
+        .find_region(GuestAddress(iova))
+        .ok_or(StoreError::NotMapped(iova))?;
+    let sh = &r.0.shared;
+    let idx = (iova - sh.iova) / PAGE_SIZE;
+    Ok(sh.keys.get(idx).map_or(0, |k| k.load(Ordering::Relaxed)))
 }

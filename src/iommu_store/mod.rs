@@ -44,6 +44,7 @@ mod region;
 mod rw;
 mod types;
 mod unmap;
+mod view;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
@@ -65,6 +66,7 @@ pub use types::{
 
 use mapping::Table;
 use region::{Backed, Globals, Shared, StoreRegion};
+pub(crate) use view::StoreView;
 
 /// Told when an unmap covers pages it still has pinned; it must drop those pins (the
 /// vfio-ccw driver resets the device and frees its channel program).

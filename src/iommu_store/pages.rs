@@ -90,6 +90,37 @@ impl<T: Default> SparsePages<T> {
         true
     }
 
+    /// Calls `f(first index, entries)` for the pages `first..first + n`, one call per leaf
+    /// (allocating leaves). Returns false, having visited nothing, if the run leaves the table.
+    pub(crate) fn chunks_or_init(&self, first: u64, n: u64, mut f: impl FnMut(u64, &[T])) -> bool {
+        match first.checked_add(n) {
+            Some(end) if end <= self.len => {}
+            _ => return false,
+        }
+        let mut idx = first;
+        let end = first + n;
+        while idx < end {
+            let Some(leaf) = self.leaf_or_init(idx) else {
+                return false;
+            };
+            let start = (idx % LEAF as u64) as usize;
+            let take = ((LEAF - start) as u64).min(end - idx) as usize;
+            f(idx, &leaf[start..start + take]);
+            idx += take as u64;
+        }
+        true
+    }
+
+    /// The entries of pages `first..first + n` when they lie in one allocated leaf; `None` when
+    /// that leaf is not allocated (every entry at its default) or the run is not in one leaf.
+    pub(crate) fn chunk(&self, first: u64, n: usize) -> Option<&[T]> {
+        let start = (first % LEAF as u64) as usize;
+        if first >= self.len || start + n > LEAF {
+            return None;
+        }
+        self.leaf(first).map(|l| &l[start..start + n])
+    }
+
     /// Calls `f` for every allocated entry in `first..first + n` (unallocated ones are at their
     /// default value and skipped).
     pub(crate) fn for_each_present(&self, first: u64, n: u64, mut f: impl FnMut(u64, &T)) {
@@ -134,5 +165,22 @@ mod tests {
             present += s.load(Ordering::Relaxed);
         });
         assert_eq!(present, 4 + 7);
+    }
+
+    #[test]
+    fn chunks_follow_leaves() {
+        let t: SparsePages<AtomicU64> = SparsePages::new(2 * LEAF as u64);
+        assert!(t.chunk(3, 2).is_none(), "leaf not allocated");
+        let mut calls = vec![];
+        assert!(t.chunks_or_init(500, 20, |i, s| {
+            s[0].store(i, Ordering::Relaxed);
+            calls.push((i, s.len()))
+        }));
+        assert_eq!(calls, vec![(500, 12), (512, 8)]);
+        assert_eq!(t.chunk(500, 12).unwrap()[0].load(Ordering::Relaxed), 500);
+        assert_eq!(t.chunk(512, 1).unwrap()[0].load(Ordering::Relaxed), 512);
+        assert!(t.chunk(510, 4).is_none(), "crosses a leaf");
+        assert!(t.chunk(2 * LEAF as u64, 1).is_none(), "past the end");
+        assert!(!t.chunks_or_init(1000, 30, |_, _| panic!("out of range visited")));
     }
 }
