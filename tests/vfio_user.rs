@@ -29,6 +29,20 @@ fn fd_count() -> usize {
     std::fs::read_dir("/proc/self/fd").unwrap().count()
 }
 
+/// What the process's fds point to (for a failing fd check).
+fn fd_list() -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .filter_map(|e| {
+            let e = e.ok()?;
+            let t = std::fs::read_link(e.path()).ok()?;
+            Some(format!("{}->{}", e.file_name().to_string_lossy(), t.display()))
+        })
+        .collect();
+    v.sort();
+    v
+}
+
 /// A region mmap offer: (fd, offset in the fd, areas).
 type MmapOffer = (OwnedFd, u64, Vec<(u64, u64)>);
 
@@ -781,7 +795,12 @@ fn disconnect_mid_stream_releases_everything() {
     assert!(b.maps.lock().unwrap().is_empty());
     assert!(b.irqs.lock().unwrap().is_empty());
     drop(b);
-    assert_eq!(fd_count(), before, "no fd may outlive the connection");
+    assert_eq!(
+        fd_count(),
+        before,
+        "no fd may outlive the connection: {:?}",
+        fd_list()
+    );
 }
 
 /// A one-page memfd holding `fill`, sealed as the service seals its mirror (or with only
@@ -826,14 +845,25 @@ fn commands_run_on_the_reader_until_a_fd_less_map_then_on_the_dispatcher() {
     let mut back = [0u8; 16];
     vm.read(16, &mut back).unwrap();
     assert_eq!(back.to_vec(), (0u8..16).rev().collect::<Vec<_>>());
-    // Unmapped: back on the reader.
+    // Unmapped: back on the reader. The dispatcher counts a command done only after its
+    // reply is sent (order first), so the next command or two may still be queued to it
+    // when the client is quick (qemu-user); soon one is handled by the reader again.
     client.dma_unmap(0, 4096).unwrap();
-    client.region_write(0, 16, &[3]).unwrap();
+    let mut n = 3;
+    loop {
+        client.region_write(0, 16, &[3]).unwrap();
+        n += 1;
+        let last = *b.writers.lock().unwrap().last().unwrap();
+        if last != dispatcher || n > 1000 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
     let w = b.writers.lock().unwrap().clone();
-    assert_eq!(w.len(), 4, "{w:?}");
+    assert_eq!(w.len(), n, "{w:?}");
     assert!(w[0] != dispatcher && w[1] == w[0], "{w:?}");
     assert_eq!(w[2], dispatcher);
-    assert!(w[3] != dispatcher && w[3] == w[0], "{w:?}");
+    assert!(w[n - 1] != dispatcher && w[n - 1] == w[0], "{w:?}");
     client.close();
     h.join().unwrap().unwrap();
 }

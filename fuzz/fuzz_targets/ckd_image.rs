@@ -70,7 +70,7 @@ fuzz_target!(|data: &[u8]| {
         read_only: true,
         sync_writes: false,
     };
-    let img = match CkdImage::from_file(fd, opts) {
+    let mut img = match CkdImage::from_file(fd, opts) {
         Ok(i) => i,
         Err(e) => return check_err(&e),
     };
