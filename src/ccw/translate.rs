@@ -24,13 +24,13 @@
 use std::collections::VecDeque;
 
 use crate::ccw::error::TranslateError as E;
-use crate::ccw::program::{key_allows, HostProgram, Origin, PageRef, ScswMapper, SegmentInfo};
+use crate::ccw::program::{
+    key_allows, HostProgram, Origin, Origins, Pins, ScswMapper, SegmentInfo, Segments,
+};
 use crate::ccw::{
     command, Ccw0, Ccw1, CcwFlags, CommandKind, Idaw, IdawFormat, Midaw, CCW_SIZE, MIDAW_SIZE,
 };
-use crate::iommu_store::{
-    IommuStore, Perm, PinnedPages, StoreError, StoreView, MAX_PIN_PAGES, PAGE_SIZE,
-};
+use crate::iommu_store::{IommuStore, Perm, StoreError, StoreView, MAX_PIN_PAGES, PAGE_SIZE};
 use crate::orb::Orb;
 
 /// Limits of the translation.
@@ -105,7 +105,7 @@ struct HostCcw {
 
 /// A run of guest storage in transfer order: `addr` is the first byte transferred (for read
 /// backward the highest one, bytes going downward).
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Default)]
 struct Piece {
     addr: u64,
     len: u32,
@@ -159,7 +159,7 @@ fn translate_with(
     let guest_fmt = IdawFormat::from_orb(ctl.format2_idaw(), ctl.idaw_2k());
     if let Some(chain) = walk_simple(orb, store, cfg).filter(|_| fast) {
         let uses_2k = guest_fmt.block_size() == 2048 && chain.ccws.iter().any(|c| c.flags.ida());
-        let b = Builder::new(
+        let mut b = Builder::new(
             orb,
             store,
             cfg,
@@ -543,7 +543,7 @@ fn walk(orb: &Orb, store: &StoreView, cfg: &TranslateConfig) -> Result<Vec<Segme
 /// error, goes to the general passes, which then decide (so each rejection is theirs).
 struct SimpleChain {
     /// The certainly reachable CCWs, converted to format 1.
-    ccws: Vec<Ccw1>,
+    ccws: InlineVec<Ccw1, 8>,
     /// The trap slot after the last one, in its host form.
     trap: Option<Ccw1>,
 }
@@ -600,7 +600,7 @@ fn walk_simple(orb: &Orb, store: &StoreView, cfg: &TranslateConfig) -> Option<Si
         at: head,
         len: 0,
     };
-    let mut ccws: Vec<Ccw1> = Vec::with_capacity(max.min(256));
+    let mut ccws: InlineVec<Ccw1, 8> = InlineVec::default();
     let mut no_data_run = 0usize;
     loop {
         let i = ccws.len();
@@ -679,19 +679,17 @@ struct Builder<'a> {
     ccws: Vec<HostCcw>,
     expansions: Vec<HostCcw>,
     /// IDAWs as *guest* addresses until every page is pinned, then host addresses.
-    idaws: Vec<u64>,
-    pins: Vec<PinnedPages>,
+    idaws: InlineVec<u64, 8>,
+    pins: Pins,
     /// Pages the certainly-reachable CCWs need, (guest page, access: 1 fetch, 2 store),
     /// pinned together at the end in as few calls as possible.
     wanted: Vec<(u64, u8)>,
     /// The fast path's pages: runs (first page, last page, access bits) in CCW order.
-    runs: Vec<(u64, u64, u8)>,
-    /// Every page pinned, writable when pinned for input.
-    all_pages: Vec<PageRef>,
+    runs: InlineVec<(u64, u64, u8), 4>,
     /// The pinned pages as extents, in pin order (see [`add_to_extents`]).
-    extents: Vec<(u64, u64, u64)>,
+    extents: Extents,
     /// Reused for each CCW's storage pieces.
-    scratch: Vec<Piece>,
+    scratch: InlineVec<Piece, 4>,
 }
 
 impl<'a> Builder<'a> {
@@ -711,13 +709,12 @@ impl<'a> Builder<'a> {
             host_block,
             ccws: Vec::new(),
             expansions: Vec::new(),
-            idaws: Vec::new(),
-            pins: Vec::new(),
+            idaws: InlineVec::default(),
+            pins: Pins::default(),
             wanted: Vec::new(),
-            runs: Vec::new(),
-            all_pages: Vec::new(),
-            extents: Vec::new(),
-            scratch: Vec::new(),
+            runs: InlineVec::default(),
+            extents: InlineVec::default(),
+            scratch: InlineVec::default(),
         }
     }
 
@@ -726,7 +723,6 @@ impl<'a> Builder<'a> {
         self.ccws.reserve(total);
         self.idaws.reserve(total);
         self.wanted.reserve(total);
-        self.all_pages.reserve(total);
         // Host index of each segment's head: segments are laid out in order.
         let mut heads = Vec::with_capacity(segments.len());
         let mut n = 0;
@@ -761,7 +757,7 @@ impl<'a> Builder<'a> {
 
     /// The fast path: the host program of a [`SimpleChain`], the same bytes, pins and maps
     /// the general passes build for it; `None` (nothing kept pinned) to leave it to them.
-    fn build_simple(mut self, chain: &SimpleChain) -> Option<HostProgram> {
+    fn build_simple(&mut self, chain: &SimpleChain) -> Option<HostProgram> {
         let n = chain.ccws.len();
         let nslots = n + chain.trap.is_some() as usize;
         let base = self.cfg.arena_base;
@@ -787,17 +783,19 @@ impl<'a> Builder<'a> {
             return None;
         }
         image.resize(size, 0);
-        for (dst, w) in image[ccw_bytes..].chunks_exact_mut(8).zip(&self.idaws) {
+        for (dst, w) in image[ccw_bytes..]
+            .chunks_exact_mut(8)
+            .zip(self.idaws.iter())
+        {
             dst.copy_from_slice(&Idaw(*w).to_format2_bytes());
         }
         // Slot i at base + 8i stands for the guest CCW at head + 8i: one run.
-        let origins: std::sync::Arc<[Origin]> = std::sync::Arc::new([Origin {
+        let origins = Origins::One(Origin {
             host: base,
             guest: head as u32,
             residual_extra: 0,
             len: nslots as u32,
-        }]);
-        let pages = unique_pages(self.all_pages);
+        });
         let host_orb = host_orb(self.orb, self.host_block, base);
         Some(HostProgram {
             orb: host_orb,
@@ -805,18 +803,18 @@ impl<'a> Builder<'a> {
             base,
             image,
             ccw_bytes,
-            segments: vec![SegmentInfo {
+            segments: Segments::One(SegmentInfo {
                 guest: head,
                 host: base,
                 len: nslots,
-            }],
+            }),
             mapper: ScswMapper {
                 host_cpa: host_orb.cpa,
                 guest_orb: *self.orb,
                 origins,
             },
-            pages,
-            pins: self.pins,
+            pages: Default::default(),
+            pins: std::mem::take(&mut self.pins),
         })
     }
 
@@ -866,7 +864,7 @@ impl<'a> Builder<'a> {
             // Input the MIDAWs skip: no data moves, nothing is pinned.
             let skip = ok && input && pieces[0].skip;
             if ok && !skip {
-                for p in &pieces {
+                for p in pieces.iter() {
                     self.push_run(p, backward, acc);
                     push_idaws(&mut self.idaws, p, self.host_block, backward);
                 }
@@ -896,7 +894,7 @@ impl<'a> Builder<'a> {
     /// Records the guest pages a piece touches as a run of pages, joined to the last run when
     /// it continues it (or its last page) with the same access (sequential programs make one
     /// run; a page in a run is pinned once, as the page list would pin it).
-    #[inline]
+    #[inline(always)]
     fn push_run(&mut self, p: &Piece, backward: bool, acc: u8) {
         let (lo, hi) = piece_bounds(p, backward);
         let (first, last) = (lo & !(PAGE_SIZE - 1), hi & !(PAGE_SIZE - 1));
@@ -917,13 +915,13 @@ impl<'a> Builder<'a> {
         let runs = std::mem::take(&mut self.runs);
         if !runs.windows(2).all(|w| w[0].1 < w[1].0) {
             let mut pages = Vec::new();
-            for &(first, last, acc) in &runs {
+            for &(first, last, acc) in runs.iter() {
                 let (a, b) = (first >> PAGE_SHIFT, last >> PAGE_SHIFT);
                 pages.extend((a..=b).map(|n| (n << PAGE_SHIFT, acc)));
             }
             return self.pin_pages(pages, 0);
         }
-        for (first, last, acc) in runs {
+        for &(first, last, acc) in runs.iter() {
             let mut page = first;
             let mut left = ((last - first) >> PAGE_SHIFT) + 1;
             while left > 0 {
@@ -948,13 +946,6 @@ impl<'a> Builder<'a> {
             .store
             .pin(first, n, perm)
             .map_err(|e| pin_error(e, first, at))?;
-        self.all_pages
-            .extend(pinned.pages().iter().map(|p| PageRef {
-                host: p.host_addr,
-                iova: p.iova,
-                writable: perm.write,
-                key: p.storage_key,
-            }));
         for p in pinned.pages() {
             add_to_extents(&mut self.extents, p.iova, p.host_addr);
         }
@@ -968,21 +959,26 @@ impl<'a> Builder<'a> {
     fn idaws_to_host(&mut self) -> Result<(), E> {
         // The extents recorded while pinning serve when they are ascending and disjoint
         // (pages pinned in order, each once); else they are rebuilt from the sorted pages.
-        let rebuilt: Vec<(u64, u64, u64)>;
+        let rebuilt: Extents;
         let ext: &[(u64, u64, u64)] = if self.extents.windows(2).all(|w| w[0].1 < w[1].0) {
             &self.extents
         } else {
-            let mut pages = self.all_pages.clone();
-            pages.sort_unstable_by_key(|p| p.iova);
-            let mut v = Vec::new();
-            for p in &pages {
-                add_to_extents(&mut v, p.iova, p.host);
+            let mut pages: Vec<(u64, u64)> = self
+                .pins
+                .iter()
+                .flat_map(|p| p.pages())
+                .map(|p| (p.iova, p.host_addr))
+                .collect();
+            pages.sort_unstable_by_key(|p| p.0);
+            let mut v = Extents::default();
+            for &(iova, host) in &pages {
+                add_to_extents(&mut v, iova, host);
             }
             rebuilt = v;
             &rebuilt
         };
         let mut cur = 0usize;
-        for w in &mut self.idaws {
+        for w in self.idaws.iter_mut() {
             let page = *w & !(PAGE_SIZE - 1);
             let hit = |e: &(u64, u64, u64)| e.0 <= page && page <= e.1;
             if !ext.get(cur).is_some_and(hit) {
@@ -1246,7 +1242,7 @@ impl<'a> Builder<'a> {
     }
 
     /// The guest storage a data CCW designates, in transfer order.
-    fn pieces(&mut self, g: &GuestCcw, backward: bool, pieces: &mut Vec<Piece>) -> Result<(), E> {
+    fn pieces(&mut self, g: &GuestCcw, backward: bool, pieces: &mut Scratch) -> Result<(), E> {
         let c = g.ccw;
         let count = c.count as u64;
         let fmt1 = self.orb.ctl.format1();
@@ -1314,7 +1310,7 @@ impl<'a> Builder<'a> {
         &mut self,
         g: &GuestCcw,
         backward: bool,
-        pieces: &mut Vec<Piece>,
+        pieces: &mut Scratch,
     ) -> Result<(), E> {
         let list = g.ccw.cda as u64;
         if list % MIDAW_SIZE != 0 || list > 0x7fff_ffff {
@@ -1440,7 +1436,6 @@ impl<'a> Builder<'a> {
             expansions,
             idaws,
             pins,
-            all_pages,
             ..
         } = self;
         let nslots = ccws.len();
@@ -1465,15 +1460,14 @@ impl<'a> Builder<'a> {
             };
             dst.copy_from_slice(&c.to_bytes());
         }
-        for (dst, w) in idaw_area.chunks_exact_mut(8).zip(&idaws) {
+        for (dst, w) in idaw_area.chunks_exact_mut(8).zip(idaws.iter()) {
             dst.copy_from_slice(&Idaw(*w).to_format2_bytes());
         }
         let mut runs = Vec::new();
         for (i, h) in ccws.iter().enumerate() {
             Origin::push(&mut runs, ccw_addr(i), h.guest as u32, h.residual_extra);
         }
-        let origins: std::sync::Arc<[Origin]> = runs.into();
-        let pages = unique_pages(all_pages);
+        let origins = Origins::from(runs);
         let host_orb = host_orb(orb, host_block, ccw_addr(heads[0]));
         let seg_info = segments
             .iter()
@@ -1490,13 +1484,13 @@ impl<'a> Builder<'a> {
             base,
             image,
             ccw_bytes,
-            segments: seg_info,
+            segments: Segments::Many(seg_info),
             mapper: ScswMapper {
                 host_cpa: host_orb.cpa,
                 guest_orb: *orb,
                 origins,
             },
-            pages,
+            pages: Default::default(),
             pins,
         })
     }
@@ -1504,8 +1498,8 @@ impl<'a> Builder<'a> {
 
 /// Adds a pinned page to extents (first page, last page, host address of the first): a page
 /// that continues the last extent in both spaces extends it, the same page again is skipped.
-#[inline]
-fn add_to_extents(ext: &mut Vec<(u64, u64, u64)>, iova: u64, host: u64) {
+#[inline(always)]
+fn add_to_extents(ext: &mut Extents, iova: u64, host: u64) {
     if let Some(e) = ext.last_mut() {
         if iova == e.1 {
             return;
@@ -1516,16 +1510,6 @@ fn add_to_extents(ext: &mut Vec<(u64, u64, u64)>, iova: u64, host: u64) {
         }
     }
     ext.push((iova, iova, host));
-}
-
-/// One entry per page, sorted by host address; writable if any CCW pinned it for input.
-/// Pages pinned in ascending runs of one mapping are already in order, with no repeats.
-fn unique_pages(mut pages: Vec<PageRef>) -> Vec<PageRef> {
-    if !pages.windows(2).all(|w| w[0].host < w[1].host) {
-        pages.sort_unstable_by_key(|p| (p.host, !p.writable));
-        pages.dedup_by_key(|p| p.host);
-    }
-    pages
 }
 
 /// The ORB that starts the host program at `cpa`: format 1, format-2 IDAWs of
@@ -1643,8 +1627,8 @@ fn piece_bounds(p: &Piece, backward: bool) -> (u64, u64) {
 /// Appends one IDAW per `bs`-byte block (a power of two) the piece touches: the first byte
 /// transferred in that block (the piece's first byte, then each block's first byte, or its
 /// last byte going backward), as guest addresses.
-#[inline]
-fn push_idaws(out: &mut Vec<u64>, p: &Piece, bs: u64, backward: bool) {
+#[inline(always)]
+fn push_idaws<const N: usize>(out: &mut InlineVec<u64, N>, p: &Piece, bs: u64, backward: bool) {
     let (lo, hi) = piece_bounds(p, backward);
     let shift = bs.trailing_zeros();
     let (first, last) = (lo >> shift, hi >> shift);
@@ -1695,6 +1679,107 @@ fn split_runs(pieces: &[Piece], bs: u64, backward: bool, input: bool) -> Vec<(bo
     runs
 }
 
+/// Extents of pinned pages: (first page, last page, host address of the first).
+type Extents = InlineVec<(u64, u64, u64), 4>;
+
+/// A CCW's storage pieces.
+type Scratch = InlineVec<Piece, 4>;
+
+/// A list whose first `N` elements live inline: the few pages, runs and IDAWs of a small
+/// program cost no allocation. Past `N` every element moves to the heap.
+#[derive(Clone)]
+struct InlineVec<T: Copy + Default, const N: usize> {
+    /// Elements inline (only while `heap` is empty).
+    len: usize,
+    inline: [T; N],
+    heap: Vec<T>,
+}
+
+impl<T: Copy + Default, const N: usize> Default for InlineVec<T, N> {
+    fn default() -> Self {
+        InlineVec {
+            len: 0,
+            inline: [T::default(); N],
+            heap: Vec::new(),
+        }
+    }
+}
+
+impl<T: Copy + Default, const N: usize> InlineVec<T, N> {
+    #[inline]
+    fn push(&mut self, v: T) {
+        if self.heap.capacity() != 0 {
+            self.heap.push(v);
+        } else if self.len < N {
+            self.inline[self.len] = v;
+            self.len += 1;
+        } else {
+            self.spill(1);
+            self.heap.push(v);
+        }
+    }
+
+    /// Moves the inline elements to the heap with room for `more`.
+    #[cold]
+    fn spill(&mut self, more: usize) {
+        if self.heap.capacity() == 0 {
+            self.heap.reserve((2 * N).max(self.len + more));
+            self.heap.extend_from_slice(&self.inline[..self.len]);
+            self.len = 0;
+        } else {
+            self.heap.reserve(more);
+        }
+    }
+
+    /// Room for `more` elements without reallocating.
+    #[inline]
+    fn reserve(&mut self, more: usize) {
+        if self.heap.capacity() != 0 || self.len + more > N {
+            self.spill(more);
+        }
+    }
+
+    #[inline]
+    fn extend(&mut self, it: impl IntoIterator<Item = T>) {
+        let mut it = it.into_iter();
+        while self.heap.capacity() == 0 {
+            match it.next() {
+                Some(v) => self.push(v),
+                None => return,
+            }
+        }
+        self.heap.extend(it);
+    }
+
+    fn clear(&mut self) {
+        self.len = 0;
+        self.heap.clear();
+    }
+}
+
+impl<T: Copy + Default, const N: usize> std::ops::Deref for InlineVec<T, N> {
+    type Target = [T];
+    #[inline]
+    fn deref(&self) -> &[T] {
+        if self.heap.capacity() == 0 {
+            &self.inline[..self.len]
+        } else {
+            &self.heap
+        }
+    }
+}
+
+impl<T: Copy + Default, const N: usize> std::ops::DerefMut for InlineVec<T, N> {
+    #[inline]
+    fn deref_mut(&mut self) -> &mut [T] {
+        if self.heap.capacity() == 0 {
+            &mut self.inline[..self.len]
+        } else {
+            &mut self.heap
+        }
+    }
+}
+
 /// The fast path against the general passes: for programs of every shape (most of them
 /// simple), the same result, byte for byte, or the same error.
 #[cfg(test)]
@@ -1718,10 +1803,10 @@ mod fast_path {
                     && x.base == y.base
                     && x.image == y.image
                     && x.ccw_bytes == y.ccw_bytes
-                    && x.segments == y.segments
-                    && x.pages == y.pages
+                    && x.segments() == y.segments()
+                    && x.pages() == y.pages()
                     && x.mapper.host_cpa == y.mapper.host_cpa
-                    && x.mapper.origins == y.mapper.origins
+                    && x.mapper.origins.as_slice() == y.mapper.origins.as_slice()
                     && x.pin_count() == y.pin_count();
                 if ok {
                     Ok(())
