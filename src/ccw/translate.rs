@@ -233,6 +233,9 @@ fn fetch(store: &StoreView, addr: u64, buf: &mut [u8], key: u8) -> Result<(), E>
 /// Bytes of list storage (IDAWs, MIDAWs) fetched at once, at most to the end of the page.
 const LIST_CHUNK: usize = 512;
 
+/// Bytes of list storage the first fetch of a translation takes.
+const LIST_FIRST: usize = 64;
+
 /// The last stretch of guest list storage fetched: IDALs and MIDALs of consecutive CCWs
 /// usually sit together, so one store read serves many of them.
 ///
@@ -290,7 +293,14 @@ impl ListCache {
             // Not a list entry's shape: fetch it alone.
             return fetch(store, addr, out, key);
         }
-        let len = to_page_end.min(LIST_CHUNK);
+        // A first fetch takes a small stretch (a small program has a few entries); later
+        // ones the whole chunk.
+        let chunk = if self.at == 0 && self.len == 0 {
+            LIST_FIRST
+        } else {
+            LIST_CHUNK
+        };
+        let len = to_page_end.min(chunk);
         self.len = 0;
         fetch(store, addr, &mut self.buf[..len], key)?;
         self.at = addr;
@@ -552,6 +562,9 @@ struct SimpleChain {
 /// the page), which fails exactly as often, with the same error (one page either way).
 const READ_AHEAD: usize = 64;
 
+/// CCWs the fast path's first fetch takes.
+const FIRST_AHEAD: usize = 8;
+
 /// CCWs fetched ahead, in one page, at most to the segment limit.
 struct CcwReader {
     raw: [u8; READ_AHEAD * CCW_SIZE as usize],
@@ -577,7 +590,9 @@ impl CcwReader {
     fn refill(&mut self, store: &StoreView, addr: u64, left: usize, orb: &Orb) -> Result<(), E> {
         check_ccw_address(addr, orb.ctl.format1())?;
         let in_page = ((PAGE_SIZE - (addr % PAGE_SIZE)) / CCW_SIZE) as usize;
-        let n = in_page.min(left).clamp(1, READ_AHEAD) * CCW_SIZE as usize;
+        // The first fetch takes a few CCWs (most programs are short), later ones more.
+        let ahead = if self.len == 0 { FIRST_AHEAD } else { READ_AHEAD };
+        let n = in_page.min(left).clamp(1, ahead) * CCW_SIZE as usize;
         self.len = 0;
         fetch(store, addr, &mut self.raw[..n], orb.ctl.key())?;
         self.at = addr;
