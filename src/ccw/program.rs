@@ -192,9 +192,9 @@ impl Pins {
     }
 }
 
-/// Pages at most which [`HostProgram`] looks up by scanning its pins instead of building the
+/// Pinned runs at most which [`HostProgram`] looks up by scanning instead of building the
 /// sorted page list.
-const SCAN_PAGES: usize = 8;
+const SCAN_RUNS: usize = 16;
 
 /// A chain segment of the host program and the guest segment it was copied from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -289,7 +289,7 @@ impl HostProgram {
 
     /// Number of page pins held (a page pinned by two CCWs counts twice).
     pub fn pin_count(&self) -> usize {
-        self.pins.iter().map(|p| p.pages().len()).sum()
+        self.pins.iter().map(|p| p.len()).sum()
     }
 
     /// The guest address a host data address stands for, if it is in a pinned page.
@@ -312,20 +312,29 @@ impl HostProgram {
         self.mapper.clone()
     }
 
+    fn pin_runs(&self) -> usize {
+        self.pins.iter().map(|p| p.runs().count()).sum()
+    }
+
     fn page_of(&self, host: u64) -> Option<PageRef> {
-        if self.pages.get().is_none() && self.pin_count() <= SCAN_PAGES {
-            // A few pages: scan the pins rather than build the list. The page as the list
+        if self.pages.get().is_none() && self.pin_runs() <= SCAN_RUNS {
+            // A few runs: scan them rather than build the page list. The page as the list
             // would hold it: writable if any pin of it is.
             let mut found: Option<PageRef> = None;
-            for p in self.pins.iter().flat_map(|p| p.pages()) {
-                if host.wrapping_sub(p.host_addr) < PAGE_SIZE && !found.is_some_and(|f| f.writable)
-                {
-                    found = Some(PageRef {
-                        host: p.host_addr,
-                        iova: p.iova,
-                        writable: p.writable,
-                        key: p.storage_key,
-                    });
+            for pin in self.pins.iter() {
+                let mut i = 0usize;
+                for (iova, h, n, write) in pin.runs() {
+                    let off = host.wrapping_sub(h);
+                    if off < n * PAGE_SIZE && !found.is_some_and(|f| f.writable) {
+                        let k = off / PAGE_SIZE;
+                        found = Some(PageRef {
+                            host: h + k * PAGE_SIZE,
+                            iova: iova + k * PAGE_SIZE,
+                            writable: write,
+                            key: pin.key(i + k as usize),
+                        });
+                    }
+                    i += n as usize;
                 }
             }
             return found;

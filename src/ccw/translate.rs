@@ -591,7 +591,11 @@ impl CcwReader {
         check_ccw_address(addr, orb.ctl.format1())?;
         let in_page = ((PAGE_SIZE - (addr % PAGE_SIZE)) / CCW_SIZE) as usize;
         // The first fetch takes a few CCWs (most programs are short), later ones more.
-        let ahead = if self.len == 0 { FIRST_AHEAD } else { READ_AHEAD };
+        let ahead = if self.len == 0 {
+            FIRST_AHEAD
+        } else {
+            READ_AHEAD
+        };
         let n = in_page.min(left).clamp(1, ahead) * CCW_SIZE as usize;
         self.len = 0;
         fetch(store, addr, &mut self.raw[..n], orb.ctl.key())?;
@@ -703,8 +707,6 @@ struct Builder<'a> {
     runs: InlineVec<(u64, u64, u8), 4>,
     /// The pinned pages as extents, in pin order (see [`add_to_extents`]).
     extents: Extents,
-    /// Reused for each CCW's storage pieces.
-    scratch: InlineVec<Piece, 4>,
 }
 
 impl<'a> Builder<'a> {
@@ -729,7 +731,6 @@ impl<'a> Builder<'a> {
             wanted: Vec::new(),
             runs: InlineVec::default(),
             extents: InlineVec::default(),
-            scratch: InlineVec::default(),
         }
     }
 
@@ -870,8 +871,8 @@ impl<'a> Builder<'a> {
                 trap: false,
                 unfetched: false,
             };
-            let mut pieces = std::mem::take(&mut self.scratch);
-            pieces.clear();
+            // (Fresh inline storage: cheaper than moving a kept one in and out.)
+            let mut pieces = Scratch::default();
             // One run unless the list's blocks do not join (or skip flags differ): then the
             // general passes expand it.
             let ok = self.pieces(&g, backward, &mut pieces).is_ok()
@@ -884,7 +885,6 @@ impl<'a> Builder<'a> {
                     push_idaws(&mut self.idaws, p, self.host_block, backward);
                 }
             }
-            self.scratch = pieces;
             if !ok {
                 return None;
             }
@@ -961,8 +961,8 @@ impl<'a> Builder<'a> {
             .store
             .pin(first, n, perm)
             .map_err(|e| pin_error(e, first, at))?;
-        for p in pinned.pages() {
-            add_to_extents(&mut self.extents, p.iova, p.host_addr);
+        for (iova, host, n, _) in pinned.runs() {
+            add_run_to_extents(&mut self.extents, iova, host, n);
         }
         self.pins.push(pinned);
         Ok(())
@@ -1093,13 +1093,9 @@ impl<'a> Builder<'a> {
                 residual_extra: 0,
             });
         }
-        let mut pieces = std::mem::take(&mut self.scratch);
-        pieces.clear();
-        let r = self.pieces(g, backward, &mut pieces).and_then(|()| {
-            self.describe(g, c, flags, &pieces, backward, input, slot, seg_end, total)
-        });
-        self.scratch = pieces;
-        r
+        let mut pieces = Scratch::default();
+        self.pieces(g, backward, &mut pieces)?;
+        self.describe(g, c, flags, &pieces, backward, input, slot, seg_end, total)
     }
 
     /// The host CCW(s) for a data CCW whose storage is `pieces`.
@@ -1511,6 +1507,21 @@ impl<'a> Builder<'a> {
     }
 }
 
+/// Adds a run of `n` pinned pages (contiguous in both spaces) to extents: the run extends the
+/// last extent when it continues it in both spaces, else starts one (a repeated page then
+/// leaves the extents unordered, and [`Builder::idaws_to_host`] rebuilds them).
+#[inline(always)]
+fn add_run_to_extents(ext: &mut Extents, iova: u64, host: u64, n: u64) {
+    let last = iova + (n - 1) * PAGE_SIZE;
+    if let Some(e) = ext.last_mut() {
+        if iova > e.1 && iova - e.1 == PAGE_SIZE && host.wrapping_sub(e.2) == iova - e.0 {
+            e.1 = last;
+            return;
+        }
+    }
+    ext.push((iova, last, host));
+}
+
 /// Adds a pinned page to extents (first page, last page, host address of the first): a page
 /// that continues the last extent in both spaces extends it, the same page again is skipped.
 #[inline(always)]
@@ -1764,11 +1775,6 @@ impl<T: Copy + Default, const N: usize> InlineVec<T, N> {
             }
         }
         self.heap.extend(it);
-    }
-
-    fn clear(&mut self) {
-        self.len = 0;
-        self.heap.clear();
     }
 }
 
