@@ -782,15 +782,14 @@ impl<'a> Builder<'a> {
         let idaw_base = base.wrapping_add(ccw_bytes as u32);
         // Room for the IDAWs too (typically one or two a CCW): no copy when they are added.
         let mut image = Vec::with_capacity(ccw_bytes + 2 * n * 8);
-        image.resize(ccw_bytes, 0);
         self.idaws.reserve(n);
-        let mut slots = image.chunks_exact_mut(CCW_SIZE as usize);
-        for (i, (c, dst)) in chain.ccws.iter().zip(&mut slots).enumerate() {
+        // Appended, not zeroed and then overwritten.
+        for (i, c) in chain.ccws.iter().enumerate() {
             let h = self.simple_ccw(head + CCW_SIZE * i as u64, c, idaw_base)?;
-            dst.copy_from_slice(&h.to_bytes());
+            image.extend_from_slice(&h.to_bytes());
         }
-        if let (Some(t), Some(dst)) = (&chain.trap, slots.next()) {
-            dst.copy_from_slice(&t.to_bytes());
+        if let Some(t) = &chain.trap {
+            image.extend_from_slice(&t.to_bytes());
         }
         self.pin_runs().ok()?;
         self.idaws_to_host().ok()?;
@@ -798,12 +797,9 @@ impl<'a> Builder<'a> {
         if size as u64 > self.cfg.arena_size as u64 {
             return None;
         }
-        image.resize(size, 0);
-        for (dst, w) in image[ccw_bytes..]
-            .chunks_exact_mut(8)
-            .zip(self.idaws.iter())
-        {
-            dst.copy_from_slice(&Idaw(*w).to_format2_bytes());
+        image.reserve_exact(size - ccw_bytes);
+        for w in self.idaws.iter() {
+            image.extend_from_slice(&Idaw(*w).to_format2_bytes());
         }
         // Slot i at base + 8i stands for the guest CCW at head + 8i: one run.
         let origins = Origins::One(Origin {
@@ -2490,5 +2486,91 @@ mod fuzz_regressions {
                 "flags {flags:#x}"
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod small_storage {
+    use super::*;
+    use crate::css::ChannelMemory;
+    use crate::iommu_store::{Backing, StoreConfig};
+    use crate::orb::OrbControls;
+
+    /// Inline elements, then a spill to the heap keeping order; reserve past `N` spills too.
+    #[test]
+    fn inline_vec_spills_in_order() {
+        let mut v: InlineVec<u64, 2> = InlineVec::default();
+        assert!(v.is_empty());
+        v.push(1);
+        v.push(2);
+        assert_eq!(v.heap.capacity(), 0, "two fit inline");
+        v.push(3);
+        v.extend([4, 5]);
+        assert!(v.heap.capacity() >= 5, "spilled");
+        assert_eq!(&v[..], &[1, 2, 3, 4, 5]);
+        v[0] = 9;
+        assert_eq!(v.first(), Some(&9));
+        let mut w: InlineVec<u64, 2> = InlineVec::default();
+        w.push(7);
+        w.reserve(4);
+        assert!(w.heap.capacity() >= 5);
+        w.extend([8]);
+        assert_eq!(&w[..], &[7, 8]);
+    }
+
+    /// A page two CCWs use, for output then for input (pinned once, for both): the
+    /// program's accesses (which scan the pinned runs) and its page list (built on request)
+    /// agree: one page, writable.
+    #[test]
+    fn page_lookups_before_and_after_the_page_list() {
+        let store = IommuStore::new(StoreConfig::default());
+        store
+            .map_dma(0x1000, 0x8000, Perm::READ_WRITE, Backing::Anonymous)
+            .unwrap();
+        let ccw = |cmd, cc: bool, count, cda: u32| Ccw1 {
+            cmd,
+            flags: CcwFlags::new().with_cc(cc),
+            count,
+            cda,
+        };
+        // WRITE 16 bytes from 0x3000, READ 16 bytes into 0x3010, then an invalid slot.
+        let prog = [ccw(0x01, true, 16, 0x3000), ccw(0x02, false, 16, 0x3010)];
+        for (i, c) in prog.iter().enumerate() {
+            store.write(0x2000 + 8 * i as u64, &c.to_bytes()).unwrap();
+        }
+        store.write(0x3000, &[0x5a; 16]).unwrap();
+        let orb = Orb {
+            intparm: 0,
+            ctl: OrbControls::new().with_format1(true),
+            cpa: 0x2000,
+        };
+        let p = translate(&orb, &store, &TranslateConfig::default()).unwrap();
+        assert_eq!(p.pin_count(), 1, "pinned once for both accesses");
+        assert!(p.pages.get().is_none(), "no page list yet");
+        let host = p.idaws().next().unwrap().1;
+        let mut b = [0u8; 16];
+        p.read(host, &mut b, 0).unwrap();
+        assert_eq!(b, [0x5a; 16]);
+        p.write(host + 0x10, &[1; 4], 0).unwrap();
+        assert_eq!(p.host_to_guest(host + 0x10), Some(0x3010));
+        assert_eq!(
+            p.read(host + 0x1000, &mut b, 0),
+            Err(crate::css::AccessFault::Addressing(host + 0x1000))
+        );
+        assert!(p.pages.get().is_none(), "scanned, not listed");
+        let pages = p.pages();
+        assert_eq!(pages.len(), 1);
+        assert_eq!(
+            (pages[0].iova, pages[0].host, pages[0].writable),
+            (0x3000, host, true)
+        );
+        // The same answers through the list.
+        p.write(host + 0x10, &[2; 4], 0).unwrap();
+        assert_eq!(p.host_to_guest(host + 0x10), Some(0x3010));
+        drop(p);
+        let mut g = [0u8; 4];
+        store.read(0x3010, &mut g).unwrap();
+        assert_eq!(g, [2; 4]);
+        assert_eq!(store.stats().pinned_pages, 0);
     }
 }

@@ -286,3 +286,48 @@ pub(super) fn try_pin(
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::iommu_store::{Backing, IommuStore, Perm, StoreConfig, PAGE_SIZE};
+
+    /// Pages are kept as runs and listed on request, with the storage keys as they were at
+    /// pin time (a later key change does not show), and one run per mapping.
+    #[test]
+    fn runs_list_pages_with_keys_at_pin_time() {
+        let store = IommuStore::new(StoreConfig::default());
+        store
+            .map_dma(0x10000, 0x2000, Perm::READ_WRITE, Backing::Anonymous)
+            .unwrap();
+        store
+            .map_dma(0x12000, 0x2000, Perm::READ_WRITE, Backing::Anonymous)
+            .unwrap();
+        // Keys only in the second mapping: the first one's pages are listed with key 0.
+        store.set_storage_key(0x13000, 0x30).unwrap();
+        let p = store.pin(0x11000, 3, Perm::WRITE).unwrap();
+        assert_eq!(p.len(), 3);
+        store.set_storage_key(0x13000, 0x50).unwrap();
+        store.set_storage_key(0x11000, 0x60).unwrap();
+        let runs: Vec<_> = p.runs().map(|(iova, _, n, w)| (iova, n, w)).collect();
+        assert_eq!(runs, [(0x11000, 1, true), (0x12000, 2, true)]);
+        let pages = p.pages();
+        let got: Vec<_> = pages
+            .iter()
+            .map(|q| (q.iova, q.storage_key, q.writable))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (0x11000, 0, true),
+                (0x12000, 0, true),
+                (0x13000, 0x30, true)
+            ]
+        );
+        let (_, host, _, _) = p.runs().nth(1).unwrap();
+        assert_eq!(pages[2].host_addr, host + PAGE_SIZE);
+        assert_eq!((p.key(0), p.key(2), p.key(3)), (0, 0x30, 0));
+        assert_eq!(store.stats().pinned_pages, 3);
+        drop(p);
+        assert_eq!(store.stats().pinned_pages, 0);
+    }
+}
