@@ -7,7 +7,7 @@
 
 use std::sync::Arc;
 
-use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use criterion::{criterion_group, BenchmarkId, Criterion, Throughput};
 use vccw::ccw::{translate, Ccw1, CcwFlags, Midaw, MidawFlags, TranslateConfig};
 use vccw::iommu_store::{Backing, IommuStore, Perm, StoreConfig, StoreMmapRegion};
 use vccw::orb::{Orb, OrbControls};
@@ -145,5 +145,96 @@ fn mappings(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, chains, mappings);
-criterion_main!(benches);
+/// The small programs end-to-end paths issue, where the per-program fixed cost dominates.
+#[derive(Clone, Copy, Debug)]
+enum Small {
+    /// Linux dasd_eckd's 4 KiB read: Define Extent (16 bytes), Locate Record (16 bytes),
+    /// Read Data MT (4096 bytes through a one-IDAW format-2 IDAL), command-chained.
+    DasdRead4k,
+    /// SENSE ID (7 bytes), then an 8-byte read, direct addresses, command-chained.
+    SenseIdRead,
+}
+
+const SMALL_PROG: u64 = 0x3000;
+const SMALL_DATA: u64 = 0x40_0000;
+
+fn small_program(s: &IommuStore, which: Small) -> Orb {
+    let ccw = |cmd: u8, cc: bool, count: u16, cda: u64| Ccw1 {
+        cmd,
+        flags: CcwFlags::new().with_cc(cc),
+        count,
+        cda: cda as u32,
+    };
+    let ccws = match which {
+        Small::DasdRead4k => {
+            let list = LISTS + 0x8000;
+            let data = SMALL_DATA + 0x1000;
+            s.write(list, &data.to_be_bytes()).unwrap();
+            let mut rd = ccw(0x86, false, 4096, list);
+            rd.flags = rd.flags.with_ida(true);
+            vec![
+                ccw(0x63, true, 16, SMALL_DATA),
+                ccw(0x47, true, 16, SMALL_DATA + 16),
+                rd,
+            ]
+        }
+        Small::SenseIdRead => vec![
+            ccw(0xe4, true, 7, SMALL_DATA),
+            ccw(0x02, false, 8, SMALL_DATA + 0x100),
+        ],
+    };
+    for (i, c) in ccws.iter().enumerate() {
+        s.write(SMALL_PROG + 8 * i as u64, &c.to_bytes()).unwrap();
+    }
+    // An invalid CCW after the last (a status-modifier skip could reach it).
+    s.write(SMALL_PROG + 8 * ccws.len() as u64, &[0; 8])
+        .unwrap();
+    Orb {
+        intparm: 1,
+        ctl: OrbControls::new()
+            .with_format1(true)
+            .with_format2_idaw(true),
+        cpa: SMALL_PROG as u32,
+    }
+}
+
+fn small(c: &mut Criterion) {
+    let cfg = TranslateConfig::default();
+    let s = store(1);
+    let mut g = c.benchmark_group("translate-small");
+    for which in [Small::DasdRead4k, Small::SenseIdRead] {
+        let orb = small_program(&s, which);
+        g.bench_function(format!("{which:?}"), |b| {
+            b.iter(|| translate(&orb, &s, &cfg).unwrap())
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, chains, mappings, small);
+
+/// `TRANSLATE_LOOP=<case>:<n>` runs `n` translations (and drops) of one case and exits, for
+/// instruction counts: `valgrind --tool=callgrind` of `n` minus that of 0 iterations, over
+/// `n`. Cases: `dasd` (the 3-CCW DASD read), `senseid` (the 2-CCW program), `direct256`.
+fn main() {
+    if let Ok(spec) = std::env::var("TRANSLATE_LOOP") {
+        let (case, n) = spec.split_once(':').expect("TRANSLATE_LOOP=<case>:<n>");
+        let n: usize = n.parse().expect("iteration count");
+        let cfg = TranslateConfig::default();
+        let s = store(1);
+        let orb = match case {
+            "dasd" => small_program(&s, Small::DasdRead4k),
+            "senseid" => small_program(&s, Small::SenseIdRead),
+            "direct256" => program(&s, Kind::Direct, 256),
+            "idal256" => program(&s, Kind::Idal, 256),
+            "midaw256" => program(&s, Kind::Midaw, 256),
+            other => panic!("unknown case {other}"),
+        };
+        for _ in 0..n {
+            std::hint::black_box(translate(std::hint::black_box(&orb), &s, &cfg).unwrap());
+        }
+        return;
+    }
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+}

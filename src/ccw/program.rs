@@ -2,6 +2,7 @@
 //! pages in place, and the map back to guest addresses.
 
 use std::fmt;
+use std::sync::{Arc, OnceLock};
 
 use crate::ccw::{Ccw1, CCW_SIZE};
 use crate::css::{AccessFault, ChannelMemory};
@@ -67,7 +68,33 @@ impl Origin {
 pub struct ScswMapper {
     pub(crate) host_cpa: u32,
     pub(crate) guest_orb: Orb,
-    pub(crate) origins: std::sync::Arc<[Origin]>,
+    pub(crate) origins: Origins,
+}
+
+/// The origin runs of a program: one run inline (every fast-path program: no allocation),
+/// else shared so a clone stays cheap.
+#[derive(Debug, Clone)]
+pub(crate) enum Origins {
+    One(Origin),
+    Many(Arc<[Origin]>),
+}
+
+impl Origins {
+    pub(crate) fn as_slice(&self) -> &[Origin] {
+        match self {
+            Origins::One(o) => std::slice::from_ref(o),
+            Origins::Many(v) => v,
+        }
+    }
+}
+
+impl From<Vec<Origin>> for Origins {
+    fn from(v: Vec<Origin>) -> Self {
+        match v.as_slice() {
+            [o] => Origins::One(*o),
+            _ => Origins::Many(v.into()),
+        }
+    }
 }
 
 impl ScswMapper {
@@ -96,8 +123,9 @@ impl ScswMapper {
 
     /// The origin of the host CCW at `host` (a run of one), if `host` is one.
     fn origin(&self, host: u32) -> Option<Origin> {
-        let i = self.origins.partition_point(|o| o.host <= host);
-        let r = self.origins.get(i.checked_sub(1)?)?;
+        let origins = self.origins.as_slice();
+        let i = origins.partition_point(|o| o.host <= host);
+        let r = origins.get(i.checked_sub(1)?)?;
         let off = host - r.host;
         (off % CCW_SIZE as u32 == 0 && off / (CCW_SIZE as u32) < r.len).then_some(Origin {
             host,
@@ -117,11 +145,56 @@ pub struct HostProgram {
     pub(crate) base: u32,
     pub(crate) image: Vec<u8>,
     pub(crate) ccw_bytes: usize,
-    pub(crate) segments: Vec<SegmentInfo>,
+    pub(crate) segments: Segments,
     pub(crate) mapper: ScswMapper,
-    pub(crate) pages: Vec<PageRef>,
-    pub(crate) pins: Vec<PinnedPages>,
+    /// The pinned pages as a sorted list, built on first request (see [`HostProgram::pages`]).
+    pub(crate) pages: OnceLock<Vec<PageRef>>,
+    pub(crate) pins: Pins,
 }
+
+/// The segments of a program: one inline (no allocation), else a list.
+#[derive(Debug, Clone)]
+pub(crate) enum Segments {
+    One(SegmentInfo),
+    Many(Vec<SegmentInfo>),
+}
+
+impl Segments {
+    fn as_slice(&self) -> &[SegmentInfo] {
+        match self {
+            Segments::One(s) => std::slice::from_ref(s),
+            Segments::Many(v) => v,
+        }
+    }
+}
+
+/// Pins held by a program, in pin order: the first few inline (small programs allocate
+/// nothing for them), the rest in a list.
+#[derive(Default)]
+pub(crate) struct Pins {
+    inline: [Option<PinnedPages>; PINS_INLINE],
+    rest: Vec<PinnedPages>,
+}
+
+/// Pins kept inline: a DASD read pins its control data and its data page separately.
+const PINS_INLINE: usize = 2;
+
+impl Pins {
+    pub(crate) fn push(&mut self, p: PinnedPages) {
+        match self.inline.iter_mut().find(|s| s.is_none()) {
+            Some(slot) => *slot = Some(p),
+            None => self.rest.push(p),
+        }
+    }
+
+    pub(crate) fn iter(&self) -> impl Iterator<Item = &PinnedPages> {
+        self.inline.iter().flatten().chain(&self.rest)
+    }
+}
+
+/// Pinned runs at most which [`HostProgram`] looks up by scanning instead of building the
+/// sorted page list.
+const SCAN_RUNS: usize = 16;
 
 /// A chain segment of the host program and the guest segment it was copied from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -157,7 +230,7 @@ impl HostProgram {
 
     /// The chain segments, in the order they were found.
     pub fn segments(&self) -> &[SegmentInfo] {
-        &self.segments
+        self.segments.as_slice()
     }
 
     /// Every host CCW with its channel address.
@@ -192,12 +265,31 @@ impl HostProgram {
 
     /// The pages pinned for this program, sorted by host address.
     pub fn pages(&self) -> &[PageRef] {
-        &self.pages
+        self.pages.get_or_init(|| {
+            let mut v: Vec<PageRef> = self
+                .pins
+                .iter()
+                .flat_map(|p| p.pages())
+                .map(|p| PageRef {
+                    host: p.host_addr,
+                    iova: p.iova,
+                    writable: p.writable,
+                    key: p.storage_key,
+                })
+                .collect();
+            // One entry per page, sorted by host address; writable if any CCW pinned it for
+            // input. Pages pinned in ascending runs of one mapping are already in order.
+            if !v.windows(2).all(|w| w[0].host < w[1].host) {
+                v.sort_unstable_by_key(|p| (p.host, !p.writable));
+                v.dedup_by_key(|p| p.host);
+            }
+            v
+        })
     }
 
     /// Number of page pins held (a page pinned by two CCWs counts twice).
     pub fn pin_count(&self) -> usize {
-        self.pins.iter().map(|p| p.pages().len()).sum()
+        self.pins.iter().map(|p| p.len()).sum()
     }
 
     /// The guest address a host data address stands for, if it is in a pinned page.
@@ -220,10 +312,37 @@ impl HostProgram {
         self.mapper.clone()
     }
 
-    fn page_of(&self, host: u64) -> Option<&PageRef> {
-        let i = self.pages.partition_point(|p| p.host <= host);
-        let p = self.pages.get(i.checked_sub(1)?)?;
-        (host - p.host < PAGE_SIZE).then_some(p)
+    fn pin_runs(&self) -> usize {
+        self.pins.iter().map(|p| p.runs().count()).sum()
+    }
+
+    fn page_of(&self, host: u64) -> Option<PageRef> {
+        if self.pages.get().is_none() && self.pin_runs() <= SCAN_RUNS {
+            // A few runs: scan them rather than build the page list. The page as the list
+            // would hold it: writable if any pin of it is.
+            let mut found: Option<PageRef> = None;
+            for pin in self.pins.iter() {
+                let mut i = 0usize;
+                for (iova, h, n, write) in pin.runs() {
+                    let off = host.wrapping_sub(h);
+                    if off < n * PAGE_SIZE && !found.is_some_and(|f| f.writable) {
+                        let k = off / PAGE_SIZE;
+                        found = Some(PageRef {
+                            host: h + k * PAGE_SIZE,
+                            iova: iova + k * PAGE_SIZE,
+                            writable: write,
+                            key: pin.key(i + k as usize),
+                        });
+                    }
+                    i += n as usize;
+                }
+            }
+            return found;
+        }
+        let pages = self.pages();
+        let i = pages.partition_point(|p| p.host <= host);
+        let p = pages.get(i.checked_sub(1)?)?;
+        (host - p.host < PAGE_SIZE).then_some(*p)
     }
 
     /// Resolves `[addr, addr + len)` to pieces of pinned pages, checking access and key.
@@ -290,7 +409,7 @@ impl fmt::Debug for HostProgram {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("HostProgram")
             .field("orb", &self.orb)
-            .field("segments", &self.segments)
+            .field("segments", &self.segments())
             .field("ccws", &(self.ccw_bytes / CCW_SIZE as usize))
             .field("pins", &self.pin_count())
             .finish()
@@ -311,7 +430,7 @@ impl fmt::Display for HostProgram {
             o.ctl.key(),
             o.ctl.lpm()
         )?;
-        for s in &self.segments {
+        for s in self.segments() {
             writeln!(
                 f,
                 "segment: guest {:#010x} -> host {:#010x}, {} CCWs",
@@ -343,7 +462,7 @@ impl fmt::Display for HostProgram {
             writeln!(f, "  {addr:#010x}  {idaw:#018x}  (guest {guest})")?;
         }
         writeln!(f, "pinned pages ({} pins):", self.pin_count())?;
-        for p in &self.pages {
+        for p in self.pages() {
             writeln!(
                 f,
                 "  guest {:#x} -> host {:#x} {}",
@@ -383,7 +502,7 @@ mod tests {
                 ctl: OrbControls::new().with_format1(true),
                 cpa: 0x2000,
             },
-            origins: runs.into(),
+            origins: Origins::Many(runs.into()),
         };
         let at = |h| m.origin(h).map(|o| (o.guest, o.residual_extra));
         assert_eq!(at(0x100), Some((0x2000, 0)));

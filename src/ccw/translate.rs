@@ -24,13 +24,13 @@
 use std::collections::VecDeque;
 
 use crate::ccw::error::TranslateError as E;
-use crate::ccw::program::{key_allows, HostProgram, Origin, PageRef, ScswMapper, SegmentInfo};
+use crate::ccw::program::{
+    key_allows, HostProgram, Origin, Origins, Pins, ScswMapper, SegmentInfo, Segments,
+};
 use crate::ccw::{
     command, Ccw0, Ccw1, CcwFlags, CommandKind, Idaw, IdawFormat, Midaw, CCW_SIZE, MIDAW_SIZE,
 };
-use crate::iommu_store::{
-    IommuStore, Perm, PinnedPages, StoreError, StoreView, MAX_PIN_PAGES, PAGE_SIZE,
-};
+use crate::iommu_store::{IommuStore, Perm, StoreError, StoreView, MAX_PIN_PAGES, PAGE_SIZE};
 use crate::orb::Orb;
 
 /// Limits of the translation.
@@ -105,7 +105,7 @@ struct HostCcw {
 
 /// A run of guest storage in transfer order: `addr` is the first byte transferred (for read
 /// backward the highest one, bytes going downward).
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Default)]
 struct Piece {
     addr: u64,
     len: u32,
@@ -159,7 +159,7 @@ fn translate_with(
     let guest_fmt = IdawFormat::from_orb(ctl.format2_idaw(), ctl.idaw_2k());
     if let Some(chain) = walk_simple(orb, store, cfg).filter(|_| fast) {
         let uses_2k = guest_fmt.block_size() == 2048 && chain.ccws.iter().any(|c| c.flags.ida());
-        let b = Builder::new(
+        let mut b = Builder::new(
             orb,
             store,
             cfg,
@@ -233,6 +233,9 @@ fn fetch(store: &StoreView, addr: u64, buf: &mut [u8], key: u8) -> Result<(), E>
 /// Bytes of list storage (IDAWs, MIDAWs) fetched at once, at most to the end of the page.
 const LIST_CHUNK: usize = 512;
 
+/// Bytes of list storage the first fetch of a translation takes.
+const LIST_FIRST: usize = 64;
+
 /// The last stretch of guest list storage fetched: IDALs and MIDALs of consecutive CCWs
 /// usually sit together, so one store read serves many of them.
 ///
@@ -290,7 +293,14 @@ impl ListCache {
             // Not a list entry's shape: fetch it alone.
             return fetch(store, addr, out, key);
         }
-        let len = to_page_end.min(LIST_CHUNK);
+        // A first fetch takes a small stretch (a small program has a few entries); later
+        // ones the whole chunk.
+        let chunk = if self.at == 0 && self.len == 0 {
+            LIST_FIRST
+        } else {
+            LIST_CHUNK
+        };
+        let len = to_page_end.min(chunk);
         self.len = 0;
         fetch(store, addr, &mut self.buf[..len], key)?;
         self.at = addr;
@@ -543,7 +553,7 @@ fn walk(orb: &Orb, store: &StoreView, cfg: &TranslateConfig) -> Result<Vec<Segme
 /// error, goes to the general passes, which then decide (so each rejection is theirs).
 struct SimpleChain {
     /// The certainly reachable CCWs, converted to format 1.
-    ccws: Vec<Ccw1>,
+    ccws: InlineVec<Ccw1, 8>,
     /// The trap slot after the last one, in its host form.
     trap: Option<Ccw1>,
 }
@@ -551,6 +561,9 @@ struct SimpleChain {
 /// CCWs the fast path fetches at once: fewer than [`walk`] may (it fetches to the end of
 /// the page), which fails exactly as often, with the same error (one page either way).
 const READ_AHEAD: usize = 64;
+
+/// CCWs the fast path's first fetch takes.
+const FIRST_AHEAD: usize = 8;
 
 /// CCWs fetched ahead, in one page, at most to the segment limit.
 struct CcwReader {
@@ -577,7 +590,13 @@ impl CcwReader {
     fn refill(&mut self, store: &StoreView, addr: u64, left: usize, orb: &Orb) -> Result<(), E> {
         check_ccw_address(addr, orb.ctl.format1())?;
         let in_page = ((PAGE_SIZE - (addr % PAGE_SIZE)) / CCW_SIZE) as usize;
-        let n = in_page.min(left).clamp(1, READ_AHEAD) * CCW_SIZE as usize;
+        // The first fetch takes a few CCWs (most programs are short), later ones more.
+        let ahead = if self.len == 0 {
+            FIRST_AHEAD
+        } else {
+            READ_AHEAD
+        };
+        let n = in_page.min(left).clamp(1, ahead) * CCW_SIZE as usize;
         self.len = 0;
         fetch(store, addr, &mut self.raw[..n], orb.ctl.key())?;
         self.at = addr;
@@ -600,7 +619,7 @@ fn walk_simple(orb: &Orb, store: &StoreView, cfg: &TranslateConfig) -> Option<Si
         at: head,
         len: 0,
     };
-    let mut ccws: Vec<Ccw1> = Vec::with_capacity(max.min(256));
+    let mut ccws: InlineVec<Ccw1, 8> = InlineVec::default();
     let mut no_data_run = 0usize;
     loop {
         let i = ccws.len();
@@ -679,19 +698,15 @@ struct Builder<'a> {
     ccws: Vec<HostCcw>,
     expansions: Vec<HostCcw>,
     /// IDAWs as *guest* addresses until every page is pinned, then host addresses.
-    idaws: Vec<u64>,
-    pins: Vec<PinnedPages>,
+    idaws: InlineVec<u64, 8>,
+    pins: Pins,
     /// Pages the certainly-reachable CCWs need, (guest page, access: 1 fetch, 2 store),
     /// pinned together at the end in as few calls as possible.
     wanted: Vec<(u64, u8)>,
     /// The fast path's pages: runs (first page, last page, access bits) in CCW order.
-    runs: Vec<(u64, u64, u8)>,
-    /// Every page pinned, writable when pinned for input.
-    all_pages: Vec<PageRef>,
+    runs: InlineVec<(u64, u64, u8), 4>,
     /// The pinned pages as extents, in pin order (see [`add_to_extents`]).
-    extents: Vec<(u64, u64, u64)>,
-    /// Reused for each CCW's storage pieces.
-    scratch: Vec<Piece>,
+    extents: Extents,
 }
 
 impl<'a> Builder<'a> {
@@ -711,13 +726,11 @@ impl<'a> Builder<'a> {
             host_block,
             ccws: Vec::new(),
             expansions: Vec::new(),
-            idaws: Vec::new(),
-            pins: Vec::new(),
+            idaws: InlineVec::default(),
+            pins: Pins::default(),
             wanted: Vec::new(),
-            runs: Vec::new(),
-            all_pages: Vec::new(),
-            extents: Vec::new(),
-            scratch: Vec::new(),
+            runs: InlineVec::default(),
+            extents: InlineVec::default(),
         }
     }
 
@@ -726,7 +739,6 @@ impl<'a> Builder<'a> {
         self.ccws.reserve(total);
         self.idaws.reserve(total);
         self.wanted.reserve(total);
-        self.all_pages.reserve(total);
         // Host index of each segment's head: segments are laid out in order.
         let mut heads = Vec::with_capacity(segments.len());
         let mut n = 0;
@@ -761,7 +773,7 @@ impl<'a> Builder<'a> {
 
     /// The fast path: the host program of a [`SimpleChain`], the same bytes, pins and maps
     /// the general passes build for it; `None` (nothing kept pinned) to leave it to them.
-    fn build_simple(mut self, chain: &SimpleChain) -> Option<HostProgram> {
+    fn build_simple(&mut self, chain: &SimpleChain) -> Option<HostProgram> {
         let n = chain.ccws.len();
         let nslots = n + chain.trap.is_some() as usize;
         let base = self.cfg.arena_base;
@@ -770,15 +782,14 @@ impl<'a> Builder<'a> {
         let idaw_base = base.wrapping_add(ccw_bytes as u32);
         // Room for the IDAWs too (typically one or two a CCW): no copy when they are added.
         let mut image = Vec::with_capacity(ccw_bytes + 2 * n * 8);
-        image.resize(ccw_bytes, 0);
         self.idaws.reserve(n);
-        let mut slots = image.chunks_exact_mut(CCW_SIZE as usize);
-        for (i, (c, dst)) in chain.ccws.iter().zip(&mut slots).enumerate() {
+        // Appended, not zeroed and then overwritten.
+        for (i, c) in chain.ccws.iter().enumerate() {
             let h = self.simple_ccw(head + CCW_SIZE * i as u64, c, idaw_base)?;
-            dst.copy_from_slice(&h.to_bytes());
+            image.extend_from_slice(&h.to_bytes());
         }
-        if let (Some(t), Some(dst)) = (&chain.trap, slots.next()) {
-            dst.copy_from_slice(&t.to_bytes());
+        if let Some(t) = &chain.trap {
+            image.extend_from_slice(&t.to_bytes());
         }
         self.pin_runs().ok()?;
         self.idaws_to_host().ok()?;
@@ -786,18 +797,17 @@ impl<'a> Builder<'a> {
         if size as u64 > self.cfg.arena_size as u64 {
             return None;
         }
-        image.resize(size, 0);
-        for (dst, w) in image[ccw_bytes..].chunks_exact_mut(8).zip(&self.idaws) {
-            dst.copy_from_slice(&Idaw(*w).to_format2_bytes());
+        image.reserve_exact(size - ccw_bytes);
+        for w in self.idaws.iter() {
+            image.extend_from_slice(&Idaw(*w).to_format2_bytes());
         }
         // Slot i at base + 8i stands for the guest CCW at head + 8i: one run.
-        let origins: std::sync::Arc<[Origin]> = std::sync::Arc::new([Origin {
+        let origins = Origins::One(Origin {
             host: base,
             guest: head as u32,
             residual_extra: 0,
             len: nslots as u32,
-        }]);
-        let pages = unique_pages(self.all_pages);
+        });
         let host_orb = host_orb(self.orb, self.host_block, base);
         Some(HostProgram {
             orb: host_orb,
@@ -805,18 +815,18 @@ impl<'a> Builder<'a> {
             base,
             image,
             ccw_bytes,
-            segments: vec![SegmentInfo {
+            segments: Segments::One(SegmentInfo {
                 guest: head,
                 host: base,
                 len: nslots,
-            }],
+            }),
             mapper: ScswMapper {
                 host_cpa: host_orb.cpa,
                 guest_orb: *self.orb,
                 origins,
             },
-            pages,
-            pins: self.pins,
+            pages: Default::default(),
+            pins: std::mem::take(&mut self.pins),
         })
     }
 
@@ -857,8 +867,8 @@ impl<'a> Builder<'a> {
                 trap: false,
                 unfetched: false,
             };
-            let mut pieces = std::mem::take(&mut self.scratch);
-            pieces.clear();
+            // (Fresh inline storage: cheaper than moving a kept one in and out.)
+            let mut pieces = Scratch::default();
             // One run unless the list's blocks do not join (or skip flags differ): then the
             // general passes expand it.
             let ok = self.pieces(&g, backward, &mut pieces).is_ok()
@@ -866,12 +876,11 @@ impl<'a> Builder<'a> {
             // Input the MIDAWs skip: no data moves, nothing is pinned.
             let skip = ok && input && pieces[0].skip;
             if ok && !skip {
-                for p in &pieces {
+                for p in pieces.iter() {
                     self.push_run(p, backward, acc);
                     push_idaws(&mut self.idaws, p, self.host_block, backward);
                 }
             }
-            self.scratch = pieces;
             if !ok {
                 return None;
             }
@@ -896,7 +905,7 @@ impl<'a> Builder<'a> {
     /// Records the guest pages a piece touches as a run of pages, joined to the last run when
     /// it continues it (or its last page) with the same access (sequential programs make one
     /// run; a page in a run is pinned once, as the page list would pin it).
-    #[inline]
+    #[inline(always)]
     fn push_run(&mut self, p: &Piece, backward: bool, acc: u8) {
         let (lo, hi) = piece_bounds(p, backward);
         let (first, last) = (lo & !(PAGE_SIZE - 1), hi & !(PAGE_SIZE - 1));
@@ -917,13 +926,13 @@ impl<'a> Builder<'a> {
         let runs = std::mem::take(&mut self.runs);
         if !runs.windows(2).all(|w| w[0].1 < w[1].0) {
             let mut pages = Vec::new();
-            for &(first, last, acc) in &runs {
+            for &(first, last, acc) in runs.iter() {
                 let (a, b) = (first >> PAGE_SHIFT, last >> PAGE_SHIFT);
                 pages.extend((a..=b).map(|n| (n << PAGE_SHIFT, acc)));
             }
             return self.pin_pages(pages, 0);
         }
-        for (first, last, acc) in runs {
+        for &(first, last, acc) in runs.iter() {
             let mut page = first;
             let mut left = ((last - first) >> PAGE_SHIFT) + 1;
             while left > 0 {
@@ -948,15 +957,8 @@ impl<'a> Builder<'a> {
             .store
             .pin(first, n, perm)
             .map_err(|e| pin_error(e, first, at))?;
-        self.all_pages
-            .extend(pinned.pages().iter().map(|p| PageRef {
-                host: p.host_addr,
-                iova: p.iova,
-                writable: perm.write,
-                key: p.storage_key,
-            }));
-        for p in pinned.pages() {
-            add_to_extents(&mut self.extents, p.iova, p.host_addr);
+        for (iova, host, n, _) in pinned.runs() {
+            add_run_to_extents(&mut self.extents, iova, host, n);
         }
         self.pins.push(pinned);
         Ok(())
@@ -968,21 +970,26 @@ impl<'a> Builder<'a> {
     fn idaws_to_host(&mut self) -> Result<(), E> {
         // The extents recorded while pinning serve when they are ascending and disjoint
         // (pages pinned in order, each once); else they are rebuilt from the sorted pages.
-        let rebuilt: Vec<(u64, u64, u64)>;
+        let rebuilt: Extents;
         let ext: &[(u64, u64, u64)] = if self.extents.windows(2).all(|w| w[0].1 < w[1].0) {
             &self.extents
         } else {
-            let mut pages = self.all_pages.clone();
-            pages.sort_unstable_by_key(|p| p.iova);
-            let mut v = Vec::new();
-            for p in &pages {
-                add_to_extents(&mut v, p.iova, p.host);
+            let mut pages: Vec<(u64, u64)> = self
+                .pins
+                .iter()
+                .flat_map(|p| p.pages())
+                .map(|p| (p.iova, p.host_addr))
+                .collect();
+            pages.sort_unstable_by_key(|p| p.0);
+            let mut v = Extents::default();
+            for &(iova, host) in &pages {
+                add_to_extents(&mut v, iova, host);
             }
             rebuilt = v;
             &rebuilt
         };
         let mut cur = 0usize;
-        for w in &mut self.idaws {
+        for w in self.idaws.iter_mut() {
             let page = *w & !(PAGE_SIZE - 1);
             let hit = |e: &(u64, u64, u64)| e.0 <= page && page <= e.1;
             if !ext.get(cur).is_some_and(hit) {
@@ -1082,13 +1089,9 @@ impl<'a> Builder<'a> {
                 residual_extra: 0,
             });
         }
-        let mut pieces = std::mem::take(&mut self.scratch);
-        pieces.clear();
-        let r = self.pieces(g, backward, &mut pieces).and_then(|()| {
-            self.describe(g, c, flags, &pieces, backward, input, slot, seg_end, total)
-        });
-        self.scratch = pieces;
-        r
+        let mut pieces = Scratch::default();
+        self.pieces(g, backward, &mut pieces)?;
+        self.describe(g, c, flags, &pieces, backward, input, slot, seg_end, total)
     }
 
     /// The host CCW(s) for a data CCW whose storage is `pieces`.
@@ -1246,7 +1249,7 @@ impl<'a> Builder<'a> {
     }
 
     /// The guest storage a data CCW designates, in transfer order.
-    fn pieces(&mut self, g: &GuestCcw, backward: bool, pieces: &mut Vec<Piece>) -> Result<(), E> {
+    fn pieces(&mut self, g: &GuestCcw, backward: bool, pieces: &mut Scratch) -> Result<(), E> {
         let c = g.ccw;
         let count = c.count as u64;
         let fmt1 = self.orb.ctl.format1();
@@ -1314,7 +1317,7 @@ impl<'a> Builder<'a> {
         &mut self,
         g: &GuestCcw,
         backward: bool,
-        pieces: &mut Vec<Piece>,
+        pieces: &mut Scratch,
     ) -> Result<(), E> {
         let list = g.ccw.cda as u64;
         if list % MIDAW_SIZE != 0 || list > 0x7fff_ffff {
@@ -1440,7 +1443,6 @@ impl<'a> Builder<'a> {
             expansions,
             idaws,
             pins,
-            all_pages,
             ..
         } = self;
         let nslots = ccws.len();
@@ -1465,15 +1467,14 @@ impl<'a> Builder<'a> {
             };
             dst.copy_from_slice(&c.to_bytes());
         }
-        for (dst, w) in idaw_area.chunks_exact_mut(8).zip(&idaws) {
+        for (dst, w) in idaw_area.chunks_exact_mut(8).zip(idaws.iter()) {
             dst.copy_from_slice(&Idaw(*w).to_format2_bytes());
         }
         let mut runs = Vec::new();
         for (i, h) in ccws.iter().enumerate() {
             Origin::push(&mut runs, ccw_addr(i), h.guest as u32, h.residual_extra);
         }
-        let origins: std::sync::Arc<[Origin]> = runs.into();
-        let pages = unique_pages(all_pages);
+        let origins = Origins::from(runs);
         let host_orb = host_orb(orb, host_block, ccw_addr(heads[0]));
         let seg_info = segments
             .iter()
@@ -1490,22 +1491,37 @@ impl<'a> Builder<'a> {
             base,
             image,
             ccw_bytes,
-            segments: seg_info,
+            segments: Segments::Many(seg_info),
             mapper: ScswMapper {
                 host_cpa: host_orb.cpa,
                 guest_orb: *orb,
                 origins,
             },
-            pages,
+            pages: Default::default(),
             pins,
         })
     }
 }
 
+/// Adds a run of `n` pinned pages (contiguous in both spaces) to extents: the run extends the
+/// last extent when it continues it in both spaces, else starts one (a repeated page then
+/// leaves the extents unordered, and [`Builder::idaws_to_host`] rebuilds them).
+#[inline(always)]
+fn add_run_to_extents(ext: &mut Extents, iova: u64, host: u64, n: u64) {
+    let last = iova + (n - 1) * PAGE_SIZE;
+    if let Some(e) = ext.last_mut() {
+        if iova > e.1 && iova - e.1 == PAGE_SIZE && host.wrapping_sub(e.2) == iova - e.0 {
+            e.1 = last;
+            return;
+        }
+    }
+    ext.push((iova, last, host));
+}
+
 /// Adds a pinned page to extents (first page, last page, host address of the first): a page
 /// that continues the last extent in both spaces extends it, the same page again is skipped.
-#[inline]
-fn add_to_extents(ext: &mut Vec<(u64, u64, u64)>, iova: u64, host: u64) {
+#[inline(always)]
+fn add_to_extents(ext: &mut Extents, iova: u64, host: u64) {
     if let Some(e) = ext.last_mut() {
         if iova == e.1 {
             return;
@@ -1516,16 +1532,6 @@ fn add_to_extents(ext: &mut Vec<(u64, u64, u64)>, iova: u64, host: u64) {
         }
     }
     ext.push((iova, iova, host));
-}
-
-/// One entry per page, sorted by host address; writable if any CCW pinned it for input.
-/// Pages pinned in ascending runs of one mapping are already in order, with no repeats.
-fn unique_pages(mut pages: Vec<PageRef>) -> Vec<PageRef> {
-    if !pages.windows(2).all(|w| w[0].host < w[1].host) {
-        pages.sort_unstable_by_key(|p| (p.host, !p.writable));
-        pages.dedup_by_key(|p| p.host);
-    }
-    pages
 }
 
 /// The ORB that starts the host program at `cpa`: format 1, format-2 IDAWs of
@@ -1643,8 +1649,8 @@ fn piece_bounds(p: &Piece, backward: bool) -> (u64, u64) {
 /// Appends one IDAW per `bs`-byte block (a power of two) the piece touches: the first byte
 /// transferred in that block (the piece's first byte, then each block's first byte, or its
 /// last byte going backward), as guest addresses.
-#[inline]
-fn push_idaws(out: &mut Vec<u64>, p: &Piece, bs: u64, backward: bool) {
+#[inline(always)]
+fn push_idaws<const N: usize>(out: &mut InlineVec<u64, N>, p: &Piece, bs: u64, backward: bool) {
     let (lo, hi) = piece_bounds(p, backward);
     let shift = bs.trailing_zeros();
     let (first, last) = (lo >> shift, hi >> shift);
@@ -1695,6 +1701,102 @@ fn split_runs(pieces: &[Piece], bs: u64, backward: bool, input: bool) -> Vec<(bo
     runs
 }
 
+/// Extents of pinned pages: (first page, last page, host address of the first).
+type Extents = InlineVec<(u64, u64, u64), 4>;
+
+/// A CCW's storage pieces.
+type Scratch = InlineVec<Piece, 4>;
+
+/// A list whose first `N` elements live inline: the few pages, runs and IDAWs of a small
+/// program cost no allocation. Past `N` every element moves to the heap.
+#[derive(Clone)]
+struct InlineVec<T: Copy + Default, const N: usize> {
+    /// Elements inline (only while `heap` is empty).
+    len: usize,
+    inline: [T; N],
+    heap: Vec<T>,
+}
+
+impl<T: Copy + Default, const N: usize> Default for InlineVec<T, N> {
+    fn default() -> Self {
+        InlineVec {
+            len: 0,
+            inline: [T::default(); N],
+            heap: Vec::new(),
+        }
+    }
+}
+
+impl<T: Copy + Default, const N: usize> InlineVec<T, N> {
+    #[inline]
+    fn push(&mut self, v: T) {
+        if self.heap.capacity() != 0 {
+            self.heap.push(v);
+        } else if self.len < N {
+            self.inline[self.len] = v;
+            self.len += 1;
+        } else {
+            self.spill(1);
+            self.heap.push(v);
+        }
+    }
+
+    /// Moves the inline elements to the heap with room for `more`.
+    #[cold]
+    fn spill(&mut self, more: usize) {
+        if self.heap.capacity() == 0 {
+            self.heap.reserve((2 * N).max(self.len + more));
+            self.heap.extend_from_slice(&self.inline[..self.len]);
+            self.len = 0;
+        } else {
+            self.heap.reserve(more);
+        }
+    }
+
+    /// Room for `more` elements without reallocating.
+    #[inline]
+    fn reserve(&mut self, more: usize) {
+        if self.heap.capacity() != 0 || self.len + more > N {
+            self.spill(more);
+        }
+    }
+
+    #[inline]
+    fn extend(&mut self, it: impl IntoIterator<Item = T>) {
+        let mut it = it.into_iter();
+        while self.heap.capacity() == 0 {
+            match it.next() {
+                Some(v) => self.push(v),
+                None => return,
+            }
+        }
+        self.heap.extend(it);
+    }
+}
+
+impl<T: Copy + Default, const N: usize> std::ops::Deref for InlineVec<T, N> {
+    type Target = [T];
+    #[inline]
+    fn deref(&self) -> &[T] {
+        if self.heap.capacity() == 0 {
+            &self.inline[..self.len]
+        } else {
+            &self.heap
+        }
+    }
+}
+
+impl<T: Copy + Default, const N: usize> std::ops::DerefMut for InlineVec<T, N> {
+    #[inline]
+    fn deref_mut(&mut self) -> &mut [T] {
+        if self.heap.capacity() == 0 {
+            &mut self.inline[..self.len]
+        } else {
+            &mut self.heap
+        }
+    }
+}
+
 /// The fast path against the general passes: for programs of every shape (most of them
 /// simple), the same result, byte for byte, or the same error.
 #[cfg(test)]
@@ -1718,10 +1820,10 @@ mod fast_path {
                     && x.base == y.base
                     && x.image == y.image
                     && x.ccw_bytes == y.ccw_bytes
-                    && x.segments == y.segments
-                    && x.pages == y.pages
+                    && x.segments() == y.segments()
+                    && x.pages() == y.pages()
                     && x.mapper.host_cpa == y.mapper.host_cpa
-                    && x.mapper.origins == y.mapper.origins
+                    && x.mapper.origins.as_slice() == y.mapper.origins.as_slice()
                     && x.pin_count() == y.pin_count();
                 if ok {
                     Ok(())
@@ -2384,5 +2486,91 @@ mod fuzz_regressions {
                 "flags {flags:#x}"
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod small_storage {
+    use super::*;
+    use crate::css::ChannelMemory;
+    use crate::iommu_store::{Backing, StoreConfig};
+    use crate::orb::OrbControls;
+
+    /// Inline elements, then a spill to the heap keeping order; reserve past `N` spills too.
+    #[test]
+    fn inline_vec_spills_in_order() {
+        let mut v: InlineVec<u64, 2> = InlineVec::default();
+        assert!(v.is_empty());
+        v.push(1);
+        v.push(2);
+        assert_eq!(v.heap.capacity(), 0, "two fit inline");
+        v.push(3);
+        v.extend([4, 5]);
+        assert!(v.heap.capacity() >= 5, "spilled");
+        assert_eq!(&v[..], &[1, 2, 3, 4, 5]);
+        v[0] = 9;
+        assert_eq!(v.first(), Some(&9));
+        let mut w: InlineVec<u64, 2> = InlineVec::default();
+        w.push(7);
+        w.reserve(4);
+        assert!(w.heap.capacity() >= 5);
+        w.extend([8]);
+        assert_eq!(&w[..], &[7, 8]);
+    }
+
+    /// A page two CCWs use, for output then for input (pinned once, for both): the
+    /// program's accesses (which scan the pinned runs) and its page list (built on request)
+    /// agree: one page, writable.
+    #[test]
+    fn page_lookups_before_and_after_the_page_list() {
+        let store = IommuStore::new(StoreConfig::default());
+        store
+            .map_dma(0x1000, 0x8000, Perm::READ_WRITE, Backing::Anonymous)
+            .unwrap();
+        let ccw = |cmd, cc: bool, count, cda: u32| Ccw1 {
+            cmd,
+            flags: CcwFlags::new().with_cc(cc),
+            count,
+            cda,
+        };
+        // WRITE 16 bytes from 0x3000, READ 16 bytes into 0x3010, then an invalid slot.
+        let prog = [ccw(0x01, true, 16, 0x3000), ccw(0x02, false, 16, 0x3010)];
+        for (i, c) in prog.iter().enumerate() {
+            store.write(0x2000 + 8 * i as u64, &c.to_bytes()).unwrap();
+        }
+        store.write(0x3000, &[0x5a; 16]).unwrap();
+        let orb = Orb {
+            intparm: 0,
+            ctl: OrbControls::new().with_format1(true),
+            cpa: 0x2000,
+        };
+        let p = translate(&orb, &store, &TranslateConfig::default()).unwrap();
+        assert_eq!(p.pin_count(), 1, "pinned once for both accesses");
+        assert!(p.pages.get().is_none(), "no page list yet");
+        let host = p.idaws().next().unwrap().1;
+        let mut b = [0u8; 16];
+        p.read(host, &mut b, 0).unwrap();
+        assert_eq!(b, [0x5a; 16]);
+        p.write(host + 0x10, &[1; 4], 0).unwrap();
+        assert_eq!(p.host_to_guest(host + 0x10), Some(0x3010));
+        assert_eq!(
+            p.read(host + 0x1000, &mut b, 0),
+            Err(crate::css::AccessFault::Addressing(host + 0x1000))
+        );
+        assert!(p.pages.get().is_none(), "scanned, not listed");
+        let pages = p.pages();
+        assert_eq!(pages.len(), 1);
+        assert_eq!(
+            (pages[0].iova, pages[0].host, pages[0].writable),
+            (0x3000, host, true)
+        );
+        // The same answers through the list.
+        p.write(host + 0x10, &[2; 4], 0).unwrap();
+        assert_eq!(p.host_to_guest(host + 0x10), Some(0x3010));
+        drop(p);
+        let mut g = [0u8; 4];
+        store.read(0x3010, &mut g).unwrap();
+        assert_eq!(g, [2; 4]);
+        assert_eq!(store.stats().pinned_pages, 0);
     }
 }

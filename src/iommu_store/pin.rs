@@ -2,7 +2,7 @@
 //! stale; each page costs one atomic add on its count.
 
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use vm_memory::{GuestAddress, GuestMemoryBackend};
 
@@ -32,6 +32,9 @@ struct Segment {
     first: u64,
     n: u64,
     write: bool,
+    /// IOVA and process address of the first page.
+    iova: u64,
+    host: u64,
 }
 
 impl Segment {
@@ -52,19 +55,20 @@ impl Segment {
     }
 }
 
-enum Pages {
-    One(PinnedPage),
-    Many(Vec<PinnedPage>),
-}
-
 /// Pages pinned by one [`IommuStore::pin`] call.
 ///
 /// Dropping it unpins every page exactly once. It holds its mappings' memory alive, so the
 /// host addresses stay valid for its whole life, even across an unmap attempt.
+///
+/// The pages are kept as runs (one per mapping); the per-page list is built only when
+/// [`PinnedPages::pages`] asks for it.
 pub struct PinnedPages {
     head: Option<Segment>,
     rest: Vec<Segment>,
-    pages: Pages,
+    /// Storage keys at pin time, one per page in order; empty when all are 0.
+    keys: Vec<u8>,
+    len: usize,
+    pages: OnceLock<Vec<PinnedPage>>,
 }
 
 impl std::fmt::Debug for PinnedPages {
@@ -78,20 +82,44 @@ impl std::fmt::Debug for PinnedPages {
 impl PinnedPages {
     /// The pinned pages, in IOVA order.
     pub fn pages(&self) -> &[PinnedPage] {
-        match &self.pages {
-            Pages::One(p) => std::slice::from_ref(p),
-            Pages::Many(v) => v,
-        }
+        self.pages.get_or_init(|| {
+            let mut v = Vec::with_capacity(self.len);
+            for (iova, host, n, write) in self.runs() {
+                for k in 0..n {
+                    v.push(PinnedPage {
+                        iova: iova + k * PAGE_SIZE,
+                        host_addr: host + k * PAGE_SIZE,
+                        storage_key: self.key(v.len()),
+                        writable: write,
+                    });
+                }
+            }
+            v
+        })
     }
 
     /// Number of pinned pages.
     pub fn len(&self) -> usize {
-        self.pages().len()
+        self.len
     }
 
     /// Always false (a pin takes at least one page); for API symmetry.
     pub fn is_empty(&self) -> bool {
-        self.pages().is_empty()
+        self.len == 0
+    }
+
+    /// The pinned runs in IOVA order: (IOVA of the first page, its process address, pages,
+    /// pinned for write). Pages of a run are contiguous in both spaces.
+    pub(crate) fn runs(&self) -> impl Iterator<Item = (u64, u64, u64, bool)> + '_ {
+        self.head
+            .iter()
+            .chain(&self.rest)
+            .map(|s| (s.iova, s.host, s.n, s.write))
+    }
+
+    /// The storage key at pin time of the `i`-th page (in IOVA order).
+    pub(crate) fn key(&self, i: usize) -> u8 {
+        self.keys.get(i).copied().unwrap_or(0)
     }
 
     fn push(&mut self, s: Segment) {
@@ -173,16 +201,9 @@ pub(super) fn try_pin(
     let mut out = PinnedPages {
         head: None,
         rest: Vec::new(),
-        pages: if npages == 1 {
-            Pages::One(PinnedPage {
-                iova,
-                host_addr: 0,
-                storage_key: 0,
-                writable: perm.write,
-            })
-        } else {
-            Pages::Many(Vec::with_capacity(npages as usize))
-        },
+        keys: Vec::new(),
+        len: 0,
+        pages: OnceLock::new(),
     };
     let mut cur = iova;
     let mut left = npages;
@@ -210,7 +231,9 @@ pub(super) fn try_pin(
         let base = b.host_base();
         let mut taken = 0u64;
         let mut overflow = false;
-        let pages = &mut out.pages;
+        let keys_out = &mut out.keys;
+        // Pages of this call pinned before this mapping.
+        let before = out.len;
         // One leaf of pin counts (and of storage keys) at a time.
         sh.pins.chunks_or_init(first, n, |idx0, counts| {
             if overflow {
@@ -225,25 +248,12 @@ pub(super) fn try_pin(
                 }
                 got += 1;
             }
-            taken += got as u64;
-            let keys = sh.keys.chunk(idx0, counts.len());
-            let page = |i: usize| {
-                let idx = idx0 + i as u64;
-                PinnedPage {
-                    iova: sh.iova + idx * PAGE_SIZE,
-                    host_addr: base + idx * PAGE_SIZE,
-                    storage_key: keys.map_or(0, |k| k[i].load(Ordering::Relaxed)),
-                    writable: perm.write,
-                }
-            };
-            match pages {
-                Pages::One(p) => {
-                    if got > 0 {
-                        *p = page(0);
-                    }
-                }
-                Pages::Many(v) => v.extend((0..got).map(page)),
+            // Keys are recorded only once a leaf of them exists (else every key is 0).
+            if let Some(keys) = sh.keys.chunk(idx0, got) {
+                keys_out.resize(before + taken as usize, 0);
+                keys_out.extend(keys.iter().map(|k| k.load(Ordering::Relaxed)));
             }
+            taken += got as u64;
         });
         if taken < n {
             // Return the untaken part of the total; the taken part goes with the segment.
@@ -259,7 +269,10 @@ pub(super) fn try_pin(
                 first,
                 n: taken,
                 write: perm.write,
+                iova: sh.iova + first * PAGE_SIZE,
+                host: base + first * PAGE_SIZE,
             });
+            out.len += taken as usize;
         }
         if taken < n {
             return Err(Fail::Err(StoreError::Busy {
@@ -272,4 +285,49 @@ pub(super) fn try_pin(
         cur = cur.wrapping_add(n * PAGE_SIZE);
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::iommu_store::{Backing, IommuStore, Perm, StoreConfig, PAGE_SIZE};
+
+    /// Pages are kept as runs and listed on request, with the storage keys as they were at
+    /// pin time (a later key change does not show), and one run per mapping.
+    #[test]
+    fn runs_list_pages_with_keys_at_pin_time() {
+        let store = IommuStore::new(StoreConfig::default());
+        store
+            .map_dma(0x10000, 0x2000, Perm::READ_WRITE, Backing::Anonymous)
+            .unwrap();
+        store
+            .map_dma(0x12000, 0x2000, Perm::READ_WRITE, Backing::Anonymous)
+            .unwrap();
+        // Keys only in the second mapping: the first one's pages are listed with key 0.
+        store.set_storage_key(0x13000, 0x30).unwrap();
+        let p = store.pin(0x11000, 3, Perm::WRITE).unwrap();
+        assert_eq!(p.len(), 3);
+        store.set_storage_key(0x13000, 0x50).unwrap();
+        store.set_storage_key(0x11000, 0x60).unwrap();
+        let runs: Vec<_> = p.runs().map(|(iova, _, n, w)| (iova, n, w)).collect();
+        assert_eq!(runs, [(0x11000, 1, true), (0x12000, 2, true)]);
+        let pages = p.pages();
+        let got: Vec<_> = pages
+            .iter()
+            .map(|q| (q.iova, q.storage_key, q.writable))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (0x11000, 0, true),
+                (0x12000, 0, true),
+                (0x13000, 0x30, true)
+            ]
+        );
+        let (_, host, _, _) = p.runs().nth(1).unwrap();
+        assert_eq!(pages[2].host_addr, host + PAGE_SIZE);
+        assert_eq!((p.key(0), p.key(2), p.key(3)), (0, 0x30, 0));
+        assert_eq!(store.stats().pinned_pages, 3);
+        drop(p);
+        assert_eq!(store.stats().pinned_pages, 0);
+    }
 }
