@@ -36,7 +36,11 @@ fn fd_list() -> Vec<String> {
         .filter_map(|e| {
             let e = e.ok()?;
             let t = std::fs::read_link(e.path()).ok()?;
-            Some(format!("{}->{}", e.file_name().to_string_lossy(), t.display()))
+            Some(format!(
+                "{}->{}",
+                e.file_name().to_string_lossy(),
+                t.display()
+            ))
         })
         .collect();
     v.sort();
@@ -795,6 +799,12 @@ fn disconnect_mid_stream_releases_everything() {
     assert!(b.maps.lock().unwrap().is_empty());
     assert!(b.irqs.lock().unwrap().is_empty());
     drop(b);
+    // Threads of an earlier test may still be closing their fds (slow under qemu-user):
+    // give the count a moment to settle before calling anything a leak.
+    let t0 = std::time::Instant::now();
+    while fd_count() != before && t0.elapsed() < Duration::from_secs(2) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
     assert_eq!(
         fd_count(),
         before,
