@@ -277,9 +277,10 @@ fn main() {
     let mut f = measure_floor(dir.path());
 
     // 3. 1 MiB as two channel programs of 128 records (512 KiB) each: Define Extent, then
-    //    per track Locate Record + up to 12 Read Data. (One program of all 280 CCWs, split
-    //    by a TIC into two segments, ends with a program check at its 257th CCW: reported
-    //    to the channel/translator owners; two programs sidestep it.)
+    //    per track Locate Record + up to 12 Read Data. (One program of 280 CCWs works too
+    //    when a TIC really splits it into segments of at most 256 CCWs; a chain of 280
+    //    without one is refused, EINVAL, as Linux refuses it. Two programs keep each
+    //    under the limit without a TIC.)
     let mut progs = Vec::new();
     let mut rec = 0u64;
     let mut t = 0usize;
