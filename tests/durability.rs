@@ -85,7 +85,13 @@ struct Round {
 
 /// Streams writes until the server dies (or the round's cylinders are full: then tape
 /// only). `expect` gains every acknowledged record.
-fn stream(srv: &ServerProcess, round: u32, expect: &mut Expect, killed: &AtomicBool) -> Round {
+fn stream(
+    srv: &ServerProcess,
+    round: u32,
+    expect: &mut Expect,
+    killed: &AtomicBool,
+    first_ack: &AtomicBool,
+) -> Round {
     let sock = |k: &str| {
         srv.ready
             .iter()
@@ -165,12 +171,14 @@ fn stream(srv: &ServerProcess, round: u32, expect: &mut Expect, killed: &AtomicB
                 Ok(()) if sub == 0 => {
                     r.tracks.push((cyl, head));
                     r.dasd_acked += 1;
+                    first_ack.store(true, Ordering::SeqCst);
                     for rec in 1..=RECORDS_PER_TRACK {
                         expect.insert((cyl, head, rec), vec![content(round, cyl, head, rec, 0)]);
                     }
                 }
                 Ok(()) => {
                     r.dasd_acked += 1;
+                    first_ack.store(true, Ordering::SeqCst);
                     expect.insert((cyl, head, sub), vec![content(round, cyl, head, sub, 1)]);
                 }
                 Err(e) => {
@@ -363,14 +371,22 @@ fn kill_9_mid_stream_loses_no_acknowledged_write() {
         }
         let delay = Duration::from_millis((30 + rng.next() % 300) * common::slowdown() as u64);
         let killed = Arc::new(AtomicBool::new(false));
+        let first_ack = Arc::new(AtomicBool::new(false));
         let pid = Pid::from_raw(srv.pid() as i32);
-        let k = killed.clone();
+        let (k, f) = (killed.clone(), first_ack.clone());
         let killer = std::thread::spawn(move || {
+            // The delay counts from the first acknowledged DASD write: connecting and mapping
+            // take a variable time (much longer under qemu-user on a loaded machine), and a
+            // round must have acknowledged writes to check.
+            let t0 = Instant::now();
+            while !f.load(Ordering::SeqCst) && t0.elapsed() < Duration::from_secs(60) {
+                std::thread::sleep(Duration::from_millis(1));
+            }
             std::thread::sleep(delay);
             k.store(true, Ordering::SeqCst);
             kill(pid, Signal::SIGKILL).unwrap();
         });
-        let r = stream(&srv, round, &mut expect, &killed);
+        let r = stream(&srv, round, &mut expect, &killed, &first_ack);
         killer.join().unwrap();
         let status = srv.kill9().unwrap();
         assert!(!status.success(), "the server was not killed: {status}");
