@@ -197,6 +197,23 @@ fn format_track(dev: &CcwClient, mem: &GuestMemory, cyl: u16, head: u16, n: u8) 
     assert_eq!(irb.scsw.dstat, 0x0C, "format {cyl}/{head}: {irb:?}");
 }
 
+/// The 4 KiB read of (1,0,R1) into DATA: Define Extent, Locate Record, Read Data.
+fn write_program_4k(mem: &GuestMemory) {
+    mem.write(PARAMS, &define_extent(0x40, (1, 0), (1, 0), 4096))
+        .unwrap();
+    mem.write(PARAMS + 16, &locate_record(0x06, 1, 1, 0, 1, 4096))
+        .unwrap();
+    mem.write_ccws(
+        PROG,
+        &[
+            ccw(0x63, 0x40, 16, PARAMS),
+            ccw(0x47, 0x40, 16, PARAMS + 16),
+            ccw(0x86, 0, 4096, DATA),
+        ],
+    )
+    .unwrap();
+}
+
 fn main() {
     if let Ok(p) = std::env::var(ECHO_ENV) {
         echo_main(&p);
@@ -220,19 +237,7 @@ fn main() {
     }
 
     // 1. 4 KiB read round trips.
-    mem.write(PARAMS, &define_extent(0x40, (1, 0), (1, 0), 4096))
-        .unwrap();
-    mem.write(PARAMS + 16, &locate_record(0x06, 1, 1, 0, 1, 4096))
-        .unwrap();
-    mem.write_ccws(
-        PROG,
-        &[
-            ccw(0x63, 0x40, 16, PARAMS),
-            ccw(0x47, 0x40, 16, PARAMS + 16),
-            ccw(0x86, 0, 4096, DATA),
-        ],
-    )
-    .unwrap();
+    write_program_4k(&mem);
     let run_4k = |dev: &CcwClient| {
         let mut v = Vec::with_capacity(iters());
         for i in 0..WARMUP + iters() {
@@ -410,19 +415,7 @@ fn main() {
         }
     };
     threaded.map_memory(&mem, 0).unwrap();
-    mem.write(PARAMS, &define_extent(0x40, (1, 0), (1, 0), 4096))
-        .unwrap();
-    mem.write(PARAMS + 16, &locate_record(0x06, 1, 1, 0, 1, 4096))
-        .unwrap();
-    mem.write_ccws(
-        PROG,
-        &[
-            ccw(0x63, 0x40, 16, PARAMS),
-            ccw(0x47, 0x40, 16, PARAMS + 16),
-            ccw(0x86, 0, 4096, DATA),
-        ],
-    )
-    .unwrap();
+    write_program_4k(&mem);
     let mut thr = run_4k(&threaded);
     let (t50, t99) = (pct(&mut thr, 0.5), pct(&mut thr, 0.99));
     println!(

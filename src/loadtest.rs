@@ -34,10 +34,8 @@ use crate::client::{CcwClient, GuestMemory};
 use crate::image::awstape::AwsTape;
 use crate::image::ckd::CkdImage;
 use crate::orb::dstat;
-use crate::service::demo::{parse_ready, ReadyLine};
+use crate::service::demo::ReadyLine;
 
-/// How long the server may take to print its ready lines.
-const READY_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a stats dump may take to arrive.
 const STATS_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long the server's counters may take to settle after the last client left.
@@ -119,17 +117,7 @@ impl ServerProcess {
             .stderr(Stdio::piped())
             .spawn()
             .map_err(|e| format!("cannot start {} serve: {e}", exe.display()))?;
-        let stdout = child.stdout.take().ok_or("no server stdout")?;
         let stderr = child.stderr.take().ok_or("no server stderr")?;
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
         let (stx, stats_rx) = mpsc::channel();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines() {
@@ -141,29 +129,12 @@ impl ServerProcess {
                 }
             }
         });
-        let deadline = Instant::now() + READY_TIMEOUT;
-        let mut ready = Vec::new();
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match rx.recv_timeout(left) {
-                Ok(line) => {
-                    if let Some(r) = parse_ready(&line) {
-                        ready.push(r);
-                    } else if line.starts_with("serving ") {
-                        return Ok(ServerProcess {
-                            child,
-                            ready,
-                            stats_rx,
-                        });
-                    }
-                }
-                Err(_) => {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    return Err("the server did not become ready".into());
-                }
-            }
-        }
+        let (child, ready) = crate::service::demo::await_ready(child)?;
+        Ok(ServerProcess {
+            child,
+            ready,
+            stats_rx,
+        })
     }
 
     /// The server's pid.

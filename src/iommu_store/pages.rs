@@ -70,24 +70,11 @@ impl<T: Default> SparsePages<T> {
     /// Calls `f` for pages `first..first + n` (allocating leaves), one leaf lookup per leaf.
     /// Returns false, having visited nothing, if the run leaves the table.
     pub(crate) fn run_or_init(&self, first: u64, n: u64, mut f: impl FnMut(u64, &T)) -> bool {
-        match first.checked_add(n) {
-            Some(end) if end <= self.len => {}
-            _ => return false,
-        }
-        let mut idx = first;
-        let end = first + n;
-        while idx < end {
-            let Some(leaf) = self.leaf_or_init(idx) else {
-                return false;
-            };
-            let start = (idx % LEAF as u64) as usize;
-            let take = ((LEAF - start) as u64).min(end - idx) as usize;
-            for (i, slot) in leaf[start..start + take].iter().enumerate() {
-                f(idx + i as u64, slot);
+        self.chunks_or_init(first, n, |idx0, slots| {
+            for (i, slot) in slots.iter().enumerate() {
+                f(idx0 + i as u64, slot);
             }
-            idx += take as u64;
-        }
-        true
+        })
     }
 
     /// Calls `f(first index, entries)` for the pages `first..first + n`, one call per leaf

@@ -72,13 +72,19 @@ fn wait_timeout(child: &mut Child, timeout: Duration) -> Result<std::process::Ex
 
 /// Starts `exe serve` with `args` and waits for its ready lines.
 pub fn start_server(exe: &Path, args: &[&str]) -> Result<(Child, Vec<ReadyLine>), String> {
-    let mut child = exe_command(exe)
+    let child = exe_command(exe)
         .arg("serve")
         .args(args)
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
         .map_err(|e| format!("cannot start {} serve: {e}", exe.display()))?;
+    await_ready(child)
+}
+
+/// Waits for a spawned `vccw serve` (stdout piped) to print its ready lines and `serving N
+/// devices`; kills it if that does not come within the ready timeout.
+pub fn await_ready(mut child: Child) -> Result<(Child, Vec<ReadyLine>), String> {
     let stdout = child.stdout.take().ok_or("no server stdout")?;
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
