@@ -73,19 +73,11 @@ fn cc() -> CcwFlags {
 }
 
 fn de(mask: u8, ecyl: u16, ehead: u16) -> Vec<u8> {
-    let mut d = vec![mask, 0xC0, 0x10, 0x00, 0, 0, 0, 0, 0, 1, 0, 0];
-    d.extend_from_slice(&ecyl.to_be_bytes());
-    d.extend_from_slice(&ehead.to_be_bytes());
-    d
+    vccw::client::workload::define_extent(mask, (1, 0), (ecyl, ehead), 0x1000).to_vec()
 }
 
 fn lr(oper: u8, count: u8, cyl: u16, head: u16, rec: u8) -> Vec<u8> {
-    let mut d = vec![oper, 0x80, 0, count];
-    for v in [cyl, head, cyl, head] {
-        d.extend_from_slice(&v.to_be_bytes());
-    }
-    d.extend_from_slice(&[rec, 0xFF, 0x10, 0x00]);
-    d
+    vccw::client::workload::locate_record(oper, count, cyl, head, rec, 0x1000).to_vec()
 }
 
 struct Bench {

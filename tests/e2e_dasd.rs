@@ -168,24 +168,11 @@ fn cc() -> CcwFlags {
 }
 
 fn de(mask: u8, bcyl: u16, bhead: u16, ecyl: u16, ehead: u16, blksize: u16) -> Vec<u8> {
-    let mut d = vec![mask, 0xC0];
-    d.extend_from_slice(&blksize.to_be_bytes());
-    d.extend_from_slice(&[0, 0, 0, 0]);
-    for v in [bcyl, bhead, ecyl, ehead] {
-        d.extend_from_slice(&v.to_be_bytes());
-    }
-    d
+    vccw::client::workload::define_extent(mask, (bcyl, bhead), (ecyl, ehead), blksize).to_vec()
 }
 
 fn lr(oper: u8, count: u8, cyl: u16, head: u16, rec: u8, tlf: u16) -> Vec<u8> {
-    let mut d = vec![oper, if tlf != 0 { 0x80 } else { 0 }, 0, count];
-    for v in [cyl, head, cyl, head] {
-        d.extend_from_slice(&v.to_be_bytes());
-    }
-    d.push(rec);
-    d.push(0xFF);
-    d.extend_from_slice(&tlf.to_be_bytes());
-    d
+    vccw::client::workload::locate_record(oper, count, cyl, head, rec, tlf).to_vec()
 }
 
 /// Prefix (format 1: Define Extent + Locate Record Extended), 64 bytes, as Linux builds it

@@ -789,22 +789,11 @@ fn dasd_image(dir: &Path) -> PathBuf {
 }
 
 fn de(mask: u8, cyl: u16, blksize: u16) -> Vec<u8> {
-    let mut d = vec![mask, 0xC0];
-    d.extend_from_slice(&blksize.to_be_bytes());
-    d.extend_from_slice(&[0, 0, 0, 0]);
-    for v in [cyl, 0, cyl, 14] {
-        d.extend_from_slice(&v.to_be_bytes());
-    }
-    d
+    vccw::client::workload::define_extent(mask, (cyl, 0), (cyl, 14), blksize).to_vec()
 }
 
 fn lr(oper: u8, count: u8, cyl: u16, head: u16, rec: u8) -> Vec<u8> {
-    let mut d = vec![oper, 0, 0, count];
-    for v in [cyl, head, cyl, head] {
-        d.extend_from_slice(&v.to_be_bytes());
-    }
-    d.extend_from_slice(&[rec, 0xFF, 0, 0]);
-    d
+    vccw::client::workload::locate_record(oper, count, cyl, head, rec, 0).to_vec()
 }
 
 fn ckd_record(head: u16, rec: u8, len: usize) -> Vec<u8> {

@@ -89,13 +89,7 @@ impl<'a> Prog<'a> {
 }
 
 fn de(mask: u8, bcyl: u16, bhead: u16, ecyl: u16, ehead: u16, blksize: u16) -> Vec<u8> {
-    let mut d = vec![mask, 0xC0];
-    d.extend_from_slice(&blksize.to_be_bytes());
-    d.extend_from_slice(&[0, 0, 0, 0]);
-    for v in [bcyl, bhead, ecyl, ehead] {
-        d.extend_from_slice(&v.to_be_bytes());
-    }
-    d
+    crate::client::workload::define_extent(mask, (bcyl, bhead), (ecyl, ehead), blksize).to_vec()
 }
 
 fn de_all(mask: u8) -> Vec<u8> {
@@ -103,15 +97,7 @@ fn de_all(mask: u8) -> Vec<u8> {
 }
 
 fn lr(oper: u8, count: u8, cyl: u16, head: u16, rec: u8, tlf: u16) -> Vec<u8> {
-    let mut d = vec![oper, if tlf != 0 { 0x80 } else { 0 }, 0, count];
-    d.extend_from_slice(&cyl.to_be_bytes());
-    d.extend_from_slice(&head.to_be_bytes());
-    d.extend_from_slice(&cyl.to_be_bytes());
-    d.extend_from_slice(&head.to_be_bytes());
-    d.push(rec);
-    d.push(0xFF);
-    d.extend_from_slice(&tlf.to_be_bytes());
-    d
+    crate::client::workload::locate_record(oper, count, cyl, head, rec, tlf).to_vec()
 }
 
 fn seek_arg(cyl: u16, head: u16) -> Vec<u8> {
