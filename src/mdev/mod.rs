@@ -19,8 +19,8 @@ use thiserror::Error;
 
 pub use plan::{AddressPlan, ContainerMap, PlanError, PlanOp};
 pub use subchannel::{
-    group_from_link, irb_is_final, refusal_irb, valid_uuid, MdevConfig, MdevInfo, MdevRegions,
-    MdevSubchannel,
+    group_from_link, irb_is_final, refusal_irb, valid_uuid, IoStamps, MdevConfig, MdevInfo,
+    MdevRegions, MdevSubchannel,
 };
 
 /// Why opening or driving an mdev failed.

@@ -4,10 +4,10 @@ use std::fs::{File, OpenOptions};
 use std::os::fd::{AsFd, FromRawFd};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 use nix::poll::{PollFd, PollFlags, PollTimeout};
@@ -39,6 +39,9 @@ pub struct MdevConfig {
     pub arena_base: u32,
     /// Arena size; at least the translator's `arena_size`.
     pub arena_size: u32,
+    /// Hand the kernel direct-addressed CCWs where it can (see
+    /// [`MdevSubchannel::set_direct_ccws`]); on by default.
+    pub direct_ccws: bool,
 }
 
 impl Default for MdevConfig {
@@ -47,6 +50,7 @@ impl Default for MdevConfig {
         MdevConfig {
             arena_base: t.arena_base,
             arena_size: t.arena_size,
+            direct_ccws: true,
         }
     }
 }
@@ -101,6 +105,63 @@ struct Core {
     /// The errno of the last kernel refusal presented as a program check.
     last_errno: AtomicI32,
     stop: EventFd,
+    stamps: Stamps,
+    /// See [`MdevSubchannel::set_direct_ccws`].
+    direct: AtomicBool,
+}
+
+/// When the steps of the last I/O happened, in ns since the subchannel opened. Recorded only
+/// while enabled: `vccw mdev bench` reads them to split a round trip into its parts.
+#[derive(Debug)]
+struct Stamps {
+    on: AtomicBool,
+    epoch: Instant,
+    start: AtomicU64,
+    issued: AtomicU64,
+    written: AtomicU64,
+    irq: AtomicU64,
+    delivered: AtomicU64,
+}
+
+impl Stamps {
+    fn new() -> Self {
+        Stamps {
+            on: AtomicBool::new(false),
+            epoch: Instant::now(),
+            start: AtomicU64::new(0),
+            issued: AtomicU64::new(0),
+            written: AtomicU64::new(0),
+            irq: AtomicU64::new(0),
+            delivered: AtomicU64::new(0),
+        }
+    }
+
+    fn now(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    fn mark(&self, at: &AtomicU64) {
+        if self.on.load(Ordering::Relaxed) {
+            at.store(self.now(), Ordering::Relaxed);
+        }
+    }
+}
+
+/// The step times of the last I/O on an [`MdevSubchannel`] (ns on its
+/// [`MdevSubchannel::now_ns`] clock; 0 until recorded). See [`MdevSubchannel::set_stamps`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct IoStamps {
+    /// START entered the backend (after vccw's translation) or `start_raw` was called.
+    pub start: u64,
+    /// The I/O region write was issued (vccw: after the container mapping check and the
+    /// arena copy).
+    pub issued: u64,
+    /// The kernel accepted the I/O region write (its translation and SSCH done).
+    pub written: u64,
+    /// The interrupt thread woke on the IO eventfd.
+    pub irq: u64,
+    /// The interrupt was delivered (the device's handling, or the baseline's sink, done).
+    pub delivered: u64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -292,6 +353,8 @@ impl MdevSubchannel {
             io: Mutex::new(()),
             last_errno: AtomicI32::new(0),
             stop: efd()?,
+            stamps: Stamps::new(),
+            direct: AtomicBool::new(cfg.direct_ccws),
         });
         let c = Arc::clone(&core);
         let thread = std::thread::Builder::new()
@@ -337,10 +400,54 @@ impl MdevSubchannel {
     /// Pass-through baseline: starts `orb` as given (guest addresses = IOVAs, no vccw
     /// translation). The kernel's errno on refusal.
     pub fn start_raw(&self, orb: &Orb) -> Result<(), MdevError> {
+        self.core.stamps.mark(&self.core.stamps.start);
         let _g = lock(&self.core.io);
+        self.core.stamps.mark(&self.core.stamps.issued);
         self.core
             .write_start(orb)
-            .map_err(sys("start (pass-through)"))
+            .map_err(sys("start (pass-through)"))?;
+        self.core.stamps.mark(&self.core.stamps.written);
+        Ok(())
+    }
+
+    /// Records (or stops recording) the step times of each I/O, read by
+    /// [`MdevSubchannel::stamps`]: four clock reads per I/O, off by default.
+    pub fn set_stamps(&self, on: bool) {
+        self.core.stamps.on.store(on, Ordering::Relaxed);
+    }
+
+    /// The step times of the last I/O (zeros unless [`MdevSubchannel::set_stamps`] is on).
+    pub fn stamps(&self) -> IoStamps {
+        let s = &self.core.stamps;
+        IoStamps {
+            start: s.start.load(Ordering::Relaxed),
+            issued: s.issued.load(Ordering::Relaxed),
+            written: s.written.load(Ordering::Relaxed),
+            irq: s.irq.load(Ordering::Relaxed),
+            delivered: s.delivered.load(Ordering::Relaxed),
+        }
+    }
+
+    /// The clock [`IoStamps`] are on: ns since the subchannel opened.
+    pub fn now_ns(&self) -> u64 {
+        self.core.stamps.now()
+    }
+
+    /// Whether a start rewrites IDA CCWs into direct ones where it can: a data CCW whose
+    /// bytes are one contiguous guest range below the arena (and below 2 GiB) is handed to the
+    /// kernel with its guest-physical address, through a window that maps that store mapping
+    /// at IOVA = guest physical (as the pass-through does), instead of with a one-use IDAL of
+    /// process addresses. The kernel then pins the range directly rather than first fetching
+    /// the IDAL. The bytes moved and the status are the same either way; see
+    /// `docs/kernel-backend.md`.
+    pub fn set_direct_ccws(&self, on: bool) {
+        self.core.direct.store(on, Ordering::Relaxed);
+    }
+
+    /// The interrupt listener currently set (the device's, once a device was opened on
+    /// this subchannel), so a caller can switch listeners and back.
+    pub fn events(&self) -> Option<Weak<dyn SubchannelEvents>> {
+        lock(&self.core.events).clone()
     }
 
     /// Reads the I/O region's IRB (the last interrupt's status).
@@ -400,25 +507,160 @@ impl Core {
         Ok(())
     }
 
-    /// Maps (identity) every store mapping `program` has pinned pages in, once.
-    fn ensure_mapped(&self, program: &HostProgram) -> Result<(), MdevError> {
+    /// Makes the container ready for `program` and copies it into the arena, all under one
+    /// plan lock: identity entries for the store mappings it has pinned pages in (mapped
+    /// once, not per start), the image, then (direct CCWs on) its IDA CCWs rewritten where
+    /// they can be direct.
+    fn load(&self, program: &HostProgram) -> Result<(), MdevError> {
         let mut plan = lock(&self.plan);
-        let store = lock(&self.store).clone();
+        let mut store: Option<IommuStore> = None;
+        let mut store = || -> Result<IommuStore, MdevError> {
+            if store.is_none() {
+                store = lock(&self.store).clone();
+            }
+            store.clone().ok_or(MdevError::NoStore)
+        };
         for page in program.pages() {
             if plan.covers_identity(page.host, PAGE_SIZE) {
                 continue;
             }
-            let store = store.as_ref().ok_or(MdevError::NoStore)?;
             // The whole store mapping when it still is the one the pin came from; otherwise
             // (a VADDR update since) just the pinned page, which the pin keeps alive.
-            let (host, size) = match store.mapping_at(page.iova) {
+            let (host, size) = match store()?.mapping_at(page.iova) {
                 Some(m) if m.contains_host(page.host) => (m.host, m.size),
                 _ => (page.host & !(PAGE_SIZE - 1), PAGE_SIZE),
             };
             let ops = plan.ensure_identity(host, size)?;
             self.apply(&mut plan, ops)?;
         }
+        let image = program.image();
+        let outside = || MdevError::Sys {
+            what: "host program outside the arena",
+            errno: Errno::EFAULT,
+        };
+        let off = u64::from(program.base())
+            .checked_sub(u64::from(self.cfg.arena_base))
+            .filter(|o| o + image.len() as u64 <= u64::from(self.cfg.arena_size))
+            .ok_or_else(outside)? as usize;
+        self.arena
+            .get_slice(off, image.len())
+            .map_err(|_| outside())?
+            .copy_from(image);
+        if self.direct.load(Ordering::Relaxed) {
+            self.direct_ccws(&mut plan, program, off, &mut store);
+        }
         Ok(())
+    }
+
+    /// Rewrites, in the arena copy of `program` (at `arena_off`), each IDA CCW whose data is
+    /// one contiguous range of one store mapping that lies below the arena and below 2 GiB
+    /// into a direct CCW addressing it at IOVA = guest physical. The store mapping is mapped
+    /// there once (a *window*); later starts find the window among the plan's entries
+    /// without asking the store. A window can never send the kernel to the wrong memory,
+    /// for the same reason an identity entry cannot: it maps IOVAs to the process addresses
+    /// the program pinned, and the kernel resolves those when it pins. CCWs that cannot be
+    /// direct (scattered data, memory above the limit, a window that would displace an
+    /// identity entry) stay IDA, which is always valid.
+    fn direct_ccws(
+        &self,
+        plan: &mut AddressPlan,
+        program: &HostProgram,
+        arena_off: usize,
+        store: &mut impl FnMut() -> Result<IommuStore, MdevError>,
+    ) {
+        let orb = program.orb();
+        if !orb.ctl.format2_idaw() || orb.ctl.idaw_2k() {
+            return;
+        }
+        let image = program.image();
+        let base = u64::from(program.base());
+        let limit = u64::from(self.cfg.arena_base).min(1 << 31);
+        let idaw = |addr: u64| -> Option<u64> {
+            let off = usize::try_from(addr.checked_sub(base)?).ok()?;
+            let b: [u8; 8] = image.get(off..off.checked_add(8)?)?.try_into().ok()?;
+            Some(u64::from_be_bytes(b))
+        };
+        for (addr, ccw) in program.ccws() {
+            if !ccw.flags.ida() || ccw.count == 0 || ccw.is_tic() {
+                continue;
+            }
+            let count = u64::from(ccw.count);
+            let list = u64::from(ccw.cda);
+            let Some(first) = idaw(list) else { continue };
+            // Contiguous in process memory: IDAW k is the k-th page after the first.
+            let pages = ((first % PAGE_SIZE) + count).div_ceil(PAGE_SIZE);
+            let page0 = first & !(PAGE_SIZE - 1);
+            if !(1..pages).all(|k| idaw(list + 8 * k) == Some(page0 + k * PAGE_SIZE)) {
+                continue;
+            }
+            let window = |plan: &AddressPlan| {
+                plan.entries()
+                    .find(|e| {
+                        e.iova != e.host
+                            && first >= e.host
+                            && first - e.host + count <= e.size
+                            && e.iova + e.size <= limit
+                    })
+                    .map(|e| e.iova + (first - e.host))
+            };
+            let gpa = match window(plan) {
+                Some(g) => g,
+                None => match self.open_window(plan, program, first, count, limit, store) {
+                    Some(()) => match window(plan) {
+                        Some(g) => g,
+                        None => continue,
+                    },
+                    None => continue,
+                },
+            };
+            let direct = crate::ccw::Ccw1 {
+                flags: ccw.flags.with_ida(false),
+                cda: gpa as u32,
+                ..ccw
+            };
+            let at = arena_off + (u64::from(addr) - base) as usize;
+            if let Ok(s) = self.arena.get_slice(at, 8) {
+                s.copy_from(&direct.to_bytes());
+            }
+        }
+    }
+
+    /// Maps the store mapping holding the `count` bytes at process address `first` (pinned
+    /// by `program`) at IOVA = guest physical, if it lies below `limit` and displaces no
+    /// identity entry.
+    fn open_window(
+        &self,
+        plan: &mut AddressPlan,
+        program: &HostProgram,
+        first: u64,
+        count: u64,
+        limit: u64,
+        store: &mut impl FnMut() -> Result<IommuStore, MdevError>,
+    ) -> Option<()> {
+        let gpa = program.host_to_guest(first)?;
+        let m = store().ok()?.mapping_at(gpa)?;
+        let fits = m.contains_host(first)
+            && first - m.host == gpa - m.iova
+            && first - m.host + count <= m.size
+            && m.iova + m.size <= limit;
+        if !fits {
+            return None;
+        }
+        let ops = plan.ensure(m.iova, m.host, m.size).ok()?;
+        let displaces_identity = ops.iter().any(|op| match *op {
+            PlanOp::Unmap { iova, .. } => plan.entry_at(iova).is_some_and(|e| e.iova == e.host),
+            PlanOp::Map(_) => false,
+        });
+        if displaces_identity {
+            return None;
+        }
+        match self.apply(plan, ops) {
+            Ok(()) => Some(()),
+            Err(e) => {
+                tracing::debug!(%e, "direct CCWs: no window");
+                None
+            }
+        }
     }
 
     fn write_start(&self, orb: &Orb) -> Result<(), Errno> {
@@ -497,8 +739,10 @@ impl Core {
                 return;
             }
             if ready[0] {
+                self.stamps.mark(&self.stamps.irq);
                 let _ = io.read();
                 self.on_io();
+                self.stamps.mark(&self.stamps.delivered);
             }
             if ready[1] {
                 let _ = crw.read();
@@ -552,29 +796,21 @@ impl Core {
 impl Subchannel for MdevSubchannel {
     fn start(&self, program: Arc<HostProgram>) -> u8 {
         let core = &self.core;
+        core.stamps.mark(&core.stamps.start);
         let _g = lock(&core.io);
-        if let Err(e) = core.ensure_mapped(&program) {
-            tracing::error!(%e, "cannot map the program's memory into the container");
+        if let Err(e) = core.load(&program) {
+            tracing::error!(%e, "cannot load the program into the container and the arena");
             core.last_errno.store(e.errno(), Ordering::Relaxed);
-            return 3;
-        }
-        let image = program.image();
-        let off = u64::from(program.base()).checked_sub(u64::from(core.cfg.arena_base));
-        let fits = off.is_some_and(|o| o + image.len() as u64 <= u64::from(core.cfg.arena_size));
-        let copied = off.filter(|_| fits).and_then(|o| {
-            core.arena
-                .get_slice(o as usize, image.len())
-                .ok()
-                .map(|s| s.copy_from(image))
-        });
-        if copied.is_none() {
-            tracing::error!(base = program.base(), "host program outside the arena");
             return 3;
         }
         let orb = *program.orb();
         *lock(&core.current) = Some(program);
+        core.stamps.mark(&core.stamps.issued);
         match core.write_start(&orb) {
-            Ok(()) => 0,
+            Ok(()) => {
+                core.stamps.mark(&core.stamps.written);
+                0
+            }
             Err(e) => {
                 lock(&core.current).take();
                 match e {
