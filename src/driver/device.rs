@@ -230,38 +230,48 @@ struct EventQueue {
 }
 
 /// The state lock, held; drains backend events before and after unlocking.
+///
+/// Drop order does the work without an `Option` around the guard: `Locked::drop` drains
+/// with the lock held, then the fields drop in order: `g` unlocks, `after` drains what
+/// arrived meanwhile.
 pub(super) struct Locked<'a> {
-    sh: &'a Shared,
-    g: Option<MutexGuard<'a, Inner>>,
+    g: MutexGuard<'a, Inner>,
+    after: DrainAfterUnlock<'a>,
+}
+
+/// Drains the event queue once the state lock is released (see [`Locked`]).
+struct DrainAfterUnlock<'a>(&'a Shared);
+
+impl Drop for DrainAfterUnlock<'_> {
+    fn drop(&mut self) {
+        self.0.drain_after_unlock();
+    }
 }
 
 impl Deref for Locked<'_> {
     type Target = Inner;
     fn deref(&self) -> &Inner {
-        self.g.as_ref().expect("guard present until drop")
+        &self.g
     }
 }
 
 impl DerefMut for Locked<'_> {
     fn deref_mut(&mut self) -> &mut Inner {
-        self.g.as_mut().expect("guard present until drop")
+        &mut self.g
     }
 }
 
 impl Drop for Locked<'_> {
     fn drop(&mut self) {
-        if let Some(mut g) = self.g.take() {
-            self.sh.drain(&mut g);
-        }
-        self.sh.drain_after_unlock();
+        self.after.0.drain(&mut self.g);
     }
 }
 
 impl Shared {
     pub(super) fn lock(&self) -> Locked<'_> {
         Locked {
-            sh: self,
-            g: Some(self.inner.lock().unwrap_or_else(|e| e.into_inner())),
+            g: self.inner.lock().unwrap_or_else(|e| e.into_inner()),
+            after: DrainAfterUnlock(self),
         }
     }
 
@@ -272,8 +282,8 @@ impl Shared {
             Err(TryLockError::WouldBlock) => return None,
         };
         Some(Locked {
-            sh: self,
-            g: Some(g),
+            g,
+            after: DrainAfterUnlock(self),
         })
     }
 
