@@ -29,8 +29,8 @@ use crate::css::{DeviceModel, EmulatedSubchannel, SpinPolicy, SubchannelConfig};
 use crate::devices::dasd3390::{Dasd3390, Dasd3390Options};
 use crate::devices::tape3490::{Tape3490, Tape3490Config};
 use crate::driver::regions::{
-    CcwIoRegion, CCW_IO_REGION_SIZE, IO_IRB_OFFSET, IO_RET_CODE_OFFSET, VFIO_CCW_ASYNC_CMD_CSCH,
-    VFIO_CCW_ASYNC_CMD_HSCH,
+    CcwIoRegion, CCW_IO_REGION_SIZE, IO_IRB_OFFSET, IO_ORB_OFFSET, IO_RET_CODE_OFFSET,
+    IO_SCSW_OFFSET, VFIO_CCW_ASYNC_CMD_CSCH, VFIO_CCW_ASYNC_CMD_HSCH,
 };
 use crate::driver::{
     DeviceConfig, DeviceError, IrqIndex, IrqSet, State, VfioCcwDevice, ASYNC_REGION_INDEX,
@@ -125,12 +125,16 @@ impl Stack {
         let io = EventFd::from_flags(EfdFlags::EFD_NONBLOCK).map_err(RunError::Eventfd)?;
         let dup = nix::unistd::dup(&io).map_err(RunError::Eventfd)?;
         device.set_irqs(IrqSet::eventfd(IrqIndex::Io, Some(dup)))?;
+        let scsw = Scsw {
+            flags: ScswFlags::new().with_fctl(fctl::START),
+            ..Default::default()
+        };
         Ok(Stack {
             device,
             subchannel,
             store,
             io,
-            region: [0; CCW_IO_REGION_SIZE],
+            region: CcwIoRegion::request(&Orb::default(), &scsw).to_bytes(),
         })
     }
 
@@ -157,12 +161,9 @@ impl Stack {
     /// START SUBCHANNEL: writes `orb` and an SCSW with the start function into the I/O
     /// region, as QEMU does (the whole 124-byte region). No allocation.
     pub fn start(&mut self, orb: &Orb) -> Result<(), DeviceError> {
-        let scsw = Scsw {
-            flags: ScswFlags::new().with_fctl(fctl::START),
-            ..Default::default()
-        };
-        let r = CcwIoRegion::request(orb, &scsw);
-        self.region = r.to_bytes();
+        // The image is `CcwIoRegion::request(orb, start SCSW)`: only the ORB changes between
+        // starts; the SCSW is set once and the IRB area and ret_code stay zero.
+        self.region[IO_ORB_OFFSET..IO_SCSW_OFFSET].copy_from_slice(&orb.to_bytes());
         self.device
             .write_region(IO_REGION_INDEX, 0, &self.region)
             .map(|_| ())
@@ -188,7 +189,8 @@ impl Stack {
 
     /// Waits for the IO eventfd and reads (resets) it; returns the counter.
     pub fn wait_irq(&self, how: Wait, timeout: Duration) -> Result<u64, RunError> {
-        let deadline = Instant::now() + timeout;
+        // Inline execution signals before START returns: try once before reading the clock.
+        let mut deadline = None;
         loop {
             match self.io.read() {
                 Ok(n) => return Ok(n),
@@ -197,6 +199,7 @@ impl Stack {
                 Err(e) => return Err(RunError::Eventfd(e)),
             }
             let now = Instant::now();
+            let deadline = *deadline.get_or_insert(now + timeout);
             if now >= deadline {
                 return Err(RunError::Timeout(timeout));
             }

@@ -23,7 +23,7 @@
 
 use std::collections::VecDeque;
 use std::ops::{Deref, DerefMut, Range};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{fence, AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, TryLockError, Weak};
 use std::time::Duration;
 
@@ -211,45 +211,67 @@ pub(super) struct Shared {
     pub cfg: DeviceConfig,
     pub irqs: IrqTriggers,
     inner: Mutex<Inner>,
-    queue: Mutex<VecDeque<Pending>>,
+    queue: Mutex<EventQueue>,
     queue_cv: Condvar,
+    /// The queue's length, written under the queue lock: lets the unlock path see an empty
+    /// queue (the common case) without taking that lock.
+    queued: AtomicUsize,
     /// The extra regions exist (Linux registers them at open).
     pub regions_open: AtomicBool,
 }
 
+/// Backend events waiting for the state lock, and how many threads wait for one.
+#[derive(Default)]
+struct EventQueue {
+    events: VecDeque<Pending>,
+    /// Threads in [`Shared::wait_event`]: only they need the condvar (whose notify is a
+    /// system call).
+    waiters: usize,
+}
+
 /// The state lock, held; drains backend events before and after unlocking.
+///
+/// Drop order does the work without an `Option` around the guard: `Locked::drop` drains
+/// with the lock held, then the fields drop in order: `g` unlocks, `after` drains what
+/// arrived meanwhile.
 pub(super) struct Locked<'a> {
-    sh: &'a Shared,
-    g: Option<MutexGuard<'a, Inner>>,
+    g: MutexGuard<'a, Inner>,
+    after: DrainAfterUnlock<'a>,
+}
+
+/// Drains the event queue once the state lock is released (see [`Locked`]).
+struct DrainAfterUnlock<'a>(&'a Shared);
+
+impl Drop for DrainAfterUnlock<'_> {
+    fn drop(&mut self) {
+        self.0.drain_after_unlock();
+    }
 }
 
 impl Deref for Locked<'_> {
     type Target = Inner;
     fn deref(&self) -> &Inner {
-        self.g.as_ref().expect("guard present until drop")
+        &self.g
     }
 }
 
 impl DerefMut for Locked<'_> {
     fn deref_mut(&mut self) -> &mut Inner {
-        self.g.as_mut().expect("guard present until drop")
+        &mut self.g
     }
 }
 
 impl Drop for Locked<'_> {
     fn drop(&mut self) {
-        if let Some(mut g) = self.g.take() {
-            self.sh.drain(&mut g);
-        }
-        self.sh.drain_after_unlock();
+        self.after.0.drain(&mut self.g);
     }
 }
 
 impl Shared {
     pub(super) fn lock(&self) -> Locked<'_> {
         Locked {
-            sh: self,
-            g: Some(self.inner.lock().unwrap_or_else(|e| e.into_inner())),
+            g: self.inner.lock().unwrap_or_else(|e| e.into_inner()),
+            after: DrainAfterUnlock(self),
         }
     }
 
@@ -260,48 +282,70 @@ impl Shared {
             Err(TryLockError::WouldBlock) => return None,
         };
         Some(Locked {
-            sh: self,
-            g: Some(g),
+            g,
+            after: DrainAfterUnlock(self),
         })
     }
 
+    fn queue(&self) -> MutexGuard<'_, EventQueue> {
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queues `ev`; true when a thread waits for it in [`Shared::wait_event`].
+    fn enqueue(&self, ev: Pending) -> bool {
+        let mut q = self.queue();
+        q.events.push_back(ev);
+        self.queued.store(q.events.len(), Ordering::SeqCst);
+        q.waiters > 0
+    }
+
     fn push(&self, ev: Pending) {
-        self.queue
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push_back(ev);
-        self.queue_cv.notify_all();
-        // Handle it now if nobody holds the state; otherwise the holder will.
+        if self.enqueue(ev) {
+            self.queue_cv.notify_all();
+        }
+        // Handle it now if nobody holds the state; otherwise the holder will. The fence
+        // pairs with the one in `drain_after_unlock`: either this try_lock sees the
+        // holder's unlock, or the holder sees `queued` non-zero.
+        fence(Ordering::SeqCst);
         if let Some(l) = self.try_lock() {
             drop(l);
         }
     }
 
     fn pop(&self) -> Option<Pending> {
-        self.queue
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .pop_front()
+        // Empty (the common case): no queue lock. A push racing with this is seen by
+        // `drain_after_unlock` or handled by its pusher.
+        if self.queued.load(Ordering::SeqCst) == 0 {
+            return None;
+        }
+        let mut q = self.queue();
+        let ev = q.events.pop_front();
+        self.queued.store(q.events.len(), Ordering::SeqCst);
+        ev
     }
 
     /// Waits up to `timeout` for a backend event (state lock held by the caller).
     pub(super) fn wait_event(&self, timeout: Duration) -> Option<Pending> {
         let deadline = std::time::Instant::now() + timeout;
-        let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
-        loop {
-            if let Some(ev) = q.pop_front() {
-                return Some(ev);
+        let mut q = self.queue();
+        q.waiters += 1;
+        let ev = loop {
+            if let Some(ev) = q.events.pop_front() {
+                self.queued.store(q.events.len(), Ordering::SeqCst);
+                break Some(ev);
             }
             let now = std::time::Instant::now();
             if now >= deadline {
-                return None;
+                break None;
             }
             q = self
                 .queue_cv
                 .wait_timeout(q, deadline - now)
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
-        }
+        };
+        q.waiters -= 1;
+        ev
     }
 
     pub(super) fn handle(&self, st: &mut Inner, ev: Pending) {
@@ -314,10 +358,8 @@ impl Shared {
     /// Queues an interrupt the device itself presents (errors_as_status), handled like a
     /// backend interrupt once the current request is done.
     pub(super) fn push_local(&self, irb: Irb) {
-        self.queue
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push_back(Pending::Irb(irb));
+        // The caller holds the state lock and so drains it; nobody waits meanwhile.
+        self.enqueue(Pending::Irb(irb));
     }
 
     fn drain(&self, st: &mut Inner) {
@@ -328,12 +370,9 @@ impl Shared {
 
     fn drain_after_unlock(&self) {
         loop {
-            if self
-                .queue
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .is_empty()
-            {
+            // Pairs with the fence in `push` (see there).
+            fence(Ordering::SeqCst);
+            if self.queued.load(Ordering::SeqCst) == 0 {
                 return;
             }
             let mut g = match self.inner.try_lock() {
@@ -470,8 +509,9 @@ impl VfioCcwDevice {
                 schib: None,
                 io_mirror: None,
             }),
-            queue: Mutex::new(VecDeque::new()),
+            queue: Mutex::new(EventQueue::default()),
             queue_cv: Condvar::new(),
+            queued: AtomicUsize::new(0),
             regions_open: AtomicBool::new(false),
         });
         let events: Weak<dyn SubchannelEvents> = Arc::downgrade(&sh) as Weak<Shared>;

@@ -5,9 +5,10 @@ use std::sync::Arc;
 
 use super::device::{region_range, DeviceError, Inner, Shared};
 use super::fsm::State;
-use super::regions::{CcwIoRegion, CCW_IO_REGION_SIZE, IO_RET_CODE_OFFSET};
+use super::regions::{CCW_IO_REGION_SIZE, IO_ORB_OFFSET, IO_RET_CODE_OFFSET, IO_SCSW_OFFSET};
 use crate::ccw::{translate, ChannelStatus};
 use crate::orb::{fctl, stctl, Irb, Orb, Scsw, ScswFlags};
+use crate::orb::{ORB_SIZE, SCSW_SIZE};
 
 /// Stores `ret` (0 or a negative errno) in the region's host-order `ret_code`.
 pub(super) fn set_ret_code(region: &mut [u8; CCW_IO_REGION_SIZE], ret: i32) {
@@ -19,6 +20,14 @@ pub(super) fn ret_code(region: &[u8; CCW_IO_REGION_SIZE]) -> i32 {
     let mut b = [0u8; 4];
     b.copy_from_slice(&region[IO_RET_CODE_OFFSET..]);
     i32::from_ne_bytes(b)
+}
+
+/// The 12-byte ORB or SCSW area at `at` (both areas are 12 bytes).
+fn area(region: &[u8; CCW_IO_REGION_SIZE], at: usize) -> &[u8; ORB_SIZE] {
+    const _: () = assert!(ORB_SIZE == SCSW_SIZE);
+    region[at..at + ORB_SIZE]
+        .try_into()
+        .expect("12-byte area inside the 124-byte region")
 }
 
 /// What a write returns: the byte count, or the request's `ret_code`.
@@ -93,10 +102,14 @@ impl Shared {
     /// Linux `fsm_io_request` + `fsm_io_helper`.
     pub(super) fn io_request(&self, st: &mut Inner) {
         st.state = State::CpProcessing;
-        let region = CcwIoRegion::from_bytes(&st.io_region);
-        let f = region.scsw().flags.fctl();
+        // Only the function control and the ORB are needed: decode them in place rather
+        // than copy the whole 124-byte image.
+        let f = Scsw::from_bytes(area(&st.io_region, IO_SCSW_OFFSET))
+            .flags
+            .fctl();
         let ret = if f & fctl::START != 0 {
-            Some(self.start_request(st, &region.orb()))
+            let orb = Orb::from_bytes(area(&st.io_region, IO_ORB_OFFSET));
+            Some(self.start_request(st, &orb))
         } else if f & (fctl::HALT | fctl::CLEAR) != 0 {
             // Halt and clear go through the async region.
             Some(-libc::EOPNOTSUPP)
