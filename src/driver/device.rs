@@ -625,6 +625,13 @@ impl VfioCcwDevice {
         self.sh.irqs.set_irqs(req)
     }
 
+    /// Installs an in-process trigger for `index` in place of an eventfd (`None` tears the
+    /// index's trigger down); see [`IrqNotify`](super::irq::IrqNotify). For embeddings in the
+    /// same process: the device then signals the IO interrupt without a system call.
+    pub fn set_irq_notify(&self, index: IrqIndex, notify: Option<Arc<dyn super::irq::IrqNotify>>) {
+        self.sh.irqs.set_notify(index, notify);
+    }
+
     /// Reads `buf.len()` bytes at `offset` of region `index`; returns the byte count.
     /// EINVAL for a bad index or a range outside the region; the extra regions exist only
     /// while the device is open. A SCHIB read refreshes it (ENODEV when that fails); a CRW

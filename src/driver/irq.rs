@@ -5,9 +5,16 @@
 //! which qemu-user mistranslates. An accepted fd is switched to non-blocking so a client that
 //! saturates its own counter cannot make the device block (EAGAIN then means "already
 //! signalled", as the kernel's saturating `eventfd_signal`).
+//!
+//! An embedding in the same process may install an [`IrqNotify`] instead of an eventfd
+//! ([`IrqTriggers::set_notify`]): the device then calls it where it would write the eventfd,
+//! and a client waiting on an [`IrqLatch`] is told without a system call when it is not
+//! asleep (the eventfd costs a `write` by the device and a `read` by the client every time).
 
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 use nix::fcntl::{fcntl, FcntlArg, OFlag};
@@ -102,10 +109,94 @@ impl IrqSet {
     }
 }
 
-/// The three triggers. Its lock is a leaf: nothing else is locked while it is held.
+/// An in-process interrupt trigger, installed with [`IrqTriggers::set_notify`] in place of an
+/// eventfd. `notify` is called where the eventfd would be written (for IO: after the IRB is
+/// in the I/O region), possibly with the device's state lock held: it must be quick and must
+/// not call back into the device.
+pub trait IrqNotify: Send + Sync {
+    /// Interrupt `index` happened.
+    fn notify(&self, index: IrqIndex);
+}
+
+/// A counting latch an in-process client waits on: the [`IrqNotify`] counterpart of an
+/// eventfd's counter. A signal to a client that is not waiting costs two atomic operations
+/// and no system call; a waiting client is woken through a condvar.
+#[derive(Debug, Default)]
+pub struct IrqLatch {
+    count: AtomicU64,
+    waiters: AtomicUsize,
+    lock: Mutex<()>,
+    cv: Condvar,
+}
+
+impl IrqNotify for IrqLatch {
+    fn notify(&self, _index: IrqIndex) {
+        self.count.fetch_add(1, Ordering::SeqCst);
+        // Paired with `wait`: either it sees the count, or this sees it waiting and takes
+        // the lock (so it is inside `wait_timeout`, not between its check and its sleep).
+        if self.waiters.load(Ordering::SeqCst) > 0 {
+            let _g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+            self.cv.notify_all();
+        }
+    }
+}
+
+impl IrqLatch {
+    /// Takes every pending signal without waiting: their number (0: none).
+    pub fn take(&self) -> u64 {
+        self.count.swap(0, Ordering::SeqCst)
+    }
+
+    /// Takes every pending signal, waiting up to `timeout` for one: their number, or `None`
+    /// on timeout.
+    pub fn wait(&self, timeout: Duration) -> Option<u64> {
+        match self.take() {
+            0 => {}
+            n => return Some(n),
+        }
+        let deadline = Instant::now() + timeout;
+        let mut g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        self.waiters.fetch_add(1, Ordering::SeqCst);
+        let got = loop {
+            match self.take() {
+                0 => {}
+                n => break Some(n),
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break None;
+            }
+            g = self
+                .cv
+                .wait_timeout(g, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        };
+        self.waiters.fetch_sub(1, Ordering::SeqCst);
+        got
+    }
+}
+
+/// What an index signals.
+enum Trigger {
+    Eventfd(OwnedFd),
+    Notify(Arc<dyn IrqNotify>),
+}
+
+impl std::fmt::Debug for Trigger {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Trigger::Eventfd(fd) => write!(f, "Eventfd({})", fd.as_raw_fd()),
+            Trigger::Notify(_) => f.write_str("Notify"),
+        }
+    }
+}
+
+/// The three triggers. Its lock is a leaf: nothing else is locked while it is held (an
+/// [`IrqNotify`] is called after it is released).
 #[derive(Debug, Default)]
 pub struct IrqTriggers {
-    fds: Mutex<[Option<OwnedFd>; 3]>,
+    slots: Mutex<[Option<Trigger>; 3]>,
 }
 
 impl IrqTriggers {
@@ -165,32 +256,46 @@ impl IrqTriggers {
                 None => self.slot(index, None),
                 Some(fd) => {
                     check_eventfd(&fd)?;
-                    self.slot(index, Some(fd));
+                    self.slot(index, Some(Trigger::Eventfd(fd)));
                 }
             },
         }
         Ok(())
     }
 
-    fn slot(&self, index: IrqIndex, fd: Option<OwnedFd>) {
+    fn slot(&self, index: IrqIndex, t: Option<Trigger>) {
         let old = {
-            let mut g = self.fds.lock().unwrap_or_else(|e| e.into_inner());
-            std::mem::replace(&mut g[index as usize], fd)
+            let mut g = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+            std::mem::replace(&mut g[index as usize], t)
         };
         // The replaced fd is closed here, outside the lock.
         drop(old);
     }
 
-    /// Whether `index` has an eventfd.
-    pub fn is_set(&self, index: IrqIndex) -> bool {
-        self.fds.lock().unwrap_or_else(|e| e.into_inner())[index as usize].is_some()
+    /// Installs an in-process trigger for `index` in place of its eventfd (`None` tears
+    /// either down). A later `SET_IRQS` with an eventfd replaces it, as it replaces an fd.
+    pub fn set_notify(&self, index: IrqIndex, notify: Option<Arc<dyn IrqNotify>>) {
+        self.slot(index, notify.map(Trigger::Notify));
     }
 
-    /// Signals `index` (adds 1 to its eventfd counter); false when no eventfd is set.
+    /// Whether `index` has a trigger (an eventfd or an [`IrqNotify`]).
+    pub fn is_set(&self, index: IrqIndex) -> bool {
+        self.slots.lock().unwrap_or_else(|e| e.into_inner())[index as usize].is_some()
+    }
+
+    /// Signals `index` (adds 1 to its eventfd counter, or calls its [`IrqNotify`]); false
+    /// when no trigger is set.
     pub fn signal(&self, index: IrqIndex) -> bool {
-        let g = self.fds.lock().unwrap_or_else(|e| e.into_inner());
-        let Some(fd) = g[index as usize].as_ref() else {
-            return false;
+        let g = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        let fd = match g[index as usize].as_ref() {
+            None => return false,
+            Some(Trigger::Notify(n)) => {
+                let n = Arc::clone(n);
+                drop(g);
+                n.notify(index);
+                return true;
+            }
+            Some(Trigger::Eventfd(fd)) => fd,
         };
         loop {
             match nix::unistd::write(fd.as_fd(), &1u64.to_ne_bytes()) {
@@ -254,6 +359,61 @@ mod tests {
         t.set_irqs(IrqSet::eventfd(IrqIndex::Io, None)).unwrap();
         assert!(!t.is_set(IrqIndex::Io));
         assert!(!t.signal(IrqIndex::Io));
+    }
+
+    #[derive(Default)]
+    struct Seen(Mutex<Vec<IrqIndex>>);
+
+    impl IrqNotify for Seen {
+        fn notify(&self, index: IrqIndex) {
+            self.0.lock().unwrap().push(index);
+        }
+    }
+
+    #[test]
+    fn notify_replaces_and_is_replaced_by_an_eventfd() {
+        let t = IrqTriggers::default();
+        let seen = Arc::new(Seen::default());
+        t.set_notify(IrqIndex::Io, Some(seen.clone()));
+        assert!(t.is_set(IrqIndex::Io));
+        assert!(t.signal(IrqIndex::Io));
+        assert!(!t.signal(IrqIndex::Crw));
+        assert_eq!(*seen.0.lock().unwrap(), vec![IrqIndex::Io]);
+        // SET_IRQS with an eventfd takes the slot over; the notify is no longer called.
+        let (e, d) = efd();
+        t.set_irqs(IrqSet::eventfd(IrqIndex::Io, Some(d))).unwrap();
+        assert!(t.signal(IrqIndex::Io));
+        assert_eq!(count(&e), 1);
+        assert_eq!(seen.0.lock().unwrap().len(), 1);
+        // And back; None tears it down.
+        t.set_notify(IrqIndex::Io, Some(seen.clone()));
+        assert!(t.signal(IrqIndex::Io));
+        assert_eq!(count(&e), 0);
+        assert_eq!(seen.0.lock().unwrap().len(), 2);
+        t.set_notify(IrqIndex::Io, None);
+        assert!(!t.is_set(IrqIndex::Io));
+        assert!(!t.signal(IrqIndex::Io));
+    }
+
+    #[test]
+    fn latch_counts_and_wakes() {
+        let l = Arc::new(IrqLatch::default());
+        assert_eq!(l.take(), 0);
+        assert_eq!(l.wait(Duration::from_millis(10)), None);
+        l.notify(IrqIndex::Io);
+        l.notify(IrqIndex::Io);
+        assert_eq!(l.wait(Duration::from_secs(1)), Some(2));
+        assert_eq!(l.take(), 0);
+        // A waiter asleep before the signal is woken by it; many rounds, so a lost wake-up
+        // (the waiter checking, then sleeping after the signal) would hang one of them.
+        for _ in 0..200 {
+            let w = {
+                let l = l.clone();
+                std::thread::spawn(move || l.wait(Duration::from_secs(10)))
+            };
+            l.notify(IrqIndex::Io);
+            assert_eq!(w.join().unwrap(), Some(1));
+        }
     }
 
     #[test]

@@ -20,5 +20,5 @@ pub use device::{
     SCHIB_REGION_INDEX,
 };
 pub use fsm::State;
-pub use irq::{IrqIndex, IrqSet, IrqSetData, IrqTriggers};
+pub use irq::{IrqIndex, IrqLatch, IrqNotify, IrqSet, IrqSetData, IrqTriggers};
 pub use subchannel::{Subchannel, SubchannelEvents};

@@ -10,8 +10,9 @@
 //!
 //! Every check prints one `RESULT ok <name> ...` or `RESULT FAIL <name> ...` line.
 
+use std::collections::VecDeque;
 use std::os::fd::AsFd;
-use std::sync::{Arc, Condvar, Mutex, Weak};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use nix::poll::{PollFd, PollFlags, PollTimeout};
@@ -24,8 +25,8 @@ use crate::driver::regions::{
     CcwCmdRegion, CcwIoRegion, VFIO_CCW_ASYNC_CMD_CSCH, VFIO_CCW_ASYNC_CMD_HSCH,
 };
 use crate::driver::{
-    DeviceConfig, DeviceError, IrqIndex, IrqSet, Subchannel, SubchannelEvents, VfioCcwDevice,
-    ASYNC_REGION_INDEX, IO_REGION_INDEX, SCHIB_REGION_INDEX,
+    DeviceConfig, DeviceError, IrqIndex, IrqLatch, IrqNotify, IrqSet, Subchannel, SubchannelEvents,
+    VfioCcwDevice, ASYNC_REGION_INDEX, IO_REGION_INDEX, SCHIB_REGION_INDEX,
 };
 use crate::iommu_store::{Backing, IommuStore, Perm, StoreConfig, StoreError};
 use crate::orb::{dstat, fctl, Crw, Irb, Orb, OrbControls, Schib, Scsw, ScswFlags, SCHIB_SIZE};
@@ -286,7 +287,15 @@ fn wait_fd(efd: &EventFd, timeout: Duration) -> Result<(), ProbeError> {
 pub struct DeviceRunner {
     /// The device.
     pub dev: VfioCcwDevice,
-    efd: EventFd,
+    wake: Wake,
+}
+
+/// How a [`DeviceRunner`] learns of an IO interrupt.
+enum Wake {
+    /// The IO eventfd, as a client in another process (a VMM over vfio-user) does.
+    Eventfd(EventFd),
+    /// An in-process [`IrqLatch`] (no system call when the interrupt came before the wait).
+    Latch(Arc<IrqLatch>),
 }
 
 impl DeviceRunner {
@@ -298,11 +307,33 @@ impl DeviceRunner {
         // dup(), not F_DUPFD_CLOEXEC: qemu-user mistranslates eventfds cloned that way.
         let fd = nix::unistd::dup(efd.as_fd())?;
         dev.set_irqs(IrqSet::eventfd(IrqIndex::Io, Some(fd)))?;
-        Ok(DeviceRunner { dev, efd })
+        Ok(DeviceRunner {
+            dev,
+            wake: Wake::Eventfd(efd),
+        })
+    }
+
+    /// Opens a device over `backend` and `store` whose IO interrupt is an in-process
+    /// [`IrqLatch`] instead of an eventfd (an embedding in the same process).
+    pub fn with_latch(backend: Arc<dyn Subchannel>, store: IommuStore) -> Result<Self, ProbeError> {
+        let dev = VfioCcwDevice::new(backend, store, DeviceConfig::default());
+        dev.open()?;
+        let latch = Arc::new(IrqLatch::default());
+        dev.set_irq_notify(IrqIndex::Io, Some(latch.clone()));
+        Ok(DeviceRunner {
+            dev,
+            wake: Wake::Latch(latch),
+        })
     }
 
     fn wait_irb(&self) -> Result<Irb, ProbeError> {
-        wait_fd(&self.efd, IRQ_TIMEOUT)?;
+        match &self.wake {
+            Wake::Eventfd(efd) => wait_fd(efd, IRQ_TIMEOUT)?,
+            Wake::Latch(l) => {
+                l.wait(IRQ_TIMEOUT)
+                    .ok_or(ProbeError::Timeout(IRQ_TIMEOUT))?;
+            }
+        }
         let mut b = [0u8; crate::driver::regions::CCW_IO_REGION_SIZE];
         self.dev.read_region(IO_REGION_INDEX, 0, &mut b)?;
         Ok(CcwIoRegion::from_bytes(&b).irb())
@@ -338,11 +369,13 @@ impl DeviceRunner {
     }
 }
 
-/// Collects interrupts of the pass-through baseline (no vccw device in between).
+/// Collects interrupts of the pass-through baseline (no vccw device in between). It wakes
+/// its waiter through an [`IrqLatch`], as a latch-mode [`DeviceRunner`] is woken, so both
+/// sides of `vccw mdev bench` are told of an interrupt the same way.
 #[derive(Default)]
 pub struct Sink {
-    irbs: Mutex<Vec<Irb>>,
-    cv: Condvar,
+    irbs: Mutex<VecDeque<Irb>>,
+    latch: IrqLatch,
 }
 
 impl SubchannelEvents for Sink {
@@ -350,8 +383,8 @@ impl SubchannelEvents for Sink {
         self.irbs
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .push(irb);
-        self.cv.notify_all();
+            .push_back(irb);
+        self.latch.notify(IrqIndex::Io);
     }
 
     fn path_event(&self, _crw: Crw) {}
@@ -361,20 +394,19 @@ impl Sink {
     /// Waits for the next interrupt.
     pub fn wait(&self, timeout: Duration) -> Result<Irb, ProbeError> {
         let deadline = Instant::now() + timeout;
-        let mut g = self.irbs.lock().unwrap_or_else(|e| e.into_inner());
         loop {
-            if !g.is_empty() {
-                return Ok(g.remove(0));
+            if let Some(irb) = self
+                .irbs
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .pop_front()
+            {
+                return Ok(irb);
             }
             let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
+            if left.is_zero() || self.latch.wait(left).is_none() {
                 return Err(ProbeError::Timeout(timeout));
             }
-            g = self
-                .cv
-                .wait_timeout(g, left)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
         }
     }
 }
@@ -718,28 +750,43 @@ fn split_medians(runs: &[Split]) -> (f64, String) {
     (total, parts)
 }
 
-/// `vccw mdev bench --uuid UUID --count N`: N runs of the basic program through vccw and N
-/// through the pass-through baseline, **interleaved** on one open mdev (so both sides see the
-/// same host load), their medians and ratio, and the median of each part of the round trip.
+/// `vccw mdev bench --uuid UUID --count N`: the basic program N times through each of four
+/// paths, **interleaved** on one open mdev (so every path sees the same host load), with the
+/// median of each and of each part of the round trip ([`Split`]):
 ///
-/// Both paths share the container: vccw's store is mapped at IOVA = process address (above
-/// the 31-bit range), the baseline's at IOVA = guest physical (`GUEST_BASE`, below the
-/// arena). The backend's interrupt listener is switched to the baseline's sink around each
-/// baseline I/O and back to the device after it.
+/// * `vccw`: vccw's device, store and translator, direct CCWs on, the caller told of the
+///   interrupt through an in-process [`IrqLatch`];
+/// * `vccw-ida`: the same with every data CCW left IDA (direct CCWs off);
+/// * `vccw-eventfd`: the same as `vccw` with the caller told through the IO eventfd, as a
+///   client in another process is;
+/// * `passthrough`: the baseline, untranslated (IOVA = guest physical), told through an
+///   [`IrqLatch`] too.
+///
+/// The ratio `vccw / passthrough` is the goal's; the others are printed beside it. vccw's
+/// store is mapped at IOVA = process address (and, for direct CCWs, a window at guest
+/// physical), the baseline's own copy of the guest memory at IOVA = guest physical: both
+/// fit in one container. The backend's interrupt listener is switched to the path that
+/// starts each I/O.
 pub fn bench(uuid: &str, count: usize) -> Report {
     let mut r = Report::default();
     match bench_runs(uuid, count.max(1)) {
         Ok(runs) => {
-            let (a, va) = split_medians(&runs.vccw);
-            let (i, ia) = split_medians(&runs.vccw_ida);
             let (b, pa) = split_medians(&runs.passthrough);
-            let ratio = a / b.max(1e-9);
-            println!("RESULT info bench-vccw-parts-us {va}");
-            println!(
-                "RESULT info bench-vccw-ida-parts-us {ia} (direct CCWs off: median {i:.1} us, ratio {:.3})",
-                i / b.max(1e-9)
-            );
-            println!("RESULT info bench-passthrough-parts-us {pa}");
+            let b = b.max(1e-9);
+            let (a, va) = split_medians(&runs.vccw);
+            for (name, series) in [
+                ("vccw-ida", &runs.vccw_ida),
+                ("vccw-eventfd", &runs.vccw_eventfd),
+            ] {
+                let (m, parts) = split_medians(series);
+                println!(
+                    "RESULT info bench-{name} median_us={m:.1} ratio={:.3} parts_us: {parts}",
+                    m / b
+                );
+            }
+            println!("RESULT info bench-vccw parts_us: {va}");
+            println!("RESULT info bench-passthrough parts_us: {pa}");
+            let ratio = a / b;
             r.check(
                 true,
                 "bench",
@@ -757,11 +804,9 @@ pub fn bench(uuid: &str, count: usize) -> Report {
 
 /// The interleaved series of [`bench`].
 struct BenchRuns {
-    /// vccw, direct CCWs on (the default).
     vccw: Vec<Split>,
-    /// vccw with every data CCW left IDA (what the kernel got before direct CCWs).
     vccw_ida: Vec<Split>,
-    /// The pass-through baseline.
+    vccw_eventfd: Vec<Split>,
     passthrough: Vec<Split>,
 }
 
@@ -772,54 +817,61 @@ fn bench_runs(uuid: &str, count: usize) -> Result<BenchRuns, ProbeError> {
     mdev.attach_store(store.clone());
     let pt_store = guest_store()?;
     mdev.map_passthrough(&pt_store)?;
-    let run = DeviceRunner::new(mdev.clone(), store)?;
-    let device_events = mdev
-        .events()
-        .ok_or(ProbeError::Sys(nix::errno::Errno::ENODEV))?;
+    let nodev = || ProbeError::Sys(nix::errno::Errno::ENODEV);
+    // Two devices on the one subchannel, each the listener while it runs an I/O.
+    let by_fd = DeviceRunner::new(mdev.clone(), store.clone())?;
+    let by_fd_events = mdev.events().ok_or_else(nodev)?;
+    let by_latch = DeviceRunner::with_latch(mdev.clone(), store)?;
+    let by_latch_events = mdev.events().ok_or_else(nodev)?;
     let sink = Arc::new(Sink::default());
     let sink_events: Weak<dyn SubchannelEvents> = Arc::downgrade(&sink) as Weak<Sink>;
     mdev.set_stamps(true);
     let o = orb(Variant::Basic);
-    let one_vccw = |direct: bool| -> Result<Split, ProbeError> {
-        mdev.set_direct_ccws(direct);
+    let timed = |f: &dyn Fn() -> Result<Irb, ProbeError>| -> Result<Split, ProbeError> {
         let t0 = mdev.now_ns();
-        let irb = run.run(&o)?;
+        let irb = f();
         let t1 = mdev.now_ns();
-        if !clean(&irb) {
-            return Err(ProbeError::Sys(nix::errno::Errno::EIO));
-        }
-        Ok(Split::new(t0, t1, mdev.stamps()))
-    };
-    let one_pt = || -> Result<Split, ProbeError> {
-        mdev.set_events(sink_events.clone());
-        let t0 = mdev.now_ns();
-        let irb = run_passthrough(&mdev, &sink, Variant::Basic);
-        let t1 = mdev.now_ns();
-        mdev.set_events(device_events.clone());
         if !clean(&irb?) {
             return Err(ProbeError::Sys(nix::errno::Errno::EIO));
         }
         Ok(Split::new(t0, t1, mdev.stamps()))
     };
+    let one = |path: usize| -> Result<Split, ProbeError> {
+        match path {
+            0 | 1 => {
+                mdev.set_events(by_latch_events.clone());
+                mdev.set_direct_ccws(path == 0);
+                timed(&|| by_latch.run(&o))
+            }
+            2 => {
+                mdev.set_events(by_fd_events.clone());
+                mdev.set_direct_ccws(true);
+                timed(&|| by_fd.run(&o))
+            }
+            _ => {
+                mdev.set_events(sink_events.clone());
+                timed(&|| run_passthrough(&mdev, &sink, Variant::Basic))
+            }
+        }
+    };
     let mut runs = BenchRuns {
         vccw: Vec::with_capacity(count),
         vccw_ida: Vec::with_capacity(count),
+        vccw_eventfd: Vec::with_capacity(count),
         passthrough: Vec::with_capacity(count),
     };
     for i in 0..count + warm {
-        // Rotate the order, so no side always follows the same other side.
-        let (mut a, mut d, mut p) = (None, None, None);
-        for k in 0..3 {
-            match (i + k) % 3 {
-                0 => a = Some(one_vccw(true)?),
-                1 => d = Some(one_vccw(false)?),
-                _ => p = Some(one_pt()?),
-            }
+        // Rotate the order, so no path always follows the same other path.
+        let mut got = [Split::default(); 4];
+        for k in 0..4 {
+            let path = (i + k) % 4;
+            got[path] = one(path)?;
         }
         if i >= warm {
-            runs.vccw.extend(a);
-            runs.vccw_ida.extend(d);
-            runs.passthrough.extend(p);
+            runs.vccw.push(got[0]);
+            runs.vccw_ida.push(got[1]);
+            runs.vccw_eventfd.push(got[2]);
+            runs.passthrough.push(got[3]);
         }
     }
     mdev.set_stamps(false);
