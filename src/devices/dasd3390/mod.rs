@@ -1445,7 +1445,8 @@ impl DeviceModel for Dasd3390 {
         // The index point counts again after anything but a search or a single-track Read
         // Count (Hercules' rule): a Search + TIC loop sees it twice and ends.
         use crate::ccw::CommandKind;
-        let kind = CommandKind::of(code);
+        // The channel classified the code already (`Command::kind` is `CommandKind::of`).
+        let kind = cmd.kind;
         let search = matches!(code & 0x7F, 0x31 | 0x51 | 0x71 | 0x29 | 0x49 | 0x69);
         if matches!(kind, CommandKind::Sense | CommandKind::Control)
             || (kind == CommandKind::Write && !search)
