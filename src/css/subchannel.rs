@@ -861,16 +861,53 @@ fn deliver<'a>(
     sh.lock()
 }
 
-/// Runs one step of the program with the lock released (the device and the program are out
-/// of `Inner` meanwhile, so requests never wait for the device); returns the lock.
+/// How long a runner may go on stepping: the inline budget (see [`run_inline`]), or none
+/// for the channel thread.
+struct Budget {
+    /// When the budget is spent; `None`: never.
+    deadline: Option<Instant>,
+    /// Commands run so far.
+    commands: u32,
+}
+
+impl Budget {
+    /// No limit (the channel thread).
+    fn unlimited() -> Self {
+        Budget {
+            deadline: None,
+            commands: 0,
+        }
+    }
+
+    /// Whether the runner must stop before the next command. The clock is read only once
+    /// [`UNTIMED_COMMANDS`] commands have run.
+    fn spent(&self) -> bool {
+        self.commands >= UNTIMED_COMMANDS && self.deadline.is_some_and(|d| Instant::now() >= d)
+    }
+}
+
+/// Runs the program with the lock released (the device and the program are out of `Inner`
+/// meanwhile, so requests never wait for the device) and returns the lock. Commands that
+/// just continue the program (no status) run back to back while no request came in (each
+/// bumps `seq` under the lock) and the budget lasts: taking the lock between them would
+/// find nothing to do but the next command.
 fn step<'a>(
     sh: &'a Shared,
     g: MutexGuard<'a, Inner>,
     mut exec: Exec,
     mut dev: Box<dyn DeviceModel>,
+    budget: &mut Budget,
 ) -> MutexGuard<'a, Inner> {
+    // Read under the lock: a request made after this is seen at the next command boundary.
+    let seen = sh.seq.load(Ordering::Acquire);
     drop(g);
-    let step = guarded("execute", || exec.run.step(&*exec.prog, dev.as_mut()));
+    let step = guarded("execute", || loop {
+        let s = exec.run.step(&*exec.prog, dev.as_mut());
+        budget.commands += 1;
+        if s != Step::Continue || sh.seq.load(Ordering::Acquire) != seen || budget.spent() {
+            break s;
+        }
+    });
     let sense = match step {
         Some(Step::Done(s)) if s.dstat & dstat::UNIT_CHECK != 0 => guarded("sense", || dev.sense()),
         None => {
@@ -899,26 +936,21 @@ fn run_inline<'a>(sh: &'a Shared, mut g: MutexGuard<'a, Inner>) {
     // `UNTIMED_COMMANDS` commands have run (reading it costs more than a short program's
     // bookkeeping, and a short program never comes near the budget). A deadline past the
     // clock's range is no deadline.
-    let deadline = Instant::now().checked_add(sh.inline_budget);
-    let mut commands = 0u32;
+    let mut budget = Budget {
+        deadline: Instant::now().checked_add(sh.inline_budget),
+        commands: 0,
+    };
     loop {
         // Over budget with status still to present: present it here first (it is cheap and
         // saves the channel thread a wake-up); otherwise hand the rest over.
-        if commands >= UNTIMED_COMMANDS
-            && g.pending.is_none()
-            && g.crws.is_empty()
-            && deadline.is_some_and(|d| Instant::now() >= d)
-        {
+        if g.pending.is_none() && g.crws.is_empty() && budget.spent() {
             break;
         }
         match next_work(&mut g, &sh.seq) {
             Work::Exit => break,
             Work::Again => sh.done.notify_all(),
             Work::Deliver(sink, ev) => g = deliver(sh, g, sink, ev),
-            Work::Step(exec, dev) => {
-                commands += 1;
-                g = step(sh, g, exec, dev);
-            }
+            Work::Step(exec, dev) => g = step(sh, g, exec, dev, &mut budget),
             Work::Idle(_) => {
                 // Nothing left for anybody (the program ended or is suspended).
                 g.runner = Runner::Idle;
@@ -962,7 +994,7 @@ fn channel_thread(sh: Arc<Shared>) {
             }
             Work::Step(exec, dev) => {
                 g.runner = Runner::Channel;
-                g = step(&sh, g, exec, dev);
+                g = step(&sh, g, exec, dev, &mut Budget::unlimited());
             }
             Work::Idle(seen) => {
                 if g.runner == Runner::Channel {
