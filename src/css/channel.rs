@@ -1052,7 +1052,7 @@ impl ChannelRun {
         if t > 0 {
             self.no_data = 0;
         }
-        if !input {
+        if !input && self.trace {
             // Output moved only what the device consumed (prefetched bytes are not "moved").
             let mut pos = 0usize;
             for p in pieces {

@@ -767,7 +767,9 @@ fn next_work(g: &mut Inner, seq: &AtomicU64) -> Work {
         } else {
             g.actl &= !actl::START_PENDING;
         }
-        return Work::Again;
+        // Decide again at once, under the same lock: nobody waits on a start (no
+        // `done` wake-up needed), and a turn of the caller's loop costs more than this.
+        return next_work(g, seq);
     }
     let runnable =
         g.exec.is_some() && (g.actl & actl::SUSPENDED == 0 || g.actl & actl::RESUME_PENDING != 0);

@@ -463,10 +463,13 @@ impl Dasd3390 {
     /// Read Track and Read Multiple CKD.
     fn read_count(&mut self, code: u8) -> Res<Option<CountField>> {
         self.ensure_loaded()?;
-        let keep_r0 = code == 0xDE
-            || code & 0x7F == 0x16
-            || is_search_id(code)
-            || matches!(code, 0x47 | 0x4B | 0x9D | 0xE7);
+        // Only asked when record 0 comes by (once per track pass at most).
+        let keep_r0 = || {
+            code == 0xDE
+                || code & 0x7F == 0x16
+                || is_search_id(code)
+                || matches!(code, 0x47 | 0x4B | 0x9D | 0xE7)
+        };
         if self.orient == Orient::Eot {
             self.mt_advance(1)?;
         }
@@ -483,7 +486,7 @@ impl Dasd3390 {
                 self.kl = c.key_len as usize;
                 self.dl = c.data_len as usize;
                 self.orient = Orient::Count;
-                if !keep_r0 && c.rec == 0 {
+                if c.rec == 0 && !keep_r0() {
                     continue;
                 }
                 return Ok(Some(c));
