@@ -298,16 +298,42 @@ impl ChannelRun {
     /// Prepares the program `orb` designates, as [`Self::new`] does, keeping this run's
     /// buffers (a subchannel reuses one run for program after program without allocating).
     pub fn restart(&mut self, orb: &Orb) {
-        let mut fresh = ChannelRun::new(orb);
-        fresh.buf = std::mem::take(&mut self.buf);
-        fresh.segs = std::mem::take(&mut self.segs);
-        fresh.pieces = std::mem::take(&mut self.pieces);
-        fresh.transfers = std::mem::take(&mut self.transfers);
-        fresh.buf.clear();
-        fresh.segs.clear();
-        fresh.pieces.clear();
-        fresh.transfers.clear();
-        *self = fresh;
+        // Field by field, in place: building a fresh run and moving it over `self` costs a
+        // copy of the whole run per START. The destructuring keeps this in step with `new`.
+        let ChannelRun {
+            orb: o,
+            idaw,
+            next,
+            last_ccw,
+            chained,
+            prev_code,
+            seq,
+            no_data,
+            started,
+            initial_due,
+            state,
+            trace,
+            transfers,
+            buf,
+            segs,
+            pieces,
+        } = self;
+        *o = *orb;
+        *idaw = IdawFormat::from_orb(orb.ctl.format2_idaw(), orb.ctl.idaw_2k());
+        *next = orb.cpa;
+        *last_ccw = None;
+        *chained = false;
+        *prev_code = None;
+        *seq = 0;
+        *no_data = 0;
+        *started = false;
+        *initial_due = orb.ctl.initial_status_interrupt();
+        *state = State::Running;
+        *trace = false;
+        transfers.clear();
+        buf.clear();
+        segs.clear();
+        pieces.clear();
     }
 
     /// The ORB this program was started with.
@@ -765,7 +791,7 @@ impl ChannelRun {
             };
             return self.finish_check(c, 0, ccw.flags.pci());
         }
-        self.execute(mem, dev, at, ccw)
+        self.execute(mem, dev, at, ccw, kind)
     }
 
     fn suspend(&mut self, at: u32, ccw: &Ccw1) -> Step {
@@ -789,16 +815,17 @@ impl ChannelRun {
         }))
     }
 
-    /// Walks the data chain from the validated first CCW.
+    /// Walks the data chain from the validated first CCW into `segs` and `pieces` (cleared
+    /// first); returns the bytes offered and the chain's error, if any.
     fn walk(
         &mut self,
         mem: &dyn ChannelMemory,
         first_at: u32,
         first: Ccw1,
         kind: CommandKind,
-    ) -> (Vec<Seg>, Vec<Piece>, usize, Option<ChainErr>) {
-        let mut segs = std::mem::take(&mut self.segs);
-        let mut pieces = std::mem::take(&mut self.pieces);
+        segs: &mut Vec<Seg>,
+        pieces: &mut Vec<Piece>,
+    ) -> (usize, Option<ChainErr>) {
         segs.clear();
         pieces.clear();
         let mut offered = 0usize;
@@ -818,16 +845,11 @@ impl ChannelRun {
                     .and_then(|_| self.check_count(&ccw, true))
                     .and_then(|_| self.check_data_address(&ccw, kind))
                 {
-                    return (segs, pieces, offered, Some(err(cs, offered)));
+                    return (offered, Some(err(cs, offered)));
                 }
             }
             if offered + ccw.count as usize > MAX_DATA_CHAIN_BYTES {
-                return (
-                    segs,
-                    pieces,
-                    offered,
-                    Some(err(cstat::PROGRAM_CHECK, offered)),
-                );
+                return (offered, Some(err(cstat::PROGRAM_CHECK, offered)));
             }
             let start = offered;
             segs.push(Seg {
@@ -837,13 +859,13 @@ impl ChannelRun {
                 start,
             });
             let before = pieces.len();
-            if let Err(cs) = self.resolve(mem, &ccw, kind, &mut pieces) {
+            if let Err(cs) = self.resolve(mem, &ccw, kind, pieces) {
                 offered += pieces[before..].iter().map(|p| p.len).sum::<usize>();
-                return (segs, pieces, offered, Some(err(cs, start)));
+                return (offered, Some(err(cs, start)));
             }
             offered += ccw.count as usize;
             if !ccw.flags.cd() {
-                return (segs, pieces, offered, None);
+                return (offered, None);
             }
             match self.fetch_following(mem, at.wrapping_add(8)) {
                 Ok((a, c)) => {
@@ -858,7 +880,7 @@ impl ChannelRun {
                         start: offered,
                         count: 0,
                     };
-                    return (segs, pieces, offered, Some(e));
+                    return (offered, Some(e));
                 }
             }
         }
@@ -876,10 +898,13 @@ impl ChannelRun {
         dev: &mut dyn DeviceModel,
         at: u32,
         ccw: Ccw1,
+        kind: CommandKind,
     ) -> Step {
-        let kind = ccw.kind();
-        let (segs, pieces, offered, err) = self.walk(mem, at, ccw, kind);
-        let step = self.transfer(mem, dev, at, ccw, &segs, &pieces, offered, err);
+        // The run's reusable lists, out of `self` while the methods below borrow it.
+        let mut segs = std::mem::take(&mut self.segs);
+        let mut pieces = std::mem::take(&mut self.pieces);
+        let (offered, err) = self.walk(mem, at, ccw, kind, &mut segs, &mut pieces);
+        let step = self.transfer(mem, dev, at, ccw, kind, &segs, &pieces, offered, err);
         self.segs = segs;
         self.pieces = pieces;
         step
@@ -893,12 +918,12 @@ impl ChannelRun {
         dev: &mut dyn DeviceModel,
         at: u32,
         ccw: Ccw1,
+        kind: CommandKind,
         segs: &[Seg],
         pieces: &[Piece],
         mut offered: usize,
         mut err: Option<ChainErr>,
     ) -> Step {
-        let kind = ccw.kind();
         let input = kind.is_input();
         let back = kind == CommandKind::ReadBackward;
 
@@ -1027,7 +1052,7 @@ impl ChannelRun {
         if t > 0 {
             self.no_data = 0;
         }
-        if !input {
+        if !input && self.trace {
             // Output moved only what the device consumed (prefetched bytes are not "moved").
             let mut pos = 0usize;
             for p in pieces {

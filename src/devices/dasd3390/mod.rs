@@ -463,10 +463,13 @@ impl Dasd3390 {
     /// Read Track and Read Multiple CKD.
     fn read_count(&mut self, code: u8) -> Res<Option<CountField>> {
         self.ensure_loaded()?;
-        let keep_r0 = code == 0xDE
-            || code & 0x7F == 0x16
-            || is_search_id(code)
-            || matches!(code, 0x47 | 0x4B | 0x9D | 0xE7);
+        // Only asked when record 0 comes by (once per track pass at most).
+        let keep_r0 = || {
+            code == 0xDE
+                || code & 0x7F == 0x16
+                || is_search_id(code)
+                || matches!(code, 0x47 | 0x4B | 0x9D | 0xE7)
+        };
         if self.orient == Orient::Eot {
             self.mt_advance(1)?;
         }
@@ -483,7 +486,7 @@ impl Dasd3390 {
                 self.kl = c.key_len as usize;
                 self.dl = c.data_len as usize;
                 self.orient = Orient::Count;
-                if !keep_r0 && c.rec == 0 {
+                if c.rec == 0 && !keep_r0() {
                     continue;
                 }
                 return Ok(Some(c));
@@ -511,6 +514,54 @@ impl Dasd3390 {
                     self.prog.index_passed = true;
                 }
             }
+        }
+    }
+
+    /// Locate Record's search for the count field starting with `search` (CCHHR), right
+    /// after its seek: what `read_count` does for codes 0x47, 0x4B and 0xE7 (record 0 included,
+    /// no index wrap: the end of the track is no record found), in one pass over the track
+    /// with the device state stored once at the end (`read_count` per record costs a track
+    /// lookup and its checks each time).
+    fn search_count(&mut self, search: &[u8; 5]) -> Res<()> {
+        debug_assert!(self.orient == Orient::Index && self.loaded == Some((self.cyl, self.head)));
+        let track = self.track();
+        let mut pos = self.pos;
+        // The last count field read: (record, key length, data length).
+        let mut last: Option<(u8, usize, usize)> = None;
+        let end = loop {
+            if let Some((_, kl, dl)) = last {
+                pos += kl + dl;
+            }
+            let Some(raw) = track.get(pos..pos + COUNT_SIZE) else {
+                break None;
+            };
+            let raw: [u8; COUNT_SIZE] = raw.try_into().expect("count slice");
+            pos += COUNT_SIZE;
+            if raw == END_OF_TRACK {
+                break Some(false);
+            }
+            let c = CountField::from_bytes(&raw);
+            last = Some((c.rec, c.key_len as usize, c.data_len as usize));
+            if raw[..5] == search[..] {
+                break Some(true);
+            }
+        };
+        self.pos = pos;
+        if let Some((rec, kl, dl)) = last {
+            self.rec = rec;
+            self.kl = kl;
+            self.dl = dl;
+            self.orient = Orient::Count;
+        }
+        match end {
+            Some(true) => Ok(()),
+            Some(false) => {
+                self.orient = Orient::Eot;
+                self.kl = 0;
+                self.dl = 0;
+                Err(self.check(0, SENSE1_NRF, 0, 0))
+            }
+            None => Err(self.equipment_check()),
         }
     }
 
@@ -721,11 +772,11 @@ impl Dasd3390 {
                 Ok(Outcome::done(16))
             }
             0x47 => {
-                self.locate_record(code, data.output(), false)?;
+                self.locate_record(data.output(), false)?;
                 Ok(Outcome::done(16))
             }
             0x4B => {
-                self.locate_record(code, data.output(), true)?;
+                self.locate_record(data.output(), true)?;
                 Ok(Outcome::done(20))
             }
             0xE7 => self.cmd_prefix(data.output()),
@@ -872,7 +923,7 @@ impl Dasd3390 {
     }
 
     /// Locate Record (16 parameter bytes) or Locate Record Extended (20 or more).
-    fn locate_record(&mut self, code: u8, data: &[u8], extended: bool) -> Res<()> {
+    fn locate_record(&mut self, data: &[u8], extended: bool) -> Res<()> {
         let need = if extended { 20 } else { 16 };
         if data.len() < need {
             return Err(self.reject(MSG_COUNT_TOO_SMALL));
@@ -972,15 +1023,7 @@ impl Dasd3390 {
             ORIENT_HOME if self.track()[1..HA_SIZE] != search[..4] => {
                 return Err(self.check(0, SENSE1_NRF, 0, 0));
             }
-            ORIENT_COUNT | ORIENT_DATA => loop {
-                // Ends with no record found at the end of the track.
-                let Some(c) = self.read_count(code)? else {
-                    return Err(self.check(0, SENSE1_NRF, 0, 0));
-                };
-                if c.to_bytes()[..5] == search {
-                    break;
-                }
-            },
+            ORIENT_COUNT | ORIENT_DATA => self.search_count(&search)?,
             _ => {}
         }
         if orient == ORIENT_DATA {
@@ -1005,7 +1048,7 @@ impl Dasd3390 {
             self.define_extent(&data[12..44])?;
         }
         if format == PFX_DX_LRE {
-            self.locate_record(0xE7, &data[44..], true)?;
+            self.locate_record(&data[44..], true)?;
         }
         Ok(Outcome::done(data.len()))
     }
@@ -1445,7 +1488,8 @@ impl DeviceModel for Dasd3390 {
         // The index point counts again after anything but a search or a single-track Read
         // Count (Hercules' rule): a Search + TIC loop sees it twice and ends.
         use crate::ccw::CommandKind;
-        let kind = CommandKind::of(code);
+        // The channel classified the code already (`Command::kind` is `CommandKind::of`).
+        let kind = cmd.kind;
         let search = matches!(code & 0x7F, 0x31 | 0x51 | 0x71 | 0x29 | 0x49 | 0x69);
         if matches!(kind, CommandKind::Sense | CommandKind::Control)
             || (kind == CommandKind::Write && !search)
