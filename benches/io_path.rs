@@ -4,13 +4,16 @@
 //! * `floor/spin`: one-way hand-off between two spinning threads (atomic ping-pong / 2).
 //! * `floor/signal`: an eventfd write + non-blocking read on one thread (the notification
 //!   alone, no thread woken).
+//! * `floor/latch`: the same through an in-process `IrqLatch` (notify + take).
 //! * `rt4k/<mode>/<wait>`: SSCH -> IRB for a Linux-style 4 KiB DASD read (Define Extent +
 //!   Locate Record + Read Data MT through a one-IDAW IDAL): write ORB + SCSW into the I/O
 //!   region, wait for the IO eventfd (blocking `poll`+`read`, or a spin on a non-blocking
 //!   `read`), read the IRB. p50 / p99 over `N` I/Os. Modes: `inline` (the default policy:
 //!   START runs the program and presents the status on the client's thread, no hand-off),
 //!   or the program on the channel thread, which spins (`spin50`, 50 us) or blocks at once
-//!   (`nospin`) when idle.
+//!   (`nospin`) when idle. `inline/latch` is `inline` with the IO interrupt delivered
+//!   through an in-process `IrqLatch` instead of the eventfd (an embedding in the same
+//!   process; the rows with an eventfd are what a client of the vfio-ccw uAPI pays).
 //! * `seq1m`: 1 MiB sequential read (256 x 4 KiB records, one program: DE, LR 128, 128 Read
 //!   Data, TIC, LR 128, 128 Read Data) through the whole stack vs `memcpy` of 1 MiB.
 //!
@@ -21,7 +24,7 @@
 //! Run: `cargo bench --bench io_path` (env `IO_PATH_N` = I/Os per round-trip series,
 //! default 20000; `IO_PATH_SEQ_ONLY=REPS` / `IO_PATH_RT_ONLY=REPS` run only the 1 MiB read /
 //! the blocking 4 KiB round trip, REPS times, for a profiler; inline unless `IO_PATH_THREAD`
-//! is set).
+//! is set, through the eventfd unless `IO_PATH_LATCH` is set).
 
 use std::hint::black_box;
 use std::time::{Duration, Instant};
@@ -231,6 +234,18 @@ fn program_1m(b: &Bench) -> u32 {
     base as u32
 }
 
+/// `n` in-process latch signals taken on the same thread (the latch's floor).
+fn latch_signal(n: u32) -> Duration {
+    use vccw::driver::{IrqIndex, IrqLatch, IrqNotify};
+    let l = IrqLatch::default();
+    let t0 = Instant::now();
+    for _ in 0..n {
+        l.notify(IrqIndex::Io);
+        assert_eq!(black_box(l.take()), 1);
+    }
+    t0.elapsed()
+}
+
 fn pct(sorted: &[Duration], p: f64) -> Duration {
     let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted[i]
@@ -273,6 +288,9 @@ fn main() {
         .and_then(|s| s.parse::<usize>().ok())
     {
         let mut b = setup(SpinPolicy::OFF);
+        if std::env::var_os("IO_PATH_LATCH").is_some() {
+            b.stack.use_latch();
+        }
         let cpa = program_4k(&b);
         let c0 = cpu_time();
         let mut v: Vec<Duration> = (0..reps).map(|_| b.io(cpa, Wait::Block)).collect();
@@ -295,6 +313,11 @@ fn main() {
         "floor/signal   eventfd write + read, no wake-up {:6.3} us",
         us(sig)
     );
+    let latch = latch_signal(200_000) / 200_000;
+    println!(
+        "floor/latch    IrqLatch notify + take, no wake-up {:6.3} us",
+        us(latch)
+    );
 
     for (sname, spin, inline) in [
         ("inline", SpinPolicy::OFF, InlinePolicy::default()),
@@ -304,7 +327,19 @@ fn main() {
         let mut b = setup_with(spin, inline);
         let cpa = program_4k(&b);
         let inline_on = inline != InlinePolicy::OFF;
-        for (wname, wait) in [("block", Wait::Block), ("spin", Wait::Spin)] {
+        let waits: &[(&str, Wait)] = if inline_on {
+            &[
+                ("block", Wait::Block),
+                ("spin", Wait::Spin),
+                ("latch", Wait::Block),
+            ]
+        } else {
+            &[("block", Wait::Block), ("spin", Wait::Spin)]
+        };
+        for &(wname, wait) in waits {
+            if wname == "latch" {
+                b.stack.use_latch();
+            }
             for _ in 0..n / 10 {
                 b.io(cpa, wait);
             }
@@ -316,6 +351,7 @@ fn main() {
             // Which floor: inline, only the signal; else a blocking wake-up on either side
             // that blocks.
             let (floor, fname) = match (inline_on, spin == SpinPolicy::OFF, wait) {
+                (true, _, _) if wname == "latch" => (us(latch), "latch signal, no wake-up"),
                 (true, _, _) => (us(sig), "eventfd signal, no wake-up"),
                 (false, true, Wait::Block) => (2.0 * us(ev), "2 x eventfd"),
                 (false, false, Wait::Spin) => (2.0 * us(sp), "2 x spin"),

@@ -33,8 +33,8 @@ use crate::driver::regions::{
     IO_SCSW_OFFSET, VFIO_CCW_ASYNC_CMD_CSCH, VFIO_CCW_ASYNC_CMD_HSCH,
 };
 use crate::driver::{
-    DeviceConfig, DeviceError, IrqIndex, IrqSet, State, VfioCcwDevice, ASYNC_REGION_INDEX,
-    IO_REGION_INDEX,
+    DeviceConfig, DeviceError, IrqIndex, IrqLatch, IrqNotify, IrqSet, State, VfioCcwDevice,
+    ASYNC_REGION_INDEX, IO_REGION_INDEX,
 };
 use crate::image::awstape::{AwsTape, OpenMode};
 use crate::image::ckd::CkdOpenOptions;
@@ -77,6 +77,8 @@ pub struct Stack {
     subchannel: Arc<EmulatedSubchannel>,
     store: IommuStore,
     io: EventFd,
+    /// The in-process IO trigger, once [`Stack::use_latch`] replaced the eventfd.
+    latch: Option<Arc<IrqLatch>>,
     region: [u8; CCW_IO_REGION_SIZE],
 }
 
@@ -134,6 +136,7 @@ impl Stack {
             subchannel,
             store,
             io,
+            latch: None,
             region: CcwIoRegion::request(&Orb::default(), &scsw).to_bytes(),
         })
     }
@@ -153,9 +156,20 @@ impl Stack {
         &self.subchannel
     }
 
-    /// The IO eventfd as the client sees it (non-blocking).
+    /// The IO eventfd as the client sees it (non-blocking). Not signalled any more after
+    /// [`Stack::use_latch`].
     pub fn io_eventfd(&self) -> &EventFd {
         &self.io
+    }
+
+    /// Replaces the device's IO eventfd by an in-process [`IrqLatch`] (as an embedding in the
+    /// same process would): [`Stack::wait_irq`] and [`Stack::take_irq`] then read the latch,
+    /// and an interrupt presented before the wait costs no system call on either side.
+    pub fn use_latch(&mut self) {
+        let latch = Arc::new(IrqLatch::default());
+        self.device
+            .set_irq_notify(IrqIndex::Io, Some(latch.clone() as Arc<dyn IrqNotify>));
+        self.latch = Some(latch);
     }
 
     /// START SUBCHANNEL: writes `orb` and an SCSW with the start function into the I/O
@@ -187,8 +201,26 @@ impl Stack {
             .map(|_| ())
     }
 
-    /// Waits for the IO eventfd and reads (resets) it; returns the counter.
+    /// Waits for the IO eventfd (or the latch, see [`Stack::use_latch`]) and reads (resets)
+    /// it; returns the counter.
     pub fn wait_irq(&self, how: Wait, timeout: Duration) -> Result<u64, RunError> {
+        if let Some(l) = &self.latch {
+            return match how {
+                Wait::Block => l.wait(timeout).ok_or(RunError::Timeout(timeout)),
+                Wait::Spin => {
+                    let deadline = Instant::now() + timeout;
+                    loop {
+                        match l.take() {
+                            0 if Instant::now() >= deadline => {
+                                return Err(RunError::Timeout(timeout))
+                            }
+                            0 => std::hint::spin_loop(),
+                            n => return Ok(n),
+                        }
+                    }
+                }
+            };
+        }
         // Inline execution signals before START returns: try once before reading the clock.
         let mut deadline = None;
         loop {
@@ -217,8 +249,11 @@ impl Stack {
         }
     }
 
-    /// Whether the IO eventfd is signalled now (reads and resets it).
+    /// Whether the IO eventfd (or the latch) is signalled now (reads and resets it).
     pub fn take_irq(&self) -> Result<bool, RunError> {
+        if let Some(l) = &self.latch {
+            return Ok(l.take() > 0);
+        }
         match self.io.read() {
             Ok(n) => Ok(n > 0),
             Err(Errno::EAGAIN) => Ok(false),
