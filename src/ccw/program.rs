@@ -316,7 +316,43 @@ impl HostProgram {
         self.pins.iter().map(|p| p.runs().count()).sum()
     }
 
+    #[inline]
     fn page_of(&self, host: u64) -> Option<PageRef> {
+        if self.pins.rest.is_empty() && self.pages.get().is_none() {
+            // At most two pins (every small program): scan their first runs directly, as
+            // the general scan below would, while each is a single run.
+            let mut found: Option<PageRef> = None;
+            let mut simple = true;
+            for pin in self.pins.inline.iter().flatten() {
+                let ((iova, h, n, write), only) = pin.first_run();
+                if !only {
+                    simple = false;
+                    break;
+                }
+                let off = host.wrapping_sub(h);
+                if off < n * PAGE_SIZE {
+                    let k = off / PAGE_SIZE;
+                    let p = PageRef {
+                        host: h + k * PAGE_SIZE,
+                        iova: iova + k * PAGE_SIZE,
+                        writable: write,
+                        key: pin.key(k as usize),
+                    };
+                    // The first writable pin of the page wins, else the last one.
+                    if write {
+                        return Some(p);
+                    }
+                    found = Some(p);
+                }
+            }
+            if simple {
+                return found;
+            }
+        }
+        self.page_of_general(host)
+    }
+
+    fn page_of_general(&self, host: u64) -> Option<PageRef> {
         if self.pages.get().is_none() && self.pin_runs() <= SCAN_RUNS {
             // A few runs: scan them rather than build the page list. The page as the list
             // would hold it: writable if any pin of it is.
