@@ -1,7 +1,7 @@
 //! Page pinning: the translator's hot path. No store lock is taken unless the snapshot is
 //! stale; each page costs one atomic add on its count.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use vm_memory::{GuestAddress, GuestMemoryBackend};
@@ -266,7 +266,7 @@ pub(super) fn try_pin(
         let before = len;
         let keys_out = &mut keys_out;
         // One leaf of pin counts (and of storage keys) at a time.
-        sh.pins.chunks_or_init(first, n, |idx0, counts| {
+        let mut per_leaf = |idx0: u64, counts: &[AtomicU64]| {
             if overflow {
                 return;
             }
@@ -285,7 +285,14 @@ pub(super) fn try_pin(
                 keys_out.extend(keys.iter().map(|k| k.load(Ordering::Relaxed)));
             }
             taken += got as u64;
-        });
+        };
+        // A run inside one existing leaf (the usual case): no leaf walk.
+        match sh.pins.chunk(first, n as usize) {
+            Some(counts) => per_leaf(first, counts),
+            None => {
+                sh.pins.chunks_or_init(first, n, per_leaf);
+            }
+        }
         if taken < n {
             // Return the untaken part of the total; the taken part goes with the segment.
             sh.release_total(n - taken);
