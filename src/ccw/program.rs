@@ -143,69 +143,13 @@ pub struct HostProgram {
     pub(crate) orb: Orb,
     pub(crate) guest_orb: Orb,
     pub(crate) base: u32,
-    pub(crate) image: Image,
+    pub(crate) image: Vec<u8>,
     pub(crate) ccw_bytes: usize,
     pub(crate) segments: Segments,
     pub(crate) mapper: ScswMapper,
     /// The pinned pages as a sorted list, built on first request (see [`HostProgram::pages`]).
     pub(crate) pages: OnceLock<Vec<PageRef>>,
     pub(crate) pins: Pins,
-}
-
-/// Image bytes kept inline: a small program's CCWs and IDAWs (a DASD read: four CCW slots
-/// and an IDAW) cost no allocation.
-pub(crate) const IMAGE_INLINE: usize = 64;
-
-/// The bytes of a host program: inline when small, else on the heap.
-#[derive(Clone)]
-pub(crate) enum Image {
-    Inline { len: u8, buf: [u8; IMAGE_INLINE] },
-    Heap(Vec<u8>),
-}
-
-impl Image {
-    /// An empty image with room for `size` bytes.
-    pub(crate) fn with_capacity(size: usize) -> Self {
-        if size <= IMAGE_INLINE {
-            Image::Inline {
-                len: 0,
-                buf: [0; IMAGE_INLINE],
-            }
-        } else {
-            Image::Heap(Vec::with_capacity(size))
-        }
-    }
-
-    /// Appends `b` (an inline image that would overflow moves to the heap).
-    #[inline]
-    pub(crate) fn extend_from_slice(&mut self, b: &[u8]) {
-        match self {
-            Image::Inline { len, buf } => {
-                let at = *len as usize;
-                match buf.get_mut(at..at + b.len()) {
-                    Some(dst) => {
-                        dst.copy_from_slice(b);
-                        *len += b.len() as u8;
-                    }
-                    None => {
-                        let mut v = Vec::with_capacity(2 * IMAGE_INLINE);
-                        v.extend_from_slice(&buf[..at]);
-                        v.extend_from_slice(b);
-                        *self = Image::Heap(v);
-                    }
-                }
-            }
-            Image::Heap(v) => v.extend_from_slice(b),
-        }
-    }
-
-    #[inline]
-    pub(crate) fn as_slice(&self) -> &[u8] {
-        match self {
-            Image::Inline { len, buf } => &buf[..*len as usize],
-            Image::Heap(v) => v,
-        }
-    }
 }
 
 /// The segments of a program: one inline (no allocation), else a list.
@@ -281,7 +225,7 @@ impl HostProgram {
 
     /// The host program's bytes: format-1 CCWs, then format-2 IDALs, big-endian.
     pub fn image(&self) -> &[u8] {
-        self.image.as_slice()
+        &self.image
     }
 
     /// The chain segments, in the order they were found.
@@ -291,7 +235,7 @@ impl HostProgram {
 
     /// Every host CCW with its channel address.
     pub fn ccws(&self) -> impl Iterator<Item = (u32, Ccw1)> + '_ {
-        self.image.as_slice()[..self.ccw_bytes]
+        self.image[..self.ccw_bytes]
             .chunks_exact(CCW_SIZE as usize)
             .enumerate()
             .map(move |(i, c)| {
@@ -306,7 +250,7 @@ impl HostProgram {
 
     /// Every format-2 IDAW with its channel address.
     pub fn idaws(&self) -> impl Iterator<Item = (u32, u64)> + '_ {
-        self.image.as_slice()[self.ccw_bytes..]
+        self.image[self.ccw_bytes..]
             .chunks_exact(8)
             .enumerate()
             .map(move |(i, c)| {
@@ -459,7 +403,7 @@ impl HostProgram {
     fn arena_range(&self, addr: u64, len: usize) -> Option<std::ops::Range<usize>> {
         let off = addr.checked_sub(self.base as u64)? as usize;
         let end = off.checked_add(len)?;
-        (end <= self.image.as_slice().len()).then_some(off..end)
+        (end <= self.image.len()).then_some(off..end)
     }
 }
 
@@ -474,7 +418,7 @@ pub(crate) fn key_allows(orb_key: u8, storage_key: u8, store: bool) -> bool {
 impl ChannelMemory for HostProgram {
     fn read(&self, addr: u64, buf: &mut [u8], key: u8) -> Result<(), AccessFault> {
         if let Some(r) = self.arena_range(addr, buf.len()) {
-            buf.copy_from_slice(&self.image.as_slice()[r]);
+            buf.copy_from_slice(&self.image[r]);
             return Ok(());
         }
         self.check_pages(addr, buf.len(), key, false)?;

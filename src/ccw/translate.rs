@@ -25,7 +25,7 @@ use std::collections::VecDeque;
 
 use crate::ccw::error::TranslateError as E;
 use crate::ccw::program::{
-    key_allows, HostProgram, Image, Origin, Origins, Pins, ScswMapper, SegmentInfo, Segments,
+    key_allows, HostProgram, Origin, Origins, Pins, ScswMapper, SegmentInfo, Segments,
 };
 use crate::ccw::{
     command, Ccw0, Ccw1, CcwFlags, CommandKind, Idaw, IdawFormat, Midaw, CCW_SIZE, MIDAW_SIZE,
@@ -780,16 +780,16 @@ impl<'a> Builder<'a> {
         let ccw_bytes = nslots * CCW_SIZE as usize;
         let head = self.orb.cpa as u64;
         let idaw_base = base.wrapping_add(ccw_bytes as u32);
+        // Room for the IDAWs too (typically one or two a CCW): no copy when they are added.
+        let mut image = Vec::with_capacity(ccw_bytes + 2 * n * 8);
         self.idaws.reserve(n);
-        // The host CCWs first (their IDAWs are placed as they go), the image once its size
-        // is known: a small one is inline, a larger one allocated once.
-        let mut host: InlineVec<Ccw1, 8> = InlineVec::default();
-        host.reserve(nslots);
+        // Appended, not zeroed and then overwritten.
         for (i, c) in chain.ccws.iter().enumerate() {
-            host.push(self.simple_ccw(head + CCW_SIZE * i as u64, c, idaw_base)?);
+            let h = self.simple_ccw(head + CCW_SIZE * i as u64, c, idaw_base)?;
+            image.extend_from_slice(&h.to_bytes());
         }
         if let Some(t) = &chain.trap {
-            host.push(*t);
+            image.extend_from_slice(&t.to_bytes());
         }
         self.pin_runs().ok()?;
         self.idaws_to_host().ok()?;
@@ -797,11 +797,7 @@ impl<'a> Builder<'a> {
         if size as u64 > self.cfg.arena_size as u64 {
             return None;
         }
-        // Appended, not zeroed and then overwritten.
-        let mut image = Image::with_capacity(size);
-        for h in host.iter() {
-            image.extend_from_slice(&h.to_bytes());
-        }
+        image.reserve_exact(size - ccw_bytes);
         for w in self.idaws.iter() {
             image.extend_from_slice(&Idaw(*w).to_format2_bytes());
         }
@@ -1493,7 +1489,7 @@ impl<'a> Builder<'a> {
             orb: host_orb,
             guest_orb: *orb,
             base,
-            image: Image::Heap(image),
+            image,
             ccw_bytes,
             segments: Segments::Many(seg_info),
             mapper: ScswMapper {
@@ -1822,7 +1818,7 @@ mod fast_path {
                 let ok = x.orb == y.orb
                     && x.guest_orb == y.guest_orb
                     && x.base == y.base
-                    && x.image() == y.image()
+                    && x.image == y.image
                     && x.ccw_bytes == y.ccw_bytes
                     && x.segments() == y.segments()
                     && x.pages() == y.pages()
