@@ -418,14 +418,30 @@ pub(crate) fn key_allows(orb_key: u8, storage_key: u8, store: bool) -> bool {
 impl ChannelMemory for HostProgram {
     fn read(&self, addr: u64, buf: &mut [u8], key: u8) -> Result<(), AccessFault> {
         if let Some(r) = self.arena_range(addr, buf.len()) {
-            buf.copy_from_slice(&self.image[r]);
+            let src = &self.image[r];
+            // A CCW or an IDAW (the channel's usual fetch): a fixed-size copy, no call.
+            match (
+                <&mut [u8; 8]>::try_from(&mut *buf),
+                <&[u8; 8]>::try_from(src),
+            ) {
+                (Ok(d), Ok(s)) => *d = *s,
+                _ => buf.copy_from_slice(src),
+            }
             return Ok(());
         }
         self.check_pages(addr, buf.len(), key, false)?;
+        let (src, dst, n) = (addr as *const u8, buf.as_mut_ptr(), buf.len());
         // SAFETY: check_pages proved every byte of [addr, addr + len) lies in a page this
         // program holds a pin on; a pin keeps the page's mapping alive until the program is
         // dropped, and `buf` is ordinary memory of ours that cannot overlap a guest page.
-        unsafe { std::ptr::copy_nonoverlapping(addr as *const u8, buf.as_mut_ptr(), buf.len()) };
+        // (The usual small sizes, control data, as fixed-size copies: no call.)
+        unsafe {
+            match n {
+                8 => std::ptr::copy_nonoverlapping(src, dst, 8),
+                16 => std::ptr::copy_nonoverlapping(src, dst, 16),
+                _ => std::ptr::copy_nonoverlapping(src, dst, n),
+            }
+        };
         Ok(())
     }
 
