@@ -266,17 +266,22 @@ impl HostProgram {
     /// The pages pinned for this program, sorted by host address.
     pub fn pages(&self) -> &[PageRef] {
         self.pages.get_or_init(|| {
-            let mut v: Vec<PageRef> = self
-                .pins
-                .iter()
-                .flat_map(|p| p.pages())
-                .map(|p| PageRef {
-                    host: p.host_addr,
-                    iova: p.iova,
-                    writable: p.writable,
-                    key: p.storage_key,
-                })
-                .collect();
+            // From the runs (a pin's own page list would cost allocations per pin).
+            let mut v: Vec<PageRef> = Vec::with_capacity(self.pin_count());
+            for pin in self.pins.iter() {
+                let mut i = 0usize;
+                for (iova, host, n, writable) in pin.runs() {
+                    for k in 0..n {
+                        v.push(PageRef {
+                            host: host + k * PAGE_SIZE,
+                            iova: iova + k * PAGE_SIZE,
+                            writable,
+                            key: pin.key(i),
+                        });
+                        i += 1;
+                    }
+                }
+            }
             // One entry per page, sorted by host address; writable if any CCW pinned it for
             // input. Pages pinned in ascending runs of one mapping are already in order.
             if !v.windows(2).all(|w| w[0].host < w[1].host) {
