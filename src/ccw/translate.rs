@@ -957,8 +957,13 @@ impl<'a> Builder<'a> {
             .store
             .pin(first, n, perm)
             .map_err(|e| pin_error(e, first, at))?;
-        for (iova, host, n, _) in pinned.runs() {
-            add_run_to_extents(&mut self.extents, iova, host, n);
+        // (The usual single run without the general iterator.)
+        let ((iova, host, n, _), only) = pinned.first_run();
+        add_run_to_extents(&mut self.extents, iova, host, n);
+        if !only {
+            for (iova, host, n, _) in pinned.runs().skip(1) {
+                add_run_to_extents(&mut self.extents, iova, host, n);
+            }
         }
         self.pins.push(pinned);
         Ok(())
