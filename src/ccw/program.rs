@@ -266,17 +266,22 @@ impl HostProgram {
     /// The pages pinned for this program, sorted by host address.
     pub fn pages(&self) -> &[PageRef] {
         self.pages.get_or_init(|| {
-            let mut v: Vec<PageRef> = self
-                .pins
-                .iter()
-                .flat_map(|p| p.pages())
-                .map(|p| PageRef {
-                    host: p.host_addr,
-                    iova: p.iova,
-                    writable: p.writable,
-                    key: p.storage_key,
-                })
-                .collect();
+            // From the runs (a pin's own page list would cost allocations per pin).
+            let mut v: Vec<PageRef> = Vec::with_capacity(self.pin_count());
+            for pin in self.pins.iter() {
+                let mut i = 0usize;
+                for (iova, host, n, writable) in pin.runs() {
+                    for k in 0..n {
+                        v.push(PageRef {
+                            host: host + k * PAGE_SIZE,
+                            iova: iova + k * PAGE_SIZE,
+                            writable,
+                            key: pin.key(i),
+                        });
+                        i += 1;
+                    }
+                }
+            }
             // One entry per page, sorted by host address; writable if any CCW pinned it for
             // input. Pages pinned in ascending runs of one mapping are already in order.
             if !v.windows(2).all(|w| w[0].host < w[1].host) {
@@ -316,7 +321,43 @@ impl HostProgram {
         self.pins.iter().map(|p| p.runs().count()).sum()
     }
 
+    #[inline]
     fn page_of(&self, host: u64) -> Option<PageRef> {
+        if self.pins.rest.is_empty() && self.pages.get().is_none() {
+            // At most two pins (every small program): scan their first runs directly, as
+            // the general scan below would, while each is a single run.
+            let mut found: Option<PageRef> = None;
+            let mut simple = true;
+            for pin in self.pins.inline.iter().flatten() {
+                let ((iova, h, n, write), only) = pin.first_run();
+                if !only {
+                    simple = false;
+                    break;
+                }
+                let off = host.wrapping_sub(h);
+                if off < n * PAGE_SIZE {
+                    let k = off / PAGE_SIZE;
+                    let p = PageRef {
+                        host: h + k * PAGE_SIZE,
+                        iova: iova + k * PAGE_SIZE,
+                        writable: write,
+                        key: pin.key(k as usize),
+                    };
+                    // The first writable pin of the page wins, else the last one.
+                    if write {
+                        return Some(p);
+                    }
+                    found = Some(p);
+                }
+            }
+            if simple {
+                return found;
+            }
+        }
+        self.page_of_general(host)
+    }
+
+    fn page_of_general(&self, host: u64) -> Option<PageRef> {
         if self.pages.get().is_none() && self.pin_runs() <= SCAN_RUNS {
             // A few runs: scan them rather than build the page list. The page as the list
             // would hold it: writable if any pin of it is.
@@ -382,14 +423,30 @@ pub(crate) fn key_allows(orb_key: u8, storage_key: u8, store: bool) -> bool {
 impl ChannelMemory for HostProgram {
     fn read(&self, addr: u64, buf: &mut [u8], key: u8) -> Result<(), AccessFault> {
         if let Some(r) = self.arena_range(addr, buf.len()) {
-            buf.copy_from_slice(&self.image[r]);
+            let src = &self.image[r];
+            // A CCW or an IDAW (the channel's usual fetch): a fixed-size copy, no call.
+            match (
+                <&mut [u8; 8]>::try_from(&mut *buf),
+                <&[u8; 8]>::try_from(src),
+            ) {
+                (Ok(d), Ok(s)) => *d = *s,
+                _ => buf.copy_from_slice(src),
+            }
             return Ok(());
         }
         self.check_pages(addr, buf.len(), key, false)?;
+        let (src, dst, n) = (addr as *const u8, buf.as_mut_ptr(), buf.len());
         // SAFETY: check_pages proved every byte of [addr, addr + len) lies in a page this
         // program holds a pin on; a pin keeps the page's mapping alive until the program is
         // dropped, and `buf` is ordinary memory of ours that cannot overlap a guest page.
-        unsafe { std::ptr::copy_nonoverlapping(addr as *const u8, buf.as_mut_ptr(), buf.len()) };
+        // (The usual small sizes, control data, as fixed-size copies: no call.)
+        unsafe {
+            match n {
+                8 => std::ptr::copy_nonoverlapping(src, dst, 8),
+                16 => std::ptr::copy_nonoverlapping(src, dst, 16),
+                _ => std::ptr::copy_nonoverlapping(src, dst, n),
+            }
+        };
         Ok(())
     }
 

@@ -957,8 +957,13 @@ impl<'a> Builder<'a> {
             .store
             .pin(first, n, perm)
             .map_err(|e| pin_error(e, first, at))?;
-        for (iova, host, n, _) in pinned.runs() {
-            add_run_to_extents(&mut self.extents, iova, host, n);
+        // (The usual single run without the general iterator.)
+        let ((iova, host, n, _), only) = pinned.first_run();
+        add_run_to_extents(&mut self.extents, iova, host, n);
+        if !only {
+            for (iova, host, n, _) in pinned.runs().skip(1) {
+                add_run_to_extents(&mut self.extents, iova, host, n);
+            }
         }
         self.pins.push(pinned);
         Ok(())
@@ -974,12 +979,12 @@ impl<'a> Builder<'a> {
         let ext: &[(u64, u64, u64)] = if self.extents.windows(2).all(|w| w[0].1 < w[1].0) {
             &self.extents
         } else {
-            let mut pages: Vec<(u64, u64)> = self
-                .pins
-                .iter()
-                .flat_map(|p| p.pages())
-                .map(|p| (p.iova, p.host_addr))
-                .collect();
+            // From the runs (a pin's own page list would cost allocations per pin).
+            let mut pages: Vec<(u64, u64)> =
+                Vec::with_capacity(self.pins.iter().map(|p| p.len()).sum());
+            for (iova, host, n, _) in self.pins.iter().flat_map(|p| p.runs()) {
+                pages.extend((0..n).map(|k| (iova + k * PAGE_SIZE, host + k * PAGE_SIZE)));
+            }
             pages.sort_unstable_by_key(|p| p.0);
             let mut v = Extents::default();
             for &(iova, host) in &pages {

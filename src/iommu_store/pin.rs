@@ -1,7 +1,7 @@
 //! Page pinning: the translator's hot path. No store lock is taken unless the snapshot is
 //! stale; each page costs one atomic add on its count.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use vm_memory::{GuestAddress, GuestMemoryBackend};
@@ -41,9 +41,19 @@ impl Segment {
     fn release(&self) {
         let sh = &self.region.shared;
         let dec = PIN_ONE + if self.write { PIN_WRITE } else { 0 };
-        sh.pins.run_or_init(self.first, self.n, |_, c| {
-            c.fetch_sub(dec, Ordering::SeqCst);
-        });
+        // A run inside one leaf (the usual case): its counts directly, no leaf walk.
+        match sh.pins.chunk(self.first, self.n as usize) {
+            Some(counts) => {
+                for c in counts {
+                    c.fetch_sub(dec, Ordering::SeqCst);
+                }
+            }
+            None => {
+                sh.pins.run_or_init(self.first, self.n, |_, c| {
+                    c.fetch_sub(dec, Ordering::SeqCst);
+                });
+            }
+        }
         if self.write && sh.globals.tracking.load(Ordering::SeqCst) {
             // The device may have stored until now.
             self.region.dirty().set_addr_range(
@@ -61,13 +71,22 @@ impl Segment {
 /// host addresses stay valid for its whole life, even across an unmap attempt.
 ///
 /// The pages are kept as runs (one per mapping); the per-page list is built only when
-/// [`PinnedPages::pages`] asks for it.
+/// [`PinnedPages::pages`] asks for it. The common case (one mapping, no storage keys set) is
+/// a small value with no allocation: the first run inline, everything rarer boxed.
 pub struct PinnedPages {
-    head: Option<Segment>,
+    head: Segment,
+    len: usize,
+    /// Further runs, keys and the page list: allocated only when one is needed.
+    extra: OnceLock<Box<Extra>>,
+}
+
+/// The rarely needed parts of a [`PinnedPages`].
+#[derive(Default)]
+struct Extra {
+    /// Runs after the first (pins spanning several mappings).
     rest: Vec<Segment>,
     /// Storage keys at pin time, one per page in order; empty when all are 0.
     keys: Vec<u8>,
-    len: usize,
     pages: OnceLock<Vec<PinnedPage>>,
 }
 
@@ -82,7 +101,7 @@ impl std::fmt::Debug for PinnedPages {
 impl PinnedPages {
     /// The pinned pages, in IOVA order.
     pub fn pages(&self) -> &[PinnedPage] {
-        self.pages.get_or_init(|| {
+        self.extra.get_or_init(Box::default).pages.get_or_init(|| {
             let mut v = Vec::with_capacity(self.len);
             for (iova, host, n, write) in self.runs() {
                 for k in 0..n {
@@ -108,35 +127,50 @@ impl PinnedPages {
         self.len == 0
     }
 
+    fn rest(&self) -> &[Segment] {
+        self.extra.get().map_or(&[], |e| &e.rest)
+    }
+
     /// The pinned runs in IOVA order: (IOVA of the first page, its process address, pages,
     /// pinned for write). Pages of a run are contiguous in both spaces.
     pub(crate) fn runs(&self) -> impl Iterator<Item = (u64, u64, u64, bool)> + '_ {
-        self.head
-            .iter()
-            .chain(&self.rest)
+        std::iter::once(&self.head)
+            .chain(self.rest())
             .map(|s| (s.iova, s.host, s.n, s.write))
     }
 
-    /// The storage key at pin time of the `i`-th page (in IOVA order).
-    pub(crate) fn key(&self, i: usize) -> u8 {
-        self.keys.get(i).copied().unwrap_or(0)
+    /// The first run (see [`PinnedPages::runs`]) and whether it is the only one.
+    #[inline]
+    pub(crate) fn first_run(&self) -> ((u64, u64, u64, bool), bool) {
+        let s = &self.head;
+        ((s.iova, s.host, s.n, s.write), self.rest().is_empty())
     }
 
-    fn push(&mut self, s: Segment) {
-        if self.head.is_none() {
-            self.head = Some(s);
-        } else {
-            self.rest.push(s);
+    /// The storage key at pin time of the `i`-th page (in IOVA order).
+    #[inline]
+    pub(crate) fn key(&self, i: usize) -> u8 {
+        match self.extra.get() {
+            None => 0,
+            Some(e) => e.keys.get(i).copied().unwrap_or(0),
         }
+    }
+
+    /// Runs `f` on the boxed extras, allocating them first if needed.
+    fn with_extra(&mut self, f: impl FnOnce(&mut Extra)) {
+        if let Some(e) = self.extra.get_mut() {
+            f(e);
+            return;
+        }
+        let mut e = Box::<Extra>::default();
+        f(&mut e);
+        self.extra = OnceLock::from(e);
     }
 }
 
 impl Drop for PinnedPages {
     fn drop(&mut self) {
-        if let Some(s) = &self.head {
-            s.release();
-        }
-        for s in &self.rest {
+        self.head.release();
+        for s in self.rest() {
             s.release();
         }
     }
@@ -198,13 +232,10 @@ pub(super) fn try_pin(
     perm: Perm,
 ) -> Result<PinnedPages, Fail> {
     let inc = PIN_ONE + if perm.write { PIN_WRITE } else { 0 };
-    let mut out = PinnedPages {
-        head: None,
-        rest: Vec::new(),
-        keys: Vec::new(),
-        len: 0,
-        pages: OnceLock::new(),
-    };
+    // Built at the first run, so a failure before it holds nothing.
+    let mut out: Option<PinnedPages> = None;
+    let mut keys_out: Vec<u8> = Vec::new();
+    let mut len = 0usize;
     let mut cur = iova;
     let mut left = npages;
     while left > 0 {
@@ -231,11 +262,11 @@ pub(super) fn try_pin(
         let base = b.host_base();
         let mut taken = 0u64;
         let mut overflow = false;
-        let keys_out = &mut out.keys;
         // Pages of this call pinned before this mapping.
-        let before = out.len;
+        let before = len;
+        let keys_out = &mut keys_out;
         // One leaf of pin counts (and of storage keys) at a time.
-        sh.pins.chunks_or_init(first, n, |idx0, counts| {
+        let mut per_leaf = |idx0: u64, counts: &[AtomicU64]| {
             if overflow {
                 return;
             }
@@ -254,7 +285,14 @@ pub(super) fn try_pin(
                 keys_out.extend(keys.iter().map(|k| k.load(Ordering::Relaxed)));
             }
             taken += got as u64;
-        });
+        };
+        // A run inside one existing leaf (the usual case): no leaf walk.
+        match sh.pins.chunk(first, n as usize) {
+            Some(counts) => per_leaf(first, counts),
+            None => {
+                sh.pins.chunks_or_init(first, n, per_leaf);
+            }
+        }
         if taken < n {
             // Return the untaken part of the total; the taken part goes with the segment.
             sh.release_total(n - taken);
@@ -264,15 +302,28 @@ pub(super) fn try_pin(
                 b.dirty()
                     .set_addr_range((first * PAGE_SIZE) as usize, (taken * PAGE_SIZE) as usize);
             }
-            out.push(Segment {
+            let seg = Segment {
                 region: Arc::clone(b),
                 first,
                 n: taken,
                 write: perm.write,
                 iova: sh.iova + first * PAGE_SIZE,
                 host: base + first * PAGE_SIZE,
-            });
-            out.len += taken as usize;
+            };
+            match &mut out {
+                None => {
+                    out = Some(PinnedPages {
+                        head: seg,
+                        len: 0,
+                        extra: OnceLock::new(),
+                    })
+                }
+                Some(p) => p.with_extra(|e| e.rest.push(seg)),
+            }
+            len += taken as usize;
+            if let Some(p) = &mut out {
+                p.len = len;
+            }
         }
         if taken < n {
             return Err(Fail::Err(StoreError::Busy {
@@ -283,6 +334,13 @@ pub(super) fn try_pin(
         left -= n;
         // Wraps only when the last page is at the top of the space, and then left == 0.
         cur = cur.wrapping_add(n * PAGE_SIZE);
+    }
+    // npages >= 1, so a run was pinned (every failure returned above).
+    let mut out = out.ok_or(Fail::Err(StoreError::Invalid(
+        "pin count must be 1..=512 pages",
+    )))?;
+    if !keys_out.is_empty() {
+        out.with_extra(|e| e.keys = keys_out);
     }
     Ok(out)
 }
