@@ -9,6 +9,8 @@
 //! 3. 1 MiB read through the service (one channel program over 22 tracks) vs a 1 MiB memcpy.
 //! 4. The 4 KiB read again over the threaded transport (reader thread), for comparison.
 //!
+//! `VCCW_BENCH_ONLY_4K=1` runs only the first 4 KiB series (for a profiler).
+//!
 //! `CcwClient` uses the synchronous transport and reads the IRB from the mapped I/O region
 //! (the server's read-only mirror), so an I/O costs one request/reply plus the eventfd: the
 //! floor's shape. The ratio line is the goal of issue #4 (<= 1.5).
@@ -252,6 +254,13 @@ fn main() {
         v
     };
     let mut block = run_4k(&dev);
+    if std::env::var_os("VCCW_BENCH_ONLY_4K").is_some() {
+        // For a profiler (e.g. callgrind with --trace-children=yes): only the 4 KiB reads.
+        println!("4 KiB DASD read only: p50 {:.1} us", pct(&mut block, 0.5));
+        drop(dev);
+        stop(&mut server);
+        return;
+    }
     dev.set_wait_mode(WaitMode::Spin);
     let mut spin = run_4k(&dev);
     dev.set_wait_mode(WaitMode::Block);
@@ -422,6 +431,11 @@ fn main() {
         "4 KiB DASD read, threaded transport (blocking wait):          p50 {t50:.1} p99 {t99:.1}"
     );
     drop(threaded);
+    stop(&mut server);
+}
+
+/// SIGTERM to the server, then waits for it (it flushes and exits 0).
+fn stop(server: &mut KillOnDrop) {
     let _ = nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(server.0.id() as i32),
         nix::sys::signal::Signal::SIGTERM,

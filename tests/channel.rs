@@ -619,6 +619,29 @@ fn command_chaining_and_status_modifier() {
     );
 }
 
+/// A device that presents status modifier from a command it did not declare (the translator
+/// prepared no slot after the chain's end for it) has it dropped: no skip.
+#[test]
+fn status_modifier_from_an_undeclared_command_is_dropped() {
+    let m = mem();
+    let mut d = LoopbackDevice::new();
+    d.status_modifier_on = Some(0x07);
+    d.declared_status_modifier = vccw::ccw::CommandSet::of(&[0x31]);
+    prog(
+        &m,
+        PROG as u64,
+        &[
+            c1(0x07, f().with_cc(true), 0, 0),
+            c1(0x03, f(), 0, 0), // not skipped
+            c1(0x13, f(), 0, 0),
+        ],
+    );
+    let s = run(&m, &mut d, ctl());
+    assert_eq!((s.dstat, s.cstat, s.cpa), (CEDE, 0, 0x1010));
+    let codes: Vec<u8> = d.commands().iter().map(|c| c.code).collect();
+    assert_eq!(codes, [0x07, 0x03]);
+}
+
 #[test]
 fn unit_check_and_exception_end_the_chain() {
     let m = mem();

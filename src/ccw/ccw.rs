@@ -86,6 +86,51 @@ impl CommandKind {
     }
 }
 
+/// A set of command codes (one bit per code).
+///
+/// Used for the commands after which a device may present *status modifier*: a channel
+/// that sees it on a command-chained CCW skips the next CCW, so a translator must prepare
+/// the slot after a chain's end only when the CCW before it can end that way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct CommandSet([u64; 4]);
+
+impl CommandSet {
+    /// Every command code.
+    pub const ALL: CommandSet = CommandSet([u64::MAX; 4]);
+    /// No command code.
+    pub const EMPTY: CommandSet = CommandSet([0; 4]);
+
+    /// The set of `codes`.
+    pub const fn of(codes: &[u8]) -> Self {
+        let mut w = [0u64; 4];
+        let mut i = 0;
+        while i < codes.len() {
+            let c = codes[i] as usize;
+            w[c / 64] |= 1 << (c % 64);
+            i += 1;
+        }
+        CommandSet(w)
+    }
+
+    /// The codes in both sets.
+    pub const fn intersection(self, other: CommandSet) -> CommandSet {
+        let (a, b) = (self.0, other.0);
+        CommandSet([a[0] & b[0], a[1] & b[1], a[2] & b[2], a[3] & b[3]])
+    }
+
+    /// Whether `code` is in the set.
+    pub const fn contains(&self, code: u8) -> bool {
+        self.0[code as usize / 64] & (1 << (code as usize % 64)) != 0
+    }
+}
+
+impl Default for CommandSet {
+    /// Every command code (the safe assumption about an unknown device).
+    fn default() -> Self {
+        CommandSet::ALL
+    }
+}
+
 /// A format-1 CCW: command, flags, count, 31-bit data address.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Ccw1 {
@@ -196,6 +241,27 @@ impl Ccw0 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn command_sets() {
+        let s = CommandSet::of(&[0x00, 0x31, 0x3F, 0x40, 0xB1, 0xFF]);
+        for c in 0..=255u8 {
+            assert_eq!(
+                s.contains(c),
+                matches!(c, 0x00 | 0x31 | 0x3F | 0x40 | 0xB1 | 0xFF),
+                "{c:#x}"
+            );
+            assert!(CommandSet::ALL.contains(c));
+            assert!(!CommandSet::EMPTY.contains(c));
+        }
+        assert_eq!(CommandSet::default(), CommandSet::ALL);
+        assert_eq!(s.intersection(CommandSet::ALL), s);
+        assert_eq!(s.intersection(CommandSet::EMPTY), CommandSet::EMPTY);
+        assert_eq!(
+            s.intersection(CommandSet::of(&[0x31, 0x32, 0xFF])),
+            CommandSet::of(&[0x31, 0xFF])
+        );
+    }
 
     #[test]
     fn format1_bytes() {

@@ -6,7 +6,7 @@ mod ccw;
 mod idaw;
 mod midaw;
 
-pub use ccw::{command, Ccw0, Ccw1, CcwFlags, CommandKind, CCW_SIZE};
+pub use ccw::{command, Ccw0, Ccw1, CcwFlags, CommandKind, CommandSet, CCW_SIZE};
 pub use idaw::{Idaw, IdawFormat};
 pub use midaw::{Midaw, MidawFlags, MIDAW_SIZE};
 mod error;

@@ -28,7 +28,8 @@ use crate::ccw::program::{
     key_allows, HostProgram, Origin, Origins, Pins, ScswMapper, SegmentInfo, Segments,
 };
 use crate::ccw::{
-    command, Ccw0, Ccw1, CcwFlags, CommandKind, Idaw, IdawFormat, Midaw, CCW_SIZE, MIDAW_SIZE,
+    command, Ccw0, Ccw1, CcwFlags, CommandKind, CommandSet, Idaw, IdawFormat, Midaw, CCW_SIZE,
+    MIDAW_SIZE,
 };
 use crate::iommu_store::{IommuStore, Perm, StoreError, StoreView, MAX_PIN_PAGES, PAGE_SIZE};
 use crate::orb::Orb;
@@ -44,6 +45,12 @@ pub struct TranslateConfig {
     pub arena_base: u32,
     /// Largest host program, in bytes.
     pub arena_size: u32,
+    /// Commands after which the device may present status modifier. The slot after a
+    /// chain's end is reachable (through a status-modifier skip) only when the CCW before
+    /// it holds one of these; otherwise it is neither fetched nor translated. Default: every
+    /// command (an unknown device); the emulated devices declare theirs (a 3390: its search
+    /// commands; a 3490: none), and the channel holds them to it.
+    pub status_modifier: CommandSet,
 }
 
 impl Default for TranslateConfig {
@@ -53,6 +60,7 @@ impl Default for TranslateConfig {
             max_segments: 16,
             arena_base: 0x7000_0000,
             arena_size: 16 << 20,
+            status_modifier: CommandSet::ALL,
         }
     }
 }
@@ -532,8 +540,11 @@ fn walk(orb: &Orb, store: &StoreView, cfg: &TranslateConfig) -> Result<Vec<Segme
             // Such a skip is possible, never certain, so what follows is speculative.
             let n = ccws.len();
             let prev_cc = n >= 2 && {
-                let p = &ccws[n - 2].ccw;
-                !is_tic(p) && p.flags.cc() && !p.flags.cd()
+                let p = &ccws[n - 2];
+                !is_tic(&p.ccw)
+                    && p.ccw.flags.cc()
+                    && !p.ccw.flags.cd()
+                    && cfg.status_modifier.contains(p.cmd)
             };
             if !prev_cc {
                 break;
@@ -644,7 +655,7 @@ fn walk_simple(orb: &Orb, store: &StoreView, cfg: &TranslateConfig) -> Option<Si
     // The chain ended at a CCW that the one before command-chains to: a status-modifier
     // skip from that one reaches the next slot. Only a trap there keeps the shape simple.
     let mut trap = None;
-    if ccws.len() >= 2 {
+    if ccws.len() >= 2 && cfg.status_modifier.contains(ccws[ccws.len() - 2].cmd) {
         let i = ccws.len();
         let addr = head + CCW_SIZE * i as u64;
         let slot = if i >= max {
@@ -2019,6 +2030,9 @@ mod fast_path {
             let orb = Orb { intparm: 7, ctl, cpa: PROG as u32 };
             let cfg = TranslateConfig {
                 max_segment_ccws: [256, 4, 2, 1][max as usize],
+                // Now and then a device that never presents status modifier: no slot
+                // after the end, on either path.
+                status_modifier: if key % 3 == 2 { CommandSet::EMPTY } else { CommandSet::ALL },
                 ..TranslateConfig::default()
             };
             let fast = translate_with(&orb, &store, &cfg, true);
@@ -2032,6 +2046,73 @@ mod fast_path {
     }
 
     /// The fast path does take the common shapes (else the comparison above proves little).
+    #[test]
+    fn the_slot_after_the_end_only_after_a_command_that_can_skip() {
+        // DE, LR, Read (command-chained), then a leftover valid chain of two reads: a
+        // status-modifier skip from LR would reach it, so for a device that may end LR
+        // that way the general passes translate it (speculatively, its pages pinned); for
+        // a device that declares only its searches, LR cannot skip: the fast path, three
+        // CCWs, nothing after them fetched or pinned.
+        let store = IommuStore::new(StoreConfig::default());
+        store
+            .map_dma(0, MEM, Perm::READ_WRITE, Backing::Anonymous)
+            .unwrap();
+        let c = |cmd, cc: bool, count, cda: u32| {
+            Ccw1 {
+                cmd,
+                flags: CcwFlags::new().with_cc(cc),
+                count,
+                cda,
+            }
+            .to_bytes()
+        };
+        let mut prog = Vec::new();
+        prog.extend(c(0x63, true, 16, 0x1_0000));
+        prog.extend(c(0x47, true, 16, 0x1_0010));
+        prog.extend(c(0x86, false, 4096, 0x1_2000));
+        prog.extend(c(0x86, true, 4096, 0x1_3000));
+        prog.extend(c(0x86, false, 4096, 0x1_4000));
+        store.write(PROG, &prog).unwrap();
+        let orb = Orb {
+            intparm: 1,
+            ctl: OrbControls::new()
+                .with_format1(true)
+                .with_format2_idaw(true),
+            cpa: PROG as u32,
+        };
+        let any = TranslateConfig::default();
+        assert!(walk_simple(&orb, &store.view(), &any).is_none());
+        let p = translate(&orb, &store, &any).unwrap();
+        // The five, and a trap after the leftover chain's end.
+        assert_eq!(p.ccws().count(), 6);
+        assert!(p.pages().iter().any(|pg| pg.iova == 0x1_4000));
+        drop(p);
+        let searches = TranslateConfig {
+            status_modifier: CommandSet::of(&[0x31, 0x39]),
+            ..TranslateConfig::default()
+        };
+        let chain = walk_simple(&orb, &store.view(), &searches).expect("simple");
+        assert_eq!((chain.ccws.len(), chain.trap), (3, None));
+        let p = translate(&orb, &store, &searches).unwrap();
+        assert_eq!(p.ccws().count(), 3);
+        assert!(p.pages().iter().all(|pg| pg.iova < 0x1_3000));
+        // Fast and general agree on it.
+        let general = translate_with(&orb, &store, &searches, false).unwrap();
+        assert_eq!(general.image(), p.image());
+        // After a search (it may skip), the slot is prepared again.
+        let mut lr_is_search = prog.clone();
+        lr_is_search[8] = 0x31;
+        store.write(PROG, &lr_is_search).unwrap();
+        assert!(walk_simple(&orb, &store.view(), &searches).is_none());
+        // (No trap after the leftover chain this time: its CCW before the end is a read.)
+        assert_eq!(
+            translate(&orb, &store, &searches).unwrap().ccws().count(),
+            5
+        );
+        drop((p, general));
+        assert_eq!(store.stats().pinned_pages, 0);
+    }
+
     #[test]
     fn common_chains_take_the_fast_path() {
         let store = IommuStore::new(StoreConfig::default());

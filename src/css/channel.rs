@@ -990,7 +990,7 @@ impl ChannelRun {
         };
         let zero_cc = std::mem::take(&mut self.initial_due);
         let mut fail: Option<(usize, ChainErr)> = None;
-        let (outcome, t) = if input {
+        let (mut outcome, t) = if input {
             let mut sink = Scatter {
                 mem,
                 key: self.key(),
@@ -1048,6 +1048,18 @@ impl ChannelRun {
                 more = outcome.more,
                 "channel command"
             );
+        }
+        if outcome.status & dstat::STATUS_MODIFIER != 0
+            && !dev.status_modifier_commands().contains(cmd.code)
+        {
+            // The translator prepared no slot after a chain's end for this command (the
+            // device declared it never ends that way): a skip there would run whatever
+            // follows the host chain. Hold the model to its declaration.
+            tracing::warn!(
+                code = cmd.code,
+                "status modifier from an undeclared command: dropped"
+            );
+            outcome.status &= !dstat::STATUS_MODIFIER;
         }
         if t > 0 {
             self.no_data = 0;

@@ -11,7 +11,7 @@
 //! buffer); any other device gets a zeroed buffer through [`DataArea::with_buffer`] (the
 //! default [`DeviceModel::execute_area`]), and the channel stores what it transferred after.
 
-use crate::ccw::CommandKind;
+use crate::ccw::{CommandKind, CommandSet};
 
 /// One command as the device sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -225,6 +225,14 @@ pub trait DeviceModel: Send {
 
     /// The device is halted or cleared mid-program: drop any operation in progress.
     fn reset_operation(&mut self) {}
+
+    /// The commands after which this device may present status modifier (see
+    /// [`TranslateConfig::status_modifier`](crate::ccw::TranslateConfig)). The default,
+    /// every command, is always safe; a narrower set spares the translator the slot after a
+    /// chain's end. The channel drops status modifier from any other command.
+    fn status_modifier_commands(&self) -> CommandSet {
+        CommandSet::ALL
+    }
 }
 
 /// Device identity as Sense ID reports it.

@@ -71,7 +71,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::ccw::HostProgram;
+use crate::ccw::{CommandSet, HostProgram};
 use crate::css::channel::{ChannelRun, Step};
 use crate::css::device::DeviceModel;
 use crate::orb::{
@@ -263,6 +263,8 @@ struct Shared {
     inline_handoffs: AtomicU64,
     devno: u16,
     chpid: u8,
+    /// What the device model declared (`DeviceModel::status_modifier_commands`).
+    status_modifier: CommandSet,
 }
 
 impl Shared {
@@ -467,6 +469,7 @@ impl std::fmt::Debug for EmulatedSubchannel {
 impl EmulatedSubchannel {
     /// Creates the subchannel (enabled, its path online) and starts its channel thread.
     pub fn new(device: Box<dyn DeviceModel>, config: SubchannelConfig) -> std::io::Result<Self> {
+        let status_modifier = device.status_modifier_commands();
         let shared = Arc::new(Shared {
             inner: Mutex::new(Inner {
                 dev: Some(device),
@@ -504,6 +507,7 @@ impl EmulatedSubchannel {
             inline_handoffs: AtomicU64::new(0),
             devno: config.devno,
             chpid: config.chpid,
+            status_modifier,
         });
         let sh = shared.clone();
         let thread = std::thread::Builder::new()
@@ -1105,6 +1109,10 @@ impl crate::driver::Subchannel for EmulatedSubchannel {
 
     fn store_schib(&self) -> Result<crate::orb::Schib, i32> {
         EmulatedSubchannel::store_schib(self)
+    }
+
+    fn status_modifier_commands(&self) -> CommandSet {
+        self.shared.status_modifier
     }
 
     fn set_events(&self, events: std::sync::Weak<dyn crate::driver::SubchannelEvents>) {

@@ -6,7 +6,7 @@
 //! position can be checked. Basic Sense (0x04) returns the sense bytes, Sense ID (0xE4) the
 //! configured identity, NOOP (0x03) transfers nothing.
 
-use crate::ccw::command;
+use crate::ccw::{command, CommandSet};
 use crate::css::device::{Command, DataArea, DeviceIdentity, DeviceModel, Outcome};
 use crate::orb::dstat;
 
@@ -34,6 +34,8 @@ pub struct LoopbackDevice {
     pub unit_exception_on: Option<u8>,
     /// A command code answered with status modifier (after its normal transfer).
     pub status_modifier_on: Option<u8>,
+    /// What [`DeviceModel::status_modifier_commands`] declares (default: every command).
+    pub declared_status_modifier: CommandSet,
     /// What Sense ID reports.
     pub identity: DeviceIdentity,
     /// Input data commands [`DataArea::put`] their bytes in chunks of this size (straight
@@ -63,6 +65,7 @@ impl LoopbackDevice {
             unit_check_on: None,
             unit_exception_on: None,
             status_modifier_on: None,
+            declared_status_modifier: CommandSet::ALL,
             identity: DeviceIdentity {
                 cu_type: 0x3990,
                 cu_model: 0xE9,
@@ -125,6 +128,10 @@ impl LoopbackDevice {
 }
 
 impl DeviceModel for LoopbackDevice {
+    fn status_modifier_commands(&self) -> CommandSet {
+        self.declared_status_modifier
+    }
+
     fn start_program(&mut self) {
         self.programs += 1;
     }

@@ -488,7 +488,12 @@ impl std::fmt::Debug for VfioCcwDevice {
 impl VfioCcwDevice {
     /// A device in state STANDBY over `backend`, translating through `store`. Registers
     /// itself with the backend (events) and the store (unmap listener).
-    pub fn new(backend: Arc<dyn Subchannel>, store: IommuStore, cfg: DeviceConfig) -> Self {
+    pub fn new(backend: Arc<dyn Subchannel>, store: IommuStore, mut cfg: DeviceConfig) -> Self {
+        // Prepare the slot after a chain's end only where the device behind can reach it.
+        cfg.translate.status_modifier = cfg
+            .translate
+            .status_modifier
+            .intersection(backend.status_modifier_commands());
         let sh = Arc::new(Shared {
             backend,
             store,

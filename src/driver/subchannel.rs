@@ -44,6 +44,12 @@ pub trait Subchannel: Send + Sync {
     /// Where to report interrupts and channel-path events. The backend keeps the `Weak`
     /// and upgrades it for each event (the device may be gone).
     fn set_events(&self, events: Weak<dyn SubchannelEvents>);
+    /// The commands after which the device behind may present status modifier (the
+    /// translator prepares the slot after a chain's end only after those). Default: every
+    /// command, which is right for a device nobody knows (a real subchannel).
+    fn status_modifier_commands(&self) -> crate::ccw::CommandSet {
+        crate::ccw::CommandSet::ALL
+    }
 }
 
 /// Reports from a [`Subchannel`] to the device. Both calls return quickly and never wait for

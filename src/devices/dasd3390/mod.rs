@@ -25,6 +25,7 @@ mod tests;
 pub use chars::{configuration_data, device_characteristics, model_for, sense_id};
 use sense::*;
 
+use crate::ccw::CommandSet;
 use crate::css::device::{Command, DataArea, DeviceIdentity, DeviceModel, Outcome};
 use crate::image::ckd::{
     CkdError, CkdImage, CkdOpenOptions, CountField, COUNT_SIZE, DEVTYPE_3390, END_OF_TRACK,
@@ -1471,6 +1472,12 @@ fn with_ux(mut o: Outcome, ux: bool) -> Outcome {
 }
 
 impl DeviceModel for Dasd3390 {
+    /// Only the searches (Search ID Equal/High/Equal-or-High, Search Home Address, and
+    /// their multitrack forms) end with status modifier, when they match.
+    fn status_modifier_commands(&self) -> CommandSet {
+        CommandSet::of(&[0x31, 0x51, 0x71, 0xB1, 0xD1, 0xF1, 0x39, 0xB9])
+    }
+
     fn start_program(&mut self) {
         self.prog = Program::new(self.cylinders, self.heads);
     }

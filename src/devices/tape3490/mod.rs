@@ -12,6 +12,7 @@
 
 pub mod sense;
 
+use crate::ccw::CommandSet;
 use crate::css::device::{Command, DeviceIdentity, DeviceModel, Outcome};
 use crate::image::awstape::{AwsError, AwsTape, Record};
 use crate::orb::dstat::{CHANNEL_END, DEVICE_END, UNIT_EXCEPTION};
@@ -468,6 +469,11 @@ impl Tape3490 {
 }
 
 impl DeviceModel for Tape3490 {
+    /// No 3490 command ends with status modifier.
+    fn status_modifier_commands(&self) -> CommandSet {
+        CommandSet::EMPTY
+    }
+
     fn start_program(&mut self) {
         // Mode Set settings last for one channel program.
         self.supvr_inhibit = false;
