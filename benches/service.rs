@@ -8,6 +8,9 @@
 //!    IRB read), which is what the vfio-ccw protocol needs per I/O.
 //! 3. 1 MiB read through the service (one channel program over 22 tracks) vs a 1 MiB memcpy.
 //! 4. The 4 KiB read again over the threaded transport (reader thread), for comparison.
+//! 5. The 4 KiB read against a second server started with `--poll-us 0`: the server's
+//!    reader then sleeps between requests (the default busy-polls 50 us after each message,
+//!    so a back-to-back client's next request costs it no wake-up; the floor pays two).
 //!
 //! `VCCW_BENCH_ONLY_4K=1` runs only the first 4 KiB series (for a profiler).
 //!
@@ -356,7 +359,29 @@ fn main() {
         cp.push(t0.elapsed().as_secs_f64() * 1e6);
     }
 
+    // 1c. The 4 KiB read against a second server that never busy-polls (`--poll-us 0`):
+    //     its reader sleeps in recvmsg between requests, so each I/O pays both wake-ups,
+    //     as the floor does.
+    let mut nopoll = {
+        let d2 = dir.path().join("nopoll").to_string_lossy().to_string();
+        let (srv, rdy) = vccw::service::demo::start_server(
+            &exe,
+            &["--data-dir", &d2, "--cylinders", "5", "--poll-us", "0"],
+        )
+        .unwrap();
+        let mut srv = KillOnDrop(srv);
+        let dev2 = CcwClient::connect(&rdy[0].socket).unwrap();
+        dev2.map_memory(&mem, 0).unwrap();
+        format_track(&dev2, &mem, 1, 0, 12);
+        write_program_4k(&mem);
+        let v = run_4k(&dev2);
+        drop(dev2);
+        stop(&mut srv);
+        v
+    };
+
     let (b50, b99) = (pct(&mut block, 0.5), pct(&mut block, 0.99));
+    let (n50, n99) = (pct(&mut nopoll, 0.5), pct(&mut nopoll, 0.99));
     let (s50, s99) = (pct(&mut spin, 0.5), pct(&mut spin, 0.99));
     let (f50, f99) = (pct(&mut f.one, 0.5), pct(&mut f.one, 0.99));
     let (g50, g99) = (pct(&mut f.two, 0.5), pct(&mut f.two, 0.99));
@@ -373,6 +398,11 @@ fn main() {
     );
     println!(
         "4 KiB DASD read, SSCH -> IRB over vfio-user (spinning wait): p50 {s50:.1} p99 {s99:.1}"
+    );
+    println!(
+        "4 KiB DASD read, server without busy poll (blocking wait):   p50 {n50:.1} p99 {n99:.1} \
+         (ratio to the floor {:.2})",
+        n50 / f50
     );
     println!(
         "one vfio-user round trip (REGION_READ of the IRB):           p50 {r50:.1} p99 {r99:.1}"

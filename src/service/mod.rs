@@ -127,6 +127,8 @@ pub struct ServeOptions {
     pub mdev: Vec<String>,
     /// Cylinders of a created default image.
     pub cylinders: u32,
+    /// The transport's options (e.g. [`ServerConfig::poll`], the readers' busy poll).
+    pub server: ServerConfig,
 }
 
 impl Default for ServeOptions {
@@ -138,6 +140,7 @@ impl Default for ServeOptions {
             tape: Vec::new(),
             mdev: Vec::new(),
             cylinders: DEFAULT_CYLINDERS,
+            server: ServerConfig::default(),
         }
     }
 }
@@ -252,6 +255,7 @@ fn start_device(
     kind: DeviceKind,
     image: &Path,
     socket: &Path,
+    server: ServerConfig,
 ) -> Result<ServedDevice, ServiceError> {
     let img_err = |detail: String| ServiceError::Image {
         path: image.to_path_buf(),
@@ -298,7 +302,7 @@ fn start_device(
     let name = format!("0.0.{devno:04x}");
     let backend = CcwBackend::new(dev, store, &name)
         .map_err(|errno| ServiceError::Device { devno, errno })?;
-    let listener = DeviceListener::start(socket, Arc::new(backend), ServerConfig::default())
+    let listener = DeviceListener::start(socket, Arc::new(backend), server)
         .map_err(io_err(format!("listen on {}", socket.display())))?;
     Ok(ServedDevice {
         devno,
@@ -313,7 +317,11 @@ fn start_device(
 /// [`crate::mdev::MdevSubchannel`] sharing the device's store. The device number is the real
 /// subchannel's (from its SCHIB), or 0 when the SCHIB region is missing.
 #[cfg(target_os = "linux")]
-pub fn start_mdev(uuid: &str, socket: &Path) -> Result<ServedDevice, ServiceError> {
+pub fn start_mdev(
+    uuid: &str,
+    socket: &Path,
+    server: ServerConfig,
+) -> Result<ServedDevice, ServiceError> {
     use crate::driver::Subchannel;
     use crate::mdev::MdevSubchannel;
     let mdev = MdevSubchannel::open(uuid).map_err(|e| ServiceError::Mdev {
@@ -332,7 +340,7 @@ pub fn start_mdev(uuid: &str, socket: &Path) -> Result<ServedDevice, ServiceErro
     let dev = VfioCcwDevice::new(mdev, store.clone(), DeviceConfig::default());
     let backend = CcwBackend::new(dev, store, &format!("0.0.{devno:04x}"))
         .map_err(|errno| ServiceError::Device { devno, errno })?;
-    let listener = DeviceListener::start(socket, Arc::new(backend), ServerConfig::default())
+    let listener = DeviceListener::start(socket, Arc::new(backend), server)
         .map_err(io_err(format!("listen on {}", socket.display())))?;
     Ok(ServedDevice {
         devno,
@@ -345,7 +353,11 @@ pub fn start_mdev(uuid: &str, socket: &Path) -> Result<ServedDevice, ServiceErro
 
 /// Off Linux there is no vfio-ccw: always [`ServiceError::Mdev`] with ENOSYS.
 #[cfg(not(target_os = "linux"))]
-pub fn start_mdev(uuid: &str, _socket: &Path) -> Result<ServedDevice, ServiceError> {
+pub fn start_mdev(
+    uuid: &str,
+    _socket: &Path,
+    _server: ServerConfig,
+) -> Result<ServedDevice, ServiceError> {
     Err(ServiceError::Mdev {
         uuid: uuid.to_string(),
         detail: "vfio-ccw mdevs exist only on Linux".into(),
@@ -384,6 +396,7 @@ pub fn start_devices(opts: &ServeOptions) -> Result<Vec<ServedDevice>, ServiceEr
             DeviceKind::Dasd3390,
             d,
             &sock,
+            opts.server.clone(),
         )?);
     }
     for (i, t) in tape.iter().enumerate() {
@@ -393,10 +406,15 @@ pub fn start_devices(opts: &ServeOptions) -> Result<Vec<ServedDevice>, ServiceEr
             DeviceKind::Tape3490,
             t,
             &sock,
+            opts.server.clone(),
         )?);
     }
     for (i, uuid) in opts.mdev.iter().enumerate() {
-        out.push(start_mdev(uuid, &sdir.join(format!("mdev{i}.sock")))?);
+        out.push(start_mdev(
+            uuid,
+            &sdir.join(format!("mdev{i}.sock")),
+            opts.server.clone(),
+        )?);
     }
     Ok(out)
 }

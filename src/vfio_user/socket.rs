@@ -249,7 +249,8 @@ impl MessageReader {
         }
     }
 
-    fn buffered(&self) -> usize {
+    /// Bytes received and not yet returned as a message.
+    pub fn buffered(&self) -> usize {
         self.end - self.start
     }
 
