@@ -33,6 +33,9 @@ use vccw::client::{CcwClient, GuestMemory, WaitMode};
 use vccw::orb::{Orb, OrbControls};
 
 const ECHO_ENV: &str = "VCCW_BENCH_ECHO";
+/// Set for an echo child that busy-polls its socket 50 us before each read, as the
+/// server's readers do by default: the floor of a path that pays the same.
+const ECHO_POLL_ENV: &str = "VCCW_BENCH_ECHO_POLL";
 /// Request and reply size of the floor: a vfio-user header + a 124-byte I/O region write.
 const MSG: usize = 16 + 16 + 124;
 /// Measured iterations (`VCCW_BENCH_ITERS` overrides, e.g. for a quick debug run).
@@ -87,7 +90,21 @@ fn echo_main(path: &str) {
         unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(efd_raw.unwrap()) };
     let mut s = s;
     let mut buf = [0u8; MSG];
-    while s.read_exact(&mut buf).is_ok() {
+    let busy = std::env::var_os(ECHO_POLL_ENV).is_some();
+    loop {
+        if busy {
+            let t0 = Instant::now();
+            while t0.elapsed() < Duration::from_micros(50) {
+                let mut p = [PollFd::new(s.as_fd(), PollFlags::POLLIN)];
+                if poll(&mut p, PollTimeout::ZERO).unwrap_or(0) > 0 {
+                    break;
+                }
+                std::hint::spin_loop();
+            }
+        }
+        if s.read_exact(&mut buf).is_err() {
+            break;
+        }
         if s.write_all(&buf).is_err() {
             break;
         }
@@ -102,9 +119,13 @@ struct Floor {
     two: Vec<f64>,
 }
 
-fn measure_floor(dir: &Path) -> Floor {
-    let path = dir.join("echo.sock");
-    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+fn measure_floor(dir: &Path, poll: bool) -> Floor {
+    let path = dir.join(if poll { "echo-poll.sock" } else { "echo.sock" });
+    let mut cmd = std::process::Command::new(std::env::current_exe().unwrap());
+    if poll {
+        cmd.env(ECHO_POLL_ENV, "1");
+    }
+    let mut child = cmd
         .env(ECHO_ENV, &path)
         .stdout(std::process::Stdio::piped())
         .spawn()
@@ -291,7 +312,8 @@ fn main() {
     }
 
     // 2. The floor.
-    let mut f = measure_floor(dir.path());
+    let mut f = measure_floor(dir.path(), false);
+    let mut fp = measure_floor(dir.path(), true);
 
     // 3. 1 MiB as two channel programs of 128 records (512 KiB) each: Define Extent, then
     //    per track Locate Record + up to 12 Read Data. (One program of 280 CCWs works too
@@ -384,6 +406,7 @@ fn main() {
     let (n50, n99) = (pct(&mut nopoll, 0.5), pct(&mut nopoll, 0.99));
     let (s50, s99) = (pct(&mut spin, 0.5), pct(&mut spin, 0.99));
     let (f50, f99) = (pct(&mut f.one, 0.5), pct(&mut f.one, 0.99));
+    let (p50, p99) = (pct(&mut fp.one, 0.5), pct(&mut fp.one, 0.99));
     let (g50, g99) = (pct(&mut f.two, 0.5), pct(&mut f.two, 0.99));
     let (r50, r99) = (pct(&mut rt, 0.5), pct(&mut rt, 0.99));
     let (i50, i99) = (pct(&mut irb_read, 0.5), pct(&mut irb_read, 0.99));
@@ -420,6 +443,11 @@ fn main() {
     );
     println!(
         "floor: request/reply + eventfd + request/reply (IRB read):    p50 {g50:.1} p99 {g99:.1}"
+    );
+    println!(
+        "floor: request/reply + eventfd, echo busy-polling 50 us:      p50 {p50:.1} p99 {p99:.1} \
+         (the wake-ups the default server pays; ratio to it {:.2})",
+        b50 / p50
     );
     println!(
         "ratio to the floor (goal <= 1.5): blocking p50 {:.2} p99 {:.2}; spinning p50 {:.2} \
