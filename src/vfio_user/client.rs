@@ -67,7 +67,7 @@ use super::protocol::{
     ProtoError, RegionAccess, RegionCap, RegionInfo, Version, HEADER_SIZE, MAX_VERSION_DATA,
     VERSION_MAJOR, VERSION_MINOR,
 };
-use super::socket::{send_message, Message, MessageReader, RecvError, RecvLimits};
+use super::socket::{send_message, send_message_parts, Message, MessageReader, RecvError, RecvLimits};
 
 /// Client failure.
 #[derive(Debug, Error)]
@@ -237,6 +237,13 @@ impl RegionMap {
     }
 }
 
+fn unexpected_fds() -> ClientError {
+    ClientError::Protocol(ProtoError::Invalid {
+        what: "reply",
+        detail: "unexpected fds",
+    })
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -388,6 +395,17 @@ impl Client {
         payload: &[u8],
         fds: &[BorrowedFd<'_>],
     ) -> Result<Message, ClientError> {
+        self.transact_parts(command, flags, (payload, &[]), fds)
+    }
+
+    /// As `transact` with the payload in two parts sent as one (no copy into one buffer).
+    fn transact_parts(
+        &self,
+        command: u16,
+        flags: u32,
+        payload: (&[u8], &[u8]),
+        fds: &[BorrowedFd<'_>],
+    ) -> Result<Message, ClientError> {
         let reply = match &self.shared.sync {
             Some(rx) => self.transact_sync(rx, command, flags, payload, fds)?,
             None => self.transact_threaded(command, flags, payload, fds)?,
@@ -412,7 +430,7 @@ impl Client {
         rx: &Mutex<(UnixStream, MessageReader)>,
         command: u16,
         flags: u32,
-        payload: &[u8],
+        payload: (&[u8], &[u8]),
         fds: &[BorrowedFd<'_>],
     ) -> Result<Message, ClientError> {
         let mut rx = lock(rx);
@@ -424,12 +442,19 @@ impl Client {
         let header = Header {
             id,
             command,
-            size: (HEADER_SIZE + payload.len()) as u32,
+            size: (HEADER_SIZE + payload.0.len() + payload.1.len()) as u32,
             flags,
             error: 0,
         };
-        send_message(&lock(&self.shared.writer), &header, payload, fds)?;
-        let deadline = Instant::now() + self.shared.timeout;
+        send_message_parts(
+            &lock(&self.shared.writer),
+            &header,
+            payload.0,
+            payload.1,
+            fds,
+        )?;
+        // The clock only once something other than the reply came in.
+        let mut deadline = None;
         loop {
             match receive_one(stream, reader, &self.shared) {
                 Incoming::Reply(m) if m.header.id == id => return Ok(m),
@@ -442,7 +467,8 @@ impl Client {
                     return Err(ClientError::Disconnected);
                 }
             }
-            if Instant::now() >= deadline {
+            let d = *deadline.get_or_insert_with(|| Instant::now() + self.shared.timeout);
+            if Instant::now() >= d {
                 return Err(ClientError::Timeout);
             }
         }
@@ -452,7 +478,7 @@ impl Client {
         &self,
         command: u16,
         flags: u32,
-        payload: &[u8],
+        payload: (&[u8], &[u8]),
         fds: &[BorrowedFd<'_>],
     ) -> Result<Message, ClientError> {
         let (tx, rx) = mpsc::sync_channel(1);
@@ -471,11 +497,18 @@ impl Client {
         let header = Header {
             id,
             command,
-            size: (HEADER_SIZE + payload.len()) as u32,
+            size: (HEADER_SIZE + payload.0.len() + payload.1.len()) as u32,
             flags,
             error: 0,
         };
-        if let Err(e) = send_message(&lock(&self.shared.writer), &header, payload, fds) {
+        let sent = send_message_parts(
+            &lock(&self.shared.writer),
+            &header,
+            payload.0,
+            payload.1,
+            fds,
+        );
+        if let Err(e) = sent {
             lock(&self.shared.pending).waiters.remove(&id);
             return Err(ClientError::Io(e));
         }
@@ -498,10 +531,7 @@ impl Client {
     ) -> Result<Vec<u8>, ClientError> {
         let m = self.transact(cmd as u16, 0, payload, fds)?;
         if !m.fds.is_empty() {
-            return Err(ClientError::Protocol(ProtoError::Invalid {
-                what: "reply",
-                detail: "unexpected fds",
-            }));
+            return Err(unexpected_fds());
         }
         Ok(m.payload)
     }
@@ -760,13 +790,13 @@ impl Client {
         let max = (self.server_caps.max_data_xfer_size() as usize).max(1);
         let mut done = 0;
         for chunk in data.chunks(max) {
-            let req = RegionAccess {
-                offset: offset + done as u64,
-                region: index,
-                count: chunk.len() as u32,
-                data: chunk.to_vec(),
-            };
-            let p = self.call(Command::RegionWrite, &req.encode(), &[])?;
+            let fixed =
+                RegionAccess::encode_fixed(offset + done as u64, index, chunk.len() as u32);
+            let m = self.transact_parts(Command::RegionWrite as u16, 0, (&fixed, chunk), &[])?;
+            if !m.fds.is_empty() {
+                return Err(unexpected_fds());
+            }
+            let p = m.payload;
             let r = RegionAccess::decode(&p, false, chunk.len() as u32)?;
             done += r.count as usize;
             if (r.count as usize) < chunk.len() {

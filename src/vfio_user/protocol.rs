@@ -1084,6 +1084,20 @@ impl RegionAccess {
     /// Parse; `with_data`: the payload must carry exactly `count` data bytes, otherwise none.
     /// `count` must not exceed `max_xfer` (E2BIG).
     pub fn decode(b: &[u8], with_data: bool, max_xfer: u32) -> Result<RegionAccess, ProtoError> {
+        let (a, data) = Self::decode_ref(b, with_data, max_xfer)?;
+        Ok(RegionAccess {
+            data: data.to_vec(),
+            ..a
+        })
+    }
+
+    /// As [`RegionAccess::decode`] (same checks and errors), with the data borrowed from `b`
+    /// instead of copied (the returned access has empty `data`).
+    pub fn decode_ref(
+        b: &[u8],
+        with_data: bool,
+        max_xfer: u32,
+    ) -> Result<(RegionAccess, &[u8]), ProtoError> {
         const W: &str = "region access";
         need(W, b, Self::SIZE)?;
         let count = u32_at(b, 12);
@@ -1096,12 +1110,25 @@ impl RegionAccess {
         }
         let want = Self::SIZE + if with_data { count as usize } else { 0 };
         exact(W, b, want)?;
-        Ok(RegionAccess {
-            offset: u64_at(b, 0),
-            region: u32_at(b, 8),
-            count,
-            data: b[Self::SIZE..].to_vec(),
-        })
+        Ok((
+            RegionAccess {
+                offset: u64_at(b, 0),
+                region: u32_at(b, 8),
+                count,
+                data: Vec::new(),
+            },
+            &b[Self::SIZE..],
+        ))
+    }
+
+    /// The fixed part alone (a write request's data, or a write reply): `offset`, `region`,
+    /// `count`, host byte order like the rest of the protocol.
+    pub fn encode_fixed(offset: u64, region: u32, count: u32) -> [u8; Self::SIZE] {
+        let mut b = [0u8; Self::SIZE];
+        b[..8].copy_from_slice(&offset.to_ne_bytes());
+        b[8..12].copy_from_slice(&region.to_ne_bytes());
+        b[12..].copy_from_slice(&count.to_ne_bytes());
+        b
     }
 }
 

@@ -28,9 +28,8 @@ use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::thread::ThreadId;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use nix::poll::{PollFd, PollFlags, PollTimeout};
 
 use thiserror::Error;
 use vfio_bindings::bindings::vfio::{
@@ -540,9 +539,8 @@ fn reader_loop<B: VfioUserBackend + ?Sized>(
     let _ = conn.reader.set(std::thread::current().id());
     let mut rd = MessageReader::new();
     let r = loop {
-        if rd.buffered() == 0 && !conn.config.poll.is_zero() {
-            busy_poll(stream, conn.config.poll);
-        }
+        // The busy poll reads what arrives straight into the reader (no separate `poll`).
+        rd.poll(stream, conn.config.poll);
         let item = match rd.recv(stream, limits) {
             Ok(None) => break Ok(()),
             Ok(Some(msg)) if msg.header.is_reply() => {
@@ -582,25 +580,6 @@ fn reader_loop<B: VfioUserBackend + ?Sized>(
         d.close();
     }
     r
-}
-
-/// Polls `stream` without blocking until it is readable (data, EOF or an error) or `budget`
-/// has passed: the busy poll of [`ServerConfig::poll`]. Readiness only (`poll` with a zero
-/// timeout): nothing is read, so fds in flight stay with their message.
-fn busy_poll(stream: &UnixStream, budget: Duration) {
-    let t0 = Instant::now();
-    loop {
-        let mut fds = [PollFd::new(stream.as_fd(), PollFlags::POLLIN)];
-        match nix::poll::poll(&mut fds, PollTimeout::ZERO) {
-            Ok(0) | Err(nix::errno::Errno::EINTR) => {}
-            // Readable, hung up, or an error the blocking read will report.
-            _ => return,
-        }
-        if t0.elapsed() >= budget {
-            return;
-        }
-        std::hint::spin_loop();
-    }
 }
 
 impl<B: VfioUserBackend + ?Sized> Conn<'_, B> {
@@ -874,7 +853,7 @@ impl<B: VfioUserBackend + ?Sized> Conn<'_, B> {
                 .encode())
             }
             Command::RegionWrite => {
-                let a = RegionAccess::decode(p, true, max_xfer).map_err(pe)?;
+                let (a, data) = RegionAccess::decode_ref(p, true, max_xfer).map_err(pe)?;
                 self.check_access(
                     a.region,
                     a.offset,
@@ -883,15 +862,9 @@ impl<B: VfioUserBackend + ?Sized> Conn<'_, B> {
                 )?;
                 let n = self
                     .backend
-                    .region_write(a.region, a.offset, &a.data)?
-                    .min(a.data.len());
-                Ok(RegionAccess {
-                    offset: a.offset,
-                    region: a.region,
-                    count: n as u32,
-                    data: Vec::new(),
-                }
-                .encode())
+                    .region_write(a.region, a.offset, data)?
+                    .min(data.len());
+                Ok(RegionAccess::encode_fixed(a.offset, a.region, n as u32).to_vec())
             }
             Command::RegionWriteMulti => {
                 let negotiated = self
@@ -987,33 +960,47 @@ impl<B: VfioUserBackend + ?Sized> Conn<'_, B> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::io::Write;
+    use std::time::Instant;
 
-    /// The busy poll returns as soon as the socket is readable (data or hang-up), and on an
-    /// idle socket once its budget is spent: it never reads, and never hangs.
+    /// The busy poll returns as soon as data arrives (keeping it, with its fds, for the next
+    /// receive) or the peer hangs up, and on an idle socket once its budget is spent: it
+    /// never hangs.
     #[test]
     fn busy_poll_ends_on_data_hangup_or_budget() {
-        let (a, mut b) = UnixStream::pair().unwrap();
+        let (a, b) = UnixStream::pair().unwrap();
+        let mut rd = MessageReader::new();
         let t0 = Instant::now();
-        busy_poll(&a, Duration::from_millis(2));
+        rd.poll(&a, Duration::from_millis(2));
         assert!(t0.elapsed() >= Duration::from_millis(2));
-        b.write_all(&[7]).unwrap();
+        assert_eq!(rd.buffered(), 0);
+        let f = nix::sys::memfd::memfd_create("polled", nix::sys::memfd::MFdFlags::MFD_CLOEXEC)
+            .unwrap();
+        let h = Header {
+            id: 5,
+            command: Command::DmaMap as u16,
+            size: (HEADER_SIZE + 3) as u32,
+            flags: 0,
+            error: 0,
+        };
+        send_message(&b, &h, b"abc", &[f.as_fd()]).unwrap();
         let t0 = Instant::now();
-        busy_poll(&a, Duration::from_secs(60));
+        rd.poll(&a, Duration::from_secs(60));
         assert!(
             t0.elapsed() < Duration::from_secs(30),
             "did not see the data"
         );
-        // Nothing was consumed.
-        let mut x = [0u8; 1];
-        assert_eq!(std::io::Read::read(&mut &a, &mut x).unwrap(), 1);
-        assert_eq!(x, [7]);
+        assert_eq!(rd.buffered(), HEADER_SIZE + 3);
+        // What the poll read is the next message, fd included.
+        let lim = ServerConfig::default().limits();
+        let m = rd.recv(&a, lim).unwrap().unwrap();
+        assert_eq!((m.header.id, &m.payload[..], m.fds.len()), (5, &b"abc"[..], 1));
         drop(b);
         let t0 = Instant::now();
-        busy_poll(&a, Duration::from_secs(60));
+        rd.poll(&a, Duration::from_secs(60));
         assert!(
             t0.elapsed() < Duration::from_secs(30),
             "did not see the hang-up"
         );
+        assert!(rd.recv(&a, lim).unwrap().is_none());
     }
 }
