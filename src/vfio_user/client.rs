@@ -67,7 +67,9 @@ use super::protocol::{
     ProtoError, RegionAccess, RegionCap, RegionInfo, Version, HEADER_SIZE, MAX_VERSION_DATA,
     VERSION_MAJOR, VERSION_MINOR,
 };
-use super::socket::{send_message, send_message_parts, Message, MessageReader, RecvError, RecvLimits};
+use super::socket::{
+    send_message, send_message_parts, Message, MessageReader, RecvError, RecvLimits,
+};
 
 /// Client failure.
 #[derive(Debug, Error)]
@@ -790,8 +792,7 @@ impl Client {
         let max = (self.server_caps.max_data_xfer_size() as usize).max(1);
         let mut done = 0;
         for chunk in data.chunks(max) {
-            let fixed =
-                RegionAccess::encode_fixed(offset + done as u64, index, chunk.len() as u32);
+            let fixed = RegionAccess::encode_fixed(offset + done as u64, index, chunk.len() as u32);
             let m = self.transact_parts(Command::RegionWrite as u16, 0, (&fixed, chunk), &[])?;
             if !m.fds.is_empty() {
                 return Err(unexpected_fds());

@@ -1652,6 +1652,25 @@ mod tests {
             RegionAccess::decode(&want, true, 2).unwrap_err().errno(),
             libc::E2BIG
         );
+        // The borrowed decode: same fields, data in place, same refusals.
+        let (a, data) = RegionAccess::decode_ref(&want, true, 4096).unwrap();
+        assert_eq!((a.offset, a.region, a.count, a.data.len()), (0x10, 1, 4, 0));
+        assert_eq!(data, &[1, 2, 3, 4]);
+        assert_eq!(
+            RegionAccess::decode_ref(&want, true, 2)
+                .unwrap_err()
+                .errno(),
+            libc::E2BIG
+        );
+        assert!(RegionAccess::decode_ref(&want, false, 4096).is_err());
+        assert!(RegionAccess::decode_ref(&want[..19], true, 4096).is_err()); // short data
+        assert!(RegionAccess::decode_ref(&want[..15], false, 4096).is_err()); // short header
+                                                                              // The fixed part alone is the first 16 bytes of the full image.
+        assert_eq!(RegionAccess::encode_fixed(0x10, 1, 4)[..], want[..16]);
+        assert_eq!(
+            RegionAccess::encode_fixed(0x0102_0304_0506_0708, 0x0A0B_0C0D, 0x11)[..],
+            fields(&[(0x0102_0304_0506_0708, 8), (0x0A0B_0C0D, 4), (0x11, 4)])[..]
+        );
         let d = DmaAccess {
             address: 0x4000,
             count: 2,

@@ -30,7 +30,6 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::thread::ThreadId;
 use std::time::Duration;
 
-
 use thiserror::Error;
 use vfio_bindings::bindings::vfio::{
     VFIO_DEVICE_FLAGS_RESET, VFIO_REGION_INFO_FLAG_MMAP, VFIO_REGION_INFO_FLAG_READ,
@@ -564,8 +563,10 @@ fn reader_loop<B: VfioUserBackend + ?Sized>(
             },
         };
         if conn.inline(&item) {
-            if let Err(e) = conn.process(item) {
-                break Err(e);
+            match conn.process(item) {
+                Ok(Some(spare)) => rd.recycle(spare),
+                Ok(None) => {}
+                Err(e) => break Err(e),
             }
         } else {
             // Counted before it is queued: the dispatcher may answer it at once.
@@ -608,7 +609,9 @@ impl<B: VfioUserBackend + ?Sized> Conn<'_, B> {
     }
 
     /// Handles one command (or refusal) and sends its reply. An error ends the connection.
-    fn process(&self, item: Item) -> Result<(), ServerError> {
+    /// Returns the request's payload buffer when it is free again (for
+    /// [`MessageReader::recycle`]).
+    fn process(&self, item: Item) -> Result<Option<Vec<u8>>, ServerError> {
         let msg = match item {
             Item::Refused(h, errno) => {
                 if self.client_caps.get().is_none() {
@@ -618,17 +621,37 @@ impl<B: VfioUserBackend + ?Sized> Conn<'_, B> {
                 if !h.no_reply() {
                     self.send_error(&h, errno)?;
                 }
-                return Ok(());
+                return Ok(None);
             }
             Item::Cmd(m) => m,
         };
         if self.client_caps.get().is_none() {
             return match self.negotiate(msg)? {
-                Flow::Continue => Ok(()),
+                Flow::Continue => Ok(None),
                 Flow::Close => Err(ServerError::Negotiation("bad first message".into())),
             };
         }
         let header = msg.header;
+        // The per-I/O command answered from a fixed-size reply, its payload buffer kept
+        // for the next message. With fds it takes the general path (which refuses them).
+        if header.command == Command::RegionWrite as u16 && msg.fds.is_empty() {
+            let result = self.region_write(&msg.payload);
+            if header.no_reply() {
+                if let Err(e) = result {
+                    tracing::debug!(
+                        cmd = header.command,
+                        errno = e,
+                        "vfio-user: no-reply command failed"
+                    );
+                }
+            } else {
+                match result {
+                    Ok(reply) => self.send(&header.reply(reply.len()), &reply)?,
+                    Err(errno) => self.send_error(&header, errno)?,
+                }
+            }
+            return Ok(Some(msg.payload));
+        }
         let mut fds = Vec::new();
         let result = self.handle(msg, &mut fds);
         if header.no_reply() {
@@ -639,7 +662,7 @@ impl<B: VfioUserBackend + ?Sized> Conn<'_, B> {
                     "vfio-user: no-reply command failed"
                 );
             }
-            return Ok(());
+            return Ok(None);
         }
         match result {
             Ok(payload) => {
@@ -650,9 +673,9 @@ impl<B: VfioUserBackend + ?Sized> Conn<'_, B> {
                     &payload,
                     &fds,
                 )?;
-                Ok(())
+                Ok(None)
             }
-            Err(errno) => self.send_error(&header, errno),
+            Err(errno) => self.send_error(&header, errno).map(|()| None),
         }
     }
 
@@ -734,6 +757,23 @@ impl<B: VfioUserBackend + ?Sized> Conn<'_, B> {
             return Err(libc::EPERM);
         }
         Ok(())
+    }
+
+    /// REGION_WRITE: its reply payload (fixed size, no allocation: the per-I/O command).
+    fn region_write(&self, p: &[u8]) -> Result<[u8; RegionAccess::SIZE], i32> {
+        let max_xfer = self.config.max_data_xfer_size;
+        let (a, data) = RegionAccess::decode_ref(p, true, max_xfer).map_err(|e| e.errno())?;
+        self.check_access(
+            a.region,
+            a.offset,
+            a.count as u64,
+            VFIO_REGION_INFO_FLAG_WRITE,
+        )?;
+        let n = self
+            .backend
+            .region_write(a.region, a.offset, data)?
+            .min(data.len());
+        Ok(RegionAccess::encode_fixed(a.offset, a.region, n as u32))
     }
 
     fn handle(&self, msg: Message, reply_fds: &mut Vec<OwnedFd>) -> Result<Vec<u8>, i32> {
@@ -852,20 +892,7 @@ impl<B: VfioUserBackend + ?Sized> Conn<'_, B> {
                 }
                 .encode())
             }
-            Command::RegionWrite => {
-                let (a, data) = RegionAccess::decode_ref(p, true, max_xfer).map_err(pe)?;
-                self.check_access(
-                    a.region,
-                    a.offset,
-                    a.count as u64,
-                    VFIO_REGION_INFO_FLAG_WRITE,
-                )?;
-                let n = self
-                    .backend
-                    .region_write(a.region, a.offset, data)?
-                    .min(data.len());
-                Ok(RegionAccess::encode_fixed(a.offset, a.region, n as u32).to_vec())
-            }
+            Command::RegionWrite => Ok(self.region_write(p)?.to_vec()),
             Command::RegionWriteMulti => {
                 let negotiated = self
                     .client_caps
@@ -993,7 +1020,10 @@ mod tests {
         // What the poll read is the next message, fd included.
         let lim = ServerConfig::default().limits();
         let m = rd.recv(&a, lim).unwrap().unwrap();
-        assert_eq!((m.header.id, &m.payload[..], m.fds.len()), (5, &b"abc"[..], 1));
+        assert_eq!(
+            (m.header.id, &m.payload[..], m.fds.len()),
+            (5, &b"abc"[..], 1)
+        );
         drop(b);
         let t0 = Instant::now();
         rd.poll(&a, Duration::from_secs(60));

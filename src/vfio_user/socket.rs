@@ -209,7 +209,13 @@ pub fn recv_message(stream: &UnixStream, limits: RecvLimits) -> Result<Option<Me
     let mut payload = vec![0u8; size - HEADER_SIZE];
     let mut got = 0;
     while got < payload.len() {
-        let n = recv_some(fd, &mut payload[got..], &mut fds, &mut cmsg, MsgFlags::empty())?;
+        let n = recv_some(
+            fd,
+            &mut payload[got..],
+            &mut fds,
+            &mut cmsg,
+            MsgFlags::empty(),
+        )?;
         if n == 0 {
             return Err(RecvError::Io(std::io::ErrorKind::UnexpectedEof.into()));
         }
@@ -232,6 +238,9 @@ pub fn recv_message(stream: &UnixStream, limits: RecvLimits) -> Result<Option<Me
 /// Bytes a [`MessageReader`] asks for per `recvmsg`.
 pub const READ_BUF: usize = 64 * 1024;
 
+/// Largest payload buffer [`MessageReader::recycle`] keeps.
+const MAX_SPARE: usize = 8 * 1024;
+
 /// Receives whole messages from one stream, usually with a single `recvmsg` per message:
 /// it reads as much as is there (up to [`READ_BUF`]) and keeps what belongs to the next
 /// messages. [`recv_message`] needs two (header, then payload).
@@ -252,6 +261,8 @@ pub struct MessageReader {
     /// Received fds, with the stream offset of the last byte their `recvmsg` read.
     fds: std::collections::VecDeque<(u64, Vec<OwnedFd>)>,
     cmsg: Box<CmsgBuf>,
+    /// A payload buffer handed back by [`MessageReader::recycle`], used for the next message.
+    spare: Vec<u8>,
 }
 
 impl std::fmt::Debug for MessageReader {
@@ -279,6 +290,16 @@ impl MessageReader {
             pos: 0,
             fds: std::collections::VecDeque::new(),
             cmsg: CmsgBuf::new(),
+            spare: Vec::new(),
+        }
+    }
+
+    /// Hands back a received payload the caller is done with, so that the next message's
+    /// payload needs no allocation. Large buffers are not kept.
+    pub fn recycle(&mut self, mut payload: Vec<u8>) {
+        if payload.capacity() <= MAX_SPARE && payload.capacity() > self.spare.capacity() {
+            payload.clear();
+            self.spare = payload;
         }
     }
 
@@ -342,7 +363,13 @@ impl MessageReader {
             self.start = 0;
         }
         let mut got = Vec::new();
-        let n = recv_some(fd, &mut self.buf[self.end..], &mut got, &mut self.cmsg, flags)?;
+        let n = recv_some(
+            fd,
+            &mut self.buf[self.end..],
+            &mut got,
+            &mut self.cmsg,
+            flags,
+        )?;
         self.end += n;
         let last = (self.pos + self.buffered() as u64).saturating_sub(1);
         self.note_fds(last, got);
@@ -354,7 +381,13 @@ impl MessageReader {
         let mut done = 0;
         while done < out.len() {
             let mut got = Vec::new();
-            let n = recv_some(fd, &mut out[done..], &mut got, &mut self.cmsg, MsgFlags::empty())?;
+            let n = recv_some(
+                fd,
+                &mut out[done..],
+                &mut got,
+                &mut self.cmsg,
+                MsgFlags::empty(),
+            )?;
             if n == 0 {
                 return Err(std::io::ErrorKind::UnexpectedEof.into());
             }
@@ -426,7 +459,9 @@ impl MessageReader {
         let len = size - HEADER_SIZE;
         let here = self.buffered().min(len);
         // Copied, not zeroed first: the whole message is usually buffered already.
-        let mut payload = Vec::with_capacity(len);
+        let mut payload = std::mem::take(&mut self.spare);
+        payload.clear();
+        payload.reserve_exact(len);
         payload.extend_from_slice(&self.buf[self.start..self.start + here]);
         self.consume(here);
         if here < len {
@@ -588,6 +623,66 @@ mod tests {
         );
         drop(a);
         assert!(r.recv(&b, LIM).unwrap().is_none());
+    }
+
+    #[test]
+    fn parts_are_sent_as_one_message_even_when_the_kernel_takes_part() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let f = memfd("parts");
+        // Small: one sendmsg, fds on the first byte.
+        send_message_parts(&a, &hdr(1, 5), b"ab", b"cde", &[f.as_fd()]).unwrap();
+        // Larger than the socket buffer: the kernel takes it in pieces, cut anywhere
+        // (inside the header, the head or the tail), while the peer reads.
+        let head: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+        let tail: Vec<u8> = (0..300_000u32).map(|i| (i % 253) as u8).collect();
+        let n = head.len() + tail.len();
+        let (h2, t2) = (head.clone(), tail.clone());
+        let sender = std::thread::spawn(move || {
+            send_message_parts(&a, &hdr(2, n), &h2, &t2, &[]).unwrap();
+            send_message_parts(&a, &hdr(3, 0), &[], &[], &[]).unwrap();
+            a
+        });
+        let lim = RecvLimits {
+            max_fds: 4,
+            max_msg_size: 1 << 20,
+        };
+        let mut r = MessageReader::new();
+        let m = r.recv(&b, lim).unwrap().unwrap();
+        assert_eq!(
+            (m.header.id, &m.payload[..], m.fds.len()),
+            (1, &b"abcde"[..], 1)
+        );
+        assert!(fd_name(&m.fds[0]).contains("memfd:parts"));
+        r.recycle(m.payload);
+        let m = r.recv(&b, lim).unwrap().unwrap();
+        assert_eq!(m.header.id, 2);
+        assert_eq!(m.payload.len(), n);
+        assert!(m.payload[..head.len()] == head[..] && m.payload[head.len()..] == tail[..]);
+        // Too big to keep: the next payload is still right.
+        r.recycle(m.payload);
+        let m = r.recv(&b, lim).unwrap().unwrap();
+        assert_eq!((m.header.id, m.payload.len()), (3, 0));
+        drop(sender.join().unwrap());
+        assert!(r.recv(&b, lim).unwrap().is_none());
+    }
+
+    /// The reused ancillary buffer holds the most fds one message can carry: none is lost
+    /// to truncation (which would fail the receive).
+    #[test]
+    fn cmsg_buffer_holds_scm_max_fd() {
+        assert!(CMSG_BUF >= nix::cmsg_space!([RawFd; SCM_MAX_FD]).capacity());
+        let (a, b) = UnixStream::pair().unwrap();
+        let f = memfd("many");
+        let many: Vec<BorrowedFd<'_>> = (0..SCM_MAX_FD).map(|_| f.as_fd()).collect();
+        send_message(&a, &hdr(1, 1), b"x", &many).unwrap();
+        let lim = RecvLimits {
+            max_fds: SCM_MAX_FD,
+            max_msg_size: 64,
+        };
+        let mut r = MessageReader::new();
+        let m = r.recv(&b, lim).unwrap().unwrap();
+        assert_eq!(m.fds.len(), SCM_MAX_FD);
+        assert!(m.fds.iter().all(|g| fd_name(g).contains("memfd:many")));
     }
 
     #[test]
