@@ -385,6 +385,16 @@ impl Client {
         Ok((m.header, m.payload, m.fds))
     }
 
+    /// Synchronous mode: hands a reply's payload buffer back to the receiver for the next
+    /// reply (no allocation per call). Skipped if another call holds the receiver.
+    fn recycle(&self, payload: Vec<u8>) {
+        if let Some(rx) = &self.shared.sync {
+            if let Ok(mut g) = rx.try_lock() {
+                g.1.recycle(payload);
+            }
+        }
+    }
+
     /// Whether this client runs in synchronous mode.
     pub fn is_sync(&self) -> bool {
         self.shared.sync.is_some()
@@ -797,8 +807,9 @@ impl Client {
             if !m.fds.is_empty() {
                 return Err(unexpected_fds());
             }
-            let p = m.payload;
-            let r = RegionAccess::decode(&p, false, chunk.len() as u32)?;
+            let r = RegionAccess::decode(&m.payload, false, chunk.len() as u32);
+            self.recycle(m.payload);
+            let r = r?;
             done += r.count as usize;
             if (r.count as usize) < chunk.len() {
                 break;
