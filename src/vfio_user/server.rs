@@ -190,7 +190,9 @@ pub struct ServerConfig {
     /// Commands queued between the reader and the dispatcher.
     pub queue_depth: usize,
     /// How long a connection's reader busy-polls its socket after a message before it
-    /// blocks in `recvmsg` (0: never). A request that comes within it is read without a
+    /// blocks in `recvmsg` (0: never). The poll is non-blocking `recvmsg` itself
+    /// (`MSG_DONTWAIT`), so the try that finds the request has also read it: no `poll(2)`
+    /// on the way. A request that comes within it is read without a
     /// scheduler wake-up, which is most of a round trip on a loaded host; the cost is that
     /// much CPU after each message, none while the client is idle. Default 50 us (as the
     /// emulated channel thread's default spin) when the machine has more than one CPU, else
