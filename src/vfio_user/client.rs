@@ -465,8 +465,7 @@ impl Client {
             payload.1,
             fds,
         )?;
-        // The clock only once something other than the reply came in.
-        let mut deadline = None;
+        let deadline = Instant::now() + self.shared.timeout;
         loop {
             match receive_one(stream, reader, &self.shared) {
                 Incoming::Reply(m) if m.header.id == id => return Ok(m),
@@ -479,8 +478,7 @@ impl Client {
                     return Err(ClientError::Disconnected);
                 }
             }
-            let d = *deadline.get_or_insert_with(|| Instant::now() + self.shared.timeout);
-            if Instant::now() >= d {
+            if Instant::now() >= deadline {
                 return Err(ClientError::Timeout);
             }
         }
