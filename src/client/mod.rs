@@ -367,9 +367,17 @@ impl CcwClient {
     /// intermediate only (not final).
     pub fn run(&self, orb: &Orb, timeout: Duration) -> Result<Irb, CcwClientError> {
         self.start(orb)?;
-        let deadline = Instant::now() + timeout;
+        // The clock only for a second wait (intermediate status): the first has all of
+        // `timeout`.
+        let mut deadline = None;
         loop {
-            let left = deadline.saturating_duration_since(Instant::now());
+            let left = match deadline {
+                None => {
+                    deadline = Some(Instant::now() + timeout);
+                    timeout
+                }
+                Some(d) => d.saturating_duration_since(Instant::now()),
+            };
             self.wait_io(left)?;
             let irb = self.irb()?;
             let a = irb.scsw.flags.actl();
@@ -393,10 +401,14 @@ impl CcwClient {
     /// it lets go of its state, as Linux does; QEMU retries the same way). Bounded by
     /// [`EAGAIN_RETRY`].
     fn region_write_retry(&self, index: u32, data: &[u8]) -> Result<usize, CcwClientError> {
-        let deadline = Instant::now() + EAGAIN_RETRY;
+        // The clock only once the device said EAGAIN.
+        let mut deadline = None;
         loop {
             match self.client.region_write(index, 0, data) {
-                Err(ClientError::Remote(libc::EAGAIN)) if Instant::now() < deadline => {
+                Err(ClientError::Remote(libc::EAGAIN))
+                    if Instant::now()
+                        < *deadline.get_or_insert_with(|| Instant::now() + EAGAIN_RETRY) =>
+                {
                     std::thread::yield_now()
                 }
                 r => return Ok(r?),
@@ -446,14 +458,17 @@ impl CcwClient {
 }
 
 fn wait_eventfd(fd: &EventFd, timeout: Duration, mode: WaitMode) -> Result<(), CcwClientError> {
-    let deadline = Instant::now() + timeout;
+    // The clock only if the first read finds nothing (a program that ran inline has
+    // signalled before its start was answered).
+    let mut deadline = None;
     loop {
         match fd.read() {
             Ok(_) => return Ok(()),
             Err(nix::errno::Errno::EAGAIN) | Err(nix::errno::Errno::EINTR) => {}
             Err(e) => return Err(e.into()),
         }
-        let left = deadline.saturating_duration_since(Instant::now());
+        let d = *deadline.get_or_insert_with(|| Instant::now() + timeout);
+        let left = d.saturating_duration_since(Instant::now());
         if left.is_zero() {
             return Err(CcwClientError::Timeout(timeout));
         }

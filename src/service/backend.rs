@@ -284,7 +284,8 @@ impl VfioUserBackend for CcwBackend {
         let start = Self::is_start(data, offset);
         let span = tracing::debug_span!("io", dev = %self.name, start);
         let _e = span.enter();
-        let t0 = Instant::now();
+        // The clock only for the debug log's latencies.
+        let t0 = tracing::enabled!(tracing::Level::DEBUG).then(Instant::now);
         let mut c = lock(&self.conn);
         if start && !c.shadows.is_empty() && !self.dev.has_program() {
             self.shadows_in(&c)?;
@@ -293,11 +294,13 @@ impl VfioUserBackend for CcwBackend {
         if start && r.is_ok() {
             self.starts.fetch_add(1, Ordering::Relaxed);
             c.write_back = !c.shadows.is_empty();
-            c.started = Some(t0);
-            tracing::debug!(
-                submit_us = t0.elapsed().as_micros() as u64,
-                "start accepted"
-            );
+            c.started = t0;
+            if let Some(t0) = t0 {
+                tracing::debug!(
+                    submit_us = t0.elapsed().as_micros() as u64,
+                    "start accepted"
+                );
+            }
         } else if let Err(e) = &r {
             tracing::debug!(errno = e.errno(), "I/O region write refused");
         }

@@ -67,7 +67,9 @@ use super::protocol::{
     ProtoError, RegionAccess, RegionCap, RegionInfo, Version, HEADER_SIZE, MAX_VERSION_DATA,
     VERSION_MAJOR, VERSION_MINOR,
 };
-use super::socket::{send_message, Message, MessageReader, RecvError, RecvLimits};
+use super::socket::{
+    send_message, send_message_parts, Message, MessageReader, RecvError, RecvLimits,
+};
 
 /// Client failure.
 #[derive(Debug, Error)]
@@ -237,6 +239,13 @@ impl RegionMap {
     }
 }
 
+fn unexpected_fds() -> ClientError {
+    ClientError::Protocol(ProtoError::Invalid {
+        what: "reply",
+        detail: "unexpected fds",
+    })
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -376,6 +385,16 @@ impl Client {
         Ok((m.header, m.payload, m.fds))
     }
 
+    /// Synchronous mode: hands a reply's payload buffer back to the receiver for the next
+    /// reply (no allocation per call). Skipped if another call holds the receiver.
+    fn recycle(&self, payload: Vec<u8>) {
+        if let Some(rx) = &self.shared.sync {
+            if let Ok(mut g) = rx.try_lock() {
+                g.1.recycle(payload);
+            }
+        }
+    }
+
     /// Whether this client runs in synchronous mode.
     pub fn is_sync(&self) -> bool {
         self.shared.sync.is_some()
@@ -386,6 +405,17 @@ impl Client {
         command: u16,
         flags: u32,
         payload: &[u8],
+        fds: &[BorrowedFd<'_>],
+    ) -> Result<Message, ClientError> {
+        self.transact_parts(command, flags, (payload, &[]), fds)
+    }
+
+    /// As `transact` with the payload in two parts sent as one (no copy into one buffer).
+    fn transact_parts(
+        &self,
+        command: u16,
+        flags: u32,
+        payload: (&[u8], &[u8]),
         fds: &[BorrowedFd<'_>],
     ) -> Result<Message, ClientError> {
         let reply = match &self.shared.sync {
@@ -412,7 +442,7 @@ impl Client {
         rx: &Mutex<(UnixStream, MessageReader)>,
         command: u16,
         flags: u32,
-        payload: &[u8],
+        payload: (&[u8], &[u8]),
         fds: &[BorrowedFd<'_>],
     ) -> Result<Message, ClientError> {
         let mut rx = lock(rx);
@@ -424,11 +454,17 @@ impl Client {
         let header = Header {
             id,
             command,
-            size: (HEADER_SIZE + payload.len()) as u32,
+            size: (HEADER_SIZE + payload.0.len() + payload.1.len()) as u32,
             flags,
             error: 0,
         };
-        send_message(&lock(&self.shared.writer), &header, payload, fds)?;
+        send_message_parts(
+            &lock(&self.shared.writer),
+            &header,
+            payload.0,
+            payload.1,
+            fds,
+        )?;
         let deadline = Instant::now() + self.shared.timeout;
         loop {
             match receive_one(stream, reader, &self.shared) {
@@ -452,7 +488,7 @@ impl Client {
         &self,
         command: u16,
         flags: u32,
-        payload: &[u8],
+        payload: (&[u8], &[u8]),
         fds: &[BorrowedFd<'_>],
     ) -> Result<Message, ClientError> {
         let (tx, rx) = mpsc::sync_channel(1);
@@ -471,11 +507,18 @@ impl Client {
         let header = Header {
             id,
             command,
-            size: (HEADER_SIZE + payload.len()) as u32,
+            size: (HEADER_SIZE + payload.0.len() + payload.1.len()) as u32,
             flags,
             error: 0,
         };
-        if let Err(e) = send_message(&lock(&self.shared.writer), &header, payload, fds) {
+        let sent = send_message_parts(
+            &lock(&self.shared.writer),
+            &header,
+            payload.0,
+            payload.1,
+            fds,
+        );
+        if let Err(e) = sent {
             lock(&self.shared.pending).waiters.remove(&id);
             return Err(ClientError::Io(e));
         }
@@ -498,10 +541,7 @@ impl Client {
     ) -> Result<Vec<u8>, ClientError> {
         let m = self.transact(cmd as u16, 0, payload, fds)?;
         if !m.fds.is_empty() {
-            return Err(ClientError::Protocol(ProtoError::Invalid {
-                what: "reply",
-                detail: "unexpected fds",
-            }));
+            return Err(unexpected_fds());
         }
         Ok(m.payload)
     }
@@ -760,14 +800,14 @@ impl Client {
         let max = (self.server_caps.max_data_xfer_size() as usize).max(1);
         let mut done = 0;
         for chunk in data.chunks(max) {
-            let req = RegionAccess {
-                offset: offset + done as u64,
-                region: index,
-                count: chunk.len() as u32,
-                data: chunk.to_vec(),
-            };
-            let p = self.call(Command::RegionWrite, &req.encode(), &[])?;
-            let r = RegionAccess::decode(&p, false, chunk.len() as u32)?;
+            let fixed = RegionAccess::encode_fixed(offset + done as u64, index, chunk.len() as u32);
+            let m = self.transact_parts(Command::RegionWrite as u16, 0, (&fixed, chunk), &[])?;
+            if !m.fds.is_empty() {
+                return Err(unexpected_fds());
+            }
+            let r = RegionAccess::decode(&m.payload, false, chunk.len() as u32);
+            self.recycle(m.payload);
+            let r = r?;
             done += r.count as usize;
             if (r.count as usize) < chunk.len() {
                 break;

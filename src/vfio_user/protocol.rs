@@ -1084,6 +1084,20 @@ impl RegionAccess {
     /// Parse; `with_data`: the payload must carry exactly `count` data bytes, otherwise none.
     /// `count` must not exceed `max_xfer` (E2BIG).
     pub fn decode(b: &[u8], with_data: bool, max_xfer: u32) -> Result<RegionAccess, ProtoError> {
+        let (a, data) = Self::decode_ref(b, with_data, max_xfer)?;
+        Ok(RegionAccess {
+            data: data.to_vec(),
+            ..a
+        })
+    }
+
+    /// As [`RegionAccess::decode`] (same checks and errors), with the data borrowed from `b`
+    /// instead of copied (the returned access has empty `data`).
+    pub fn decode_ref(
+        b: &[u8],
+        with_data: bool,
+        max_xfer: u32,
+    ) -> Result<(RegionAccess, &[u8]), ProtoError> {
         const W: &str = "region access";
         need(W, b, Self::SIZE)?;
         let count = u32_at(b, 12);
@@ -1096,12 +1110,25 @@ impl RegionAccess {
         }
         let want = Self::SIZE + if with_data { count as usize } else { 0 };
         exact(W, b, want)?;
-        Ok(RegionAccess {
-            offset: u64_at(b, 0),
-            region: u32_at(b, 8),
-            count,
-            data: b[Self::SIZE..].to_vec(),
-        })
+        Ok((
+            RegionAccess {
+                offset: u64_at(b, 0),
+                region: u32_at(b, 8),
+                count,
+                data: Vec::new(),
+            },
+            &b[Self::SIZE..],
+        ))
+    }
+
+    /// The fixed part alone (a write request's data, or a write reply): `offset`, `region`,
+    /// `count`, host byte order like the rest of the protocol.
+    pub fn encode_fixed(offset: u64, region: u32, count: u32) -> [u8; Self::SIZE] {
+        let mut b = [0u8; Self::SIZE];
+        b[..8].copy_from_slice(&offset.to_ne_bytes());
+        b[8..12].copy_from_slice(&region.to_ne_bytes());
+        b[12..].copy_from_slice(&count.to_ne_bytes());
+        b
     }
 }
 
@@ -1624,6 +1651,25 @@ mod tests {
         assert_eq!(
             RegionAccess::decode(&want, true, 2).unwrap_err().errno(),
             libc::E2BIG
+        );
+        // The borrowed decode: same fields, data in place, same refusals.
+        let (a, data) = RegionAccess::decode_ref(&want, true, 4096).unwrap();
+        assert_eq!((a.offset, a.region, a.count, a.data.len()), (0x10, 1, 4, 0));
+        assert_eq!(data, &[1, 2, 3, 4]);
+        assert_eq!(
+            RegionAccess::decode_ref(&want, true, 2)
+                .unwrap_err()
+                .errno(),
+            libc::E2BIG
+        );
+        assert!(RegionAccess::decode_ref(&want, false, 4096).is_err());
+        assert!(RegionAccess::decode_ref(&want[..19], true, 4096).is_err()); // short data
+        assert!(RegionAccess::decode_ref(&want[..15], false, 4096).is_err()); // short header
+                                                                              // The fixed part alone is the first 16 bytes of the full image.
+        assert_eq!(RegionAccess::encode_fixed(0x10, 1, 4)[..], want[..16]);
+        assert_eq!(
+            RegionAccess::encode_fixed(0x0102_0304_0506_0708, 0x0A0B_0C0D, 0x11)[..],
+            fields(&[(0x0102_0304_0506_0708, 8), (0x0A0B_0C0D, 4), (0x11, 4)])[..]
         );
         let d = DmaAccess {
             address: 0x4000,

@@ -28,9 +28,7 @@ use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::thread::ThreadId;
-use std::time::{Duration, Instant};
-
-use nix::poll::{PollFd, PollFlags, PollTimeout};
+use std::time::Duration;
 
 use thiserror::Error;
 use vfio_bindings::bindings::vfio::{
@@ -192,7 +190,9 @@ pub struct ServerConfig {
     /// Commands queued between the reader and the dispatcher.
     pub queue_depth: usize,
     /// How long a connection's reader busy-polls its socket after a message before it
-    /// blocks in `recvmsg` (0: never). A request that comes within it is read without a
+    /// blocks in `recvmsg` (0: never). The poll is non-blocking `recvmsg` itself
+    /// (`MSG_DONTWAIT`), so the try that finds the request has also read it: no `poll(2)`
+    /// on the way. A request that comes within it is read without a
     /// scheduler wake-up, which is most of a round trip on a loaded host; the cost is that
     /// much CPU after each message, none while the client is idle. Default 50 us (as the
     /// emulated channel thread's default spin) when the machine has more than one CPU, else
@@ -540,9 +540,8 @@ fn reader_loop<B: VfioUserBackend + ?Sized>(
     let _ = conn.reader.set(std::thread::current().id());
     let mut rd = MessageReader::new();
     let r = loop {
-        if rd.buffered() == 0 && !conn.config.poll.is_zero() {
-            busy_poll(stream, conn.config.poll);
-        }
+        // The busy poll reads what arrives straight into the reader (no separate `poll`).
+        rd.poll(stream, conn.config.poll);
         let item = match rd.recv(stream, limits) {
             Ok(None) => break Ok(()),
             Ok(Some(msg)) if msg.header.is_reply() => {
@@ -566,8 +565,10 @@ fn reader_loop<B: VfioUserBackend + ?Sized>(
             },
         };
         if conn.inline(&item) {
-            if let Err(e) = conn.process(item) {
-                break Err(e);
+            match conn.process(item) {
+                Ok(Some(spare)) => rd.recycle(spare),
+                Ok(None) => {}
+                Err(e) => break Err(e),
             }
         } else {
             // Counted before it is queued: the dispatcher may answer it at once.
@@ -582,25 +583,6 @@ fn reader_loop<B: VfioUserBackend + ?Sized>(
         d.close();
     }
     r
-}
-
-/// Polls `stream` without blocking until it is readable (data, EOF or an error) or `budget`
-/// has passed: the busy poll of [`ServerConfig::poll`]. Readiness only (`poll` with a zero
-/// timeout): nothing is read, so fds in flight stay with their message.
-fn busy_poll(stream: &UnixStream, budget: Duration) {
-    let t0 = Instant::now();
-    loop {
-        let mut fds = [PollFd::new(stream.as_fd(), PollFlags::POLLIN)];
-        match nix::poll::poll(&mut fds, PollTimeout::ZERO) {
-            Ok(0) | Err(nix::errno::Errno::EINTR) => {}
-            // Readable, hung up, or an error the blocking read will report.
-            _ => return,
-        }
-        if t0.elapsed() >= budget {
-            return;
-        }
-        std::hint::spin_loop();
-    }
 }
 
 impl<B: VfioUserBackend + ?Sized> Conn<'_, B> {
@@ -629,7 +611,9 @@ impl<B: VfioUserBackend + ?Sized> Conn<'_, B> {
     }
 
     /// Handles one command (or refusal) and sends its reply. An error ends the connection.
-    fn process(&self, item: Item) -> Result<(), ServerError> {
+    /// Returns the request's payload buffer when it is free again (for
+    /// [`MessageReader::recycle`]).
+    fn process(&self, item: Item) -> Result<Option<Vec<u8>>, ServerError> {
         let msg = match item {
             Item::Refused(h, errno) => {
                 if self.client_caps.get().is_none() {
@@ -639,17 +623,37 @@ impl<B: VfioUserBackend + ?Sized> Conn<'_, B> {
                 if !h.no_reply() {
                     self.send_error(&h, errno)?;
                 }
-                return Ok(());
+                return Ok(None);
             }
             Item::Cmd(m) => m,
         };
         if self.client_caps.get().is_none() {
             return match self.negotiate(msg)? {
-                Flow::Continue => Ok(()),
+                Flow::Continue => Ok(None),
                 Flow::Close => Err(ServerError::Negotiation("bad first message".into())),
             };
         }
         let header = msg.header;
+        // The per-I/O command answered from a fixed-size reply, its payload buffer kept
+        // for the next message. With fds it takes the general path (which refuses them).
+        if header.command == Command::RegionWrite as u16 && msg.fds.is_empty() {
+            let result = self.region_write(&msg.payload);
+            if header.no_reply() {
+                if let Err(e) = result {
+                    tracing::debug!(
+                        cmd = header.command,
+                        errno = e,
+                        "vfio-user: no-reply command failed"
+                    );
+                }
+            } else {
+                match result {
+                    Ok(reply) => self.send(&header.reply(reply.len()), &reply)?,
+                    Err(errno) => self.send_error(&header, errno)?,
+                }
+            }
+            return Ok(Some(msg.payload));
+        }
         let mut fds = Vec::new();
         let result = self.handle(msg, &mut fds);
         if header.no_reply() {
@@ -660,7 +664,7 @@ impl<B: VfioUserBackend + ?Sized> Conn<'_, B> {
                     "vfio-user: no-reply command failed"
                 );
             }
-            return Ok(());
+            return Ok(None);
         }
         match result {
             Ok(payload) => {
@@ -671,9 +675,9 @@ impl<B: VfioUserBackend + ?Sized> Conn<'_, B> {
                     &payload,
                     &fds,
                 )?;
-                Ok(())
+                Ok(None)
             }
-            Err(errno) => self.send_error(&header, errno),
+            Err(errno) => self.send_error(&header, errno).map(|()| None),
         }
     }
 
@@ -755,6 +759,23 @@ impl<B: VfioUserBackend + ?Sized> Conn<'_, B> {
             return Err(libc::EPERM);
         }
         Ok(())
+    }
+
+    /// REGION_WRITE: its reply payload (fixed size, no allocation: the per-I/O command).
+    fn region_write(&self, p: &[u8]) -> Result<[u8; RegionAccess::SIZE], i32> {
+        let max_xfer = self.config.max_data_xfer_size;
+        let (a, data) = RegionAccess::decode_ref(p, true, max_xfer).map_err(|e| e.errno())?;
+        self.check_access(
+            a.region,
+            a.offset,
+            a.count as u64,
+            VFIO_REGION_INFO_FLAG_WRITE,
+        )?;
+        let n = self
+            .backend
+            .region_write(a.region, a.offset, data)?
+            .min(data.len());
+        Ok(RegionAccess::encode_fixed(a.offset, a.region, n as u32))
     }
 
     fn handle(&self, msg: Message, reply_fds: &mut Vec<OwnedFd>) -> Result<Vec<u8>, i32> {
@@ -873,26 +894,7 @@ impl<B: VfioUserBackend + ?Sized> Conn<'_, B> {
                 }
                 .encode())
             }
-            Command::RegionWrite => {
-                let a = RegionAccess::decode(p, true, max_xfer).map_err(pe)?;
-                self.check_access(
-                    a.region,
-                    a.offset,
-                    a.count as u64,
-                    VFIO_REGION_INFO_FLAG_WRITE,
-                )?;
-                let n = self
-                    .backend
-                    .region_write(a.region, a.offset, &a.data)?
-                    .min(a.data.len());
-                Ok(RegionAccess {
-                    offset: a.offset,
-                    region: a.region,
-                    count: n as u32,
-                    data: Vec::new(),
-                }
-                .encode())
-            }
+            Command::RegionWrite => Ok(self.region_write(p)?.to_vec()),
             Command::RegionWriteMulti => {
                 let negotiated = self
                     .client_caps
@@ -987,33 +989,50 @@ impl<B: VfioUserBackend + ?Sized> Conn<'_, B> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::io::Write;
+    use std::time::Instant;
 
-    /// The busy poll returns as soon as the socket is readable (data or hang-up), and on an
-    /// idle socket once its budget is spent: it never reads, and never hangs.
+    /// The busy poll returns as soon as data arrives (keeping it, with its fds, for the next
+    /// receive) or the peer hangs up, and on an idle socket once its budget is spent: it
+    /// never hangs.
     #[test]
     fn busy_poll_ends_on_data_hangup_or_budget() {
-        let (a, mut b) = UnixStream::pair().unwrap();
+        let (a, b) = UnixStream::pair().unwrap();
+        let mut rd = MessageReader::new();
         let t0 = Instant::now();
-        busy_poll(&a, Duration::from_millis(2));
+        rd.poll(&a, Duration::from_millis(2));
         assert!(t0.elapsed() >= Duration::from_millis(2));
-        b.write_all(&[7]).unwrap();
+        assert_eq!(rd.buffered(), 0);
+        let f = nix::sys::memfd::memfd_create("polled", nix::sys::memfd::MFdFlags::MFD_CLOEXEC)
+            .unwrap();
+        let h = Header {
+            id: 5,
+            command: Command::DmaMap as u16,
+            size: (HEADER_SIZE + 3) as u32,
+            flags: 0,
+            error: 0,
+        };
+        send_message(&b, &h, b"abc", &[f.as_fd()]).unwrap();
         let t0 = Instant::now();
-        busy_poll(&a, Duration::from_secs(60));
+        rd.poll(&a, Duration::from_secs(60));
         assert!(
             t0.elapsed() < Duration::from_secs(30),
             "did not see the data"
         );
-        // Nothing was consumed.
-        let mut x = [0u8; 1];
-        assert_eq!(std::io::Read::read(&mut &a, &mut x).unwrap(), 1);
-        assert_eq!(x, [7]);
+        assert_eq!(rd.buffered(), HEADER_SIZE + 3);
+        // What the poll read is the next message, fd included.
+        let lim = ServerConfig::default().limits();
+        let m = rd.recv(&a, lim).unwrap().unwrap();
+        assert_eq!(
+            (m.header.id, &m.payload[..], m.fds.len()),
+            (5, &b"abc"[..], 1)
+        );
         drop(b);
         let t0 = Instant::now();
-        busy_poll(&a, Duration::from_secs(60));
+        rd.poll(&a, Duration::from_secs(60));
         assert!(
             t0.elapsed() < Duration::from_secs(30),
             "did not see the hang-up"
         );
+        assert!(rd.recv(&a, lim).unwrap().is_none());
     }
 }

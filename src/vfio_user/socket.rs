@@ -96,13 +96,43 @@ fn io_err(e: Errno) -> std::io::Error {
     std::io::Error::from_raw_os_error(e as i32)
 }
 
+/// Room for one `SCM_RIGHTS` message of [`SCM_MAX_FD`] descriptors (`CMSG_SPACE`: the
+/// header and the data, each rounded up to the alignment of `size_t`).
+const CMSG_BUF: usize = {
+    let a = std::mem::size_of::<usize>();
+    let hdr = std::mem::size_of::<libc::cmsghdr>().div_ceil(a) * a;
+    hdr + (SCM_MAX_FD * std::mem::size_of::<RawFd>()).div_ceil(a) * a
+};
+
+/// Ancillary-data buffer for `recvmsg`, aligned for the `cmsghdr` the kernel writes at its
+/// start. Kept by its owner and reused: one per call would be an allocation per message.
+#[repr(C, align(8))]
+struct CmsgBuf([u8; CMSG_BUF]);
+
+impl CmsgBuf {
+    fn new() -> Box<CmsgBuf> {
+        Box::new(CmsgBuf([0; CMSG_BUF]))
+    }
+}
+
 /// One `recvmsg` into `buf`, appending any received fds to `fds`. Returns the bytes read
-/// (0 at EOF). Retries on EINTR.
-fn recv_some(fd: RawFd, buf: &mut [u8], fds: &mut Vec<OwnedFd>) -> Result<usize, std::io::Error> {
-    let mut cmsg = nix::cmsg_space!([RawFd; SCM_MAX_FD]);
+/// (0 at EOF). Retries on EINTR. `flags` adds to `MSG_CMSG_CLOEXEC` (`MSG_DONTWAIT`: a
+/// poll that reads).
+fn recv_some(
+    fd: RawFd,
+    buf: &mut [u8],
+    fds: &mut Vec<OwnedFd>,
+    cmsg: &mut CmsgBuf,
+    flags: MsgFlags,
+) -> Result<usize, std::io::Error> {
     loop {
         let mut iov = [IoSliceMut::new(buf)];
-        let r = match recvmsg::<()>(fd, &mut iov, Some(&mut cmsg), MsgFlags::MSG_CMSG_CLOEXEC) {
+        let r = match recvmsg::<()>(
+            fd,
+            &mut iov,
+            Some(&mut cmsg.0[..]),
+            MsgFlags::MSG_CMSG_CLOEXEC | flags,
+        ) {
             Ok(r) => r,
             Err(Errno::EINTR) => continue,
             Err(e) => return Err(io_err(e)),
@@ -126,12 +156,12 @@ fn recv_some(fd: RawFd, buf: &mut [u8], fds: &mut Vec<OwnedFd>) -> Result<usize,
 }
 
 /// Read and discard `n` bytes (and close any fds that ride along).
-fn drain(fd: RawFd, mut n: usize) -> Result<(), std::io::Error> {
+fn drain(fd: RawFd, mut n: usize, cmsg: &mut CmsgBuf) -> Result<(), std::io::Error> {
     let mut scratch = vec![0u8; 64 * 1024];
     let mut junk = Vec::new();
     while n > 0 {
         let want = n.min(scratch.len());
-        let got = recv_some(fd, &mut scratch[..want], &mut junk)?;
+        let got = recv_some(fd, &mut scratch[..want], &mut junk, cmsg, MsgFlags::empty())?;
         junk.clear();
         if got == 0 {
             return Err(std::io::ErrorKind::UnexpectedEof.into());
@@ -144,11 +174,12 @@ fn drain(fd: RawFd, mut n: usize) -> Result<(), std::io::Error> {
 /// Receive one message. `Ok(None)`: the peer closed cleanly between messages.
 pub fn recv_message(stream: &UnixStream, limits: RecvLimits) -> Result<Option<Message>, RecvError> {
     let fd = stream.as_raw_fd();
+    let mut cmsg = CmsgBuf::new();
     let mut fds = Vec::new();
     let mut hdr = [0u8; HEADER_SIZE];
     let mut got = 0;
     while got < HEADER_SIZE {
-        let n = match recv_some(fd, &mut hdr[got..], &mut fds) {
+        let n = match recv_some(fd, &mut hdr[got..], &mut fds, &mut cmsg, MsgFlags::empty()) {
             Ok(n) => n,
             Err(e) if got == 0 && e.kind() == std::io::ErrorKind::WouldBlock => {
                 return Err(RecvError::TimedOut)
@@ -168,7 +199,7 @@ pub fn recv_message(stream: &UnixStream, limits: RecvLimits) -> Result<Option<Me
     let size = header.size as usize;
     if size > limits.max_msg_size {
         drop(fds);
-        drain(fd, size - HEADER_SIZE)?;
+        drain(fd, size - HEADER_SIZE, &mut cmsg)?;
         return Err(RecvError::TooLarge {
             header,
             size,
@@ -178,7 +209,13 @@ pub fn recv_message(stream: &UnixStream, limits: RecvLimits) -> Result<Option<Me
     let mut payload = vec![0u8; size - HEADER_SIZE];
     let mut got = 0;
     while got < payload.len() {
-        let n = recv_some(fd, &mut payload[got..], &mut fds)?;
+        let n = recv_some(
+            fd,
+            &mut payload[got..],
+            &mut fds,
+            &mut cmsg,
+            MsgFlags::empty(),
+        )?;
         if n == 0 {
             return Err(RecvError::Io(std::io::ErrorKind::UnexpectedEof.into()));
         }
@@ -201,6 +238,9 @@ pub fn recv_message(stream: &UnixStream, limits: RecvLimits) -> Result<Option<Me
 /// Bytes a [`MessageReader`] asks for per `recvmsg`.
 pub const READ_BUF: usize = 64 * 1024;
 
+/// Largest payload buffer [`MessageReader::recycle`] keeps.
+const MAX_SPARE: usize = 8 * 1024;
+
 /// Receives whole messages from one stream, usually with a single `recvmsg` per message:
 /// it reads as much as is there (up to [`READ_BUF`]) and keeps what belongs to the next
 /// messages. [`recv_message`] needs two (header, then payload).
@@ -220,6 +260,9 @@ pub struct MessageReader {
     pos: u64,
     /// Received fds, with the stream offset of the last byte their `recvmsg` read.
     fds: std::collections::VecDeque<(u64, Vec<OwnedFd>)>,
+    cmsg: Box<CmsgBuf>,
+    /// A payload buffer handed back by [`MessageReader::recycle`], used for the next message.
+    spare: Vec<u8>,
 }
 
 impl std::fmt::Debug for MessageReader {
@@ -246,6 +289,17 @@ impl MessageReader {
             end: 0,
             pos: 0,
             fds: std::collections::VecDeque::new(),
+            cmsg: CmsgBuf::new(),
+            spare: Vec::new(),
+        }
+    }
+
+    /// Hands back a received payload the caller is done with, so that the next message's
+    /// payload needs no allocation. Large buffers are not kept.
+    pub fn recycle(&mut self, mut payload: Vec<u8>) {
+        if payload.capacity() <= MAX_SPARE && payload.capacity() > self.spare.capacity() {
+            payload.clear();
+            self.spare = payload;
         }
     }
 
@@ -270,15 +324,52 @@ impl MessageReader {
         }
     }
 
+    /// Busy-polls the stream for up to `budget` while nothing is buffered: non-blocking
+    /// reads into the buffer (a `recvmsg` with `MSG_DONTWAIT` is the readiness test and the
+    /// read at once, so a message that is already there costs no extra `poll`). Returns when
+    /// something was read, at EOF or on an error (the next [`MessageReader::recv`] reports
+    /// both), or when `budget` has passed. Fds read here are kept with their stream offsets
+    /// as in `recv`.
+    pub fn poll(&mut self, stream: &UnixStream, budget: std::time::Duration) {
+        if self.buffered() != 0 || budget.is_zero() {
+            return;
+        }
+        let fd = stream.as_raw_fd();
+        let mut t0 = None;
+        loop {
+            match self.fill_with(fd, MsgFlags::MSG_DONTWAIT) {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                // Data; or EOF/an error, which the blocking read meets again and reports.
+                _ => return,
+            }
+            // The clock only once the first try found nothing.
+            let t = *t0.get_or_insert_with(std::time::Instant::now);
+            if t.elapsed() >= budget {
+                return;
+            }
+            std::hint::spin_loop();
+        }
+    }
+
     /// One `recvmsg` appending to the buffer; returns the bytes read (0: EOF).
     fn fill(&mut self, fd: RawFd) -> Result<usize, std::io::Error> {
+        self.fill_with(fd, MsgFlags::empty())
+    }
+
+    fn fill_with(&mut self, fd: RawFd, flags: MsgFlags) -> Result<usize, std::io::Error> {
         if self.end == self.buf.len() {
             self.buf.copy_within(self.start..self.end, 0);
             self.end -= self.start;
             self.start = 0;
         }
         let mut got = Vec::new();
-        let n = recv_some(fd, &mut self.buf[self.end..], &mut got)?;
+        let n = recv_some(
+            fd,
+            &mut self.buf[self.end..],
+            &mut got,
+            &mut self.cmsg,
+            flags,
+        )?;
         self.end += n;
         let last = (self.pos + self.buffered() as u64).saturating_sub(1);
         self.note_fds(last, got);
@@ -290,7 +381,13 @@ impl MessageReader {
         let mut done = 0;
         while done < out.len() {
             let mut got = Vec::new();
-            let n = recv_some(fd, &mut out[done..], &mut got)?;
+            let n = recv_some(
+                fd,
+                &mut out[done..],
+                &mut got,
+                &mut self.cmsg,
+                MsgFlags::empty(),
+            )?;
             if n == 0 {
                 return Err(std::io::ErrorKind::UnexpectedEof.into());
             }
@@ -359,11 +456,16 @@ impl MessageReader {
             });
         }
         self.consume(HEADER_SIZE);
-        let mut payload = vec![0u8; size - HEADER_SIZE];
-        let here = self.buffered().min(payload.len());
-        payload[..here].copy_from_slice(&self.buf[self.start..self.start + here]);
+        let len = size - HEADER_SIZE;
+        let here = self.buffered().min(len);
+        // Copied, not zeroed first: the whole message is usually buffered already.
+        let mut payload = std::mem::take(&mut self.spare);
+        payload.clear();
+        payload.reserve_exact(len);
+        payload.extend_from_slice(&self.buf[self.start..self.start + here]);
         self.consume(here);
-        if here < payload.len() {
+        if here < len {
+            payload.resize(len, 0);
             // Exactly the rest, so nothing of the next message is read here.
             self.read_direct(fd, &mut payload[here..])?;
         }
@@ -392,22 +494,52 @@ pub fn send_message(
     payload: &[u8],
     fds: &[BorrowedFd<'_>],
 ) -> Result<(), std::io::Error> {
+    send_message_parts(stream, header, payload, &[], fds)
+}
+
+/// As [`send_message`] with the payload in two parts (`head` then `tail`, e.g. a
+/// REGION_WRITE's fixed part and its data), gathered by the one `sendmsg` instead of
+/// copied into one buffer first. `header.size` must count both.
+pub fn send_message_parts(
+    stream: &UnixStream,
+    header: &Header,
+    head: &[u8],
+    tail: &[u8],
+    fds: &[BorrowedFd<'_>],
+) -> Result<(), std::io::Error> {
+    const MAX_INLINE_FDS: usize = 4;
     if fds.len() > SCM_MAX_FD {
         return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
     }
     let fd = stream.as_raw_fd();
     let hdr = header.encode();
-    let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
-    let total = HEADER_SIZE + payload.len();
+    // Raw descriptors on the stack for the usual few, on the heap beyond.
+    let mut few = [0 as RawFd; MAX_INLINE_FDS];
+    let many: Vec<RawFd>;
+    let raw: &[RawFd] = if fds.len() <= MAX_INLINE_FDS {
+        for (r, f) in few.iter_mut().zip(fds) {
+            *r = f.as_raw_fd();
+        }
+        &few[..fds.len()]
+    } else {
+        many = fds.iter().map(|f| f.as_raw_fd()).collect();
+        &many
+    };
+    let total = HEADER_SIZE + head.len() + tail.len();
     let mut sent = 0;
     while sent < total {
-        let (h, p) = if sent < HEADER_SIZE {
-            (&hdr[sent..], payload)
-        } else {
-            (&hdr[..0], &payload[sent - HEADER_SIZE..])
-        };
-        let iov = [IoSlice::new(h), IoSlice::new(p)];
-        let cmsg = [ControlMessage::ScmRights(&raw)];
+        // What is left of header, head and tail after `sent` bytes.
+        let h0 = sent.min(HEADER_SIZE);
+        let a0 = sent.saturating_sub(HEADER_SIZE).min(head.len());
+        let b0 = sent
+            .saturating_sub(HEADER_SIZE + head.len())
+            .min(tail.len());
+        let iov = [
+            IoSlice::new(&hdr[h0..]),
+            IoSlice::new(&head[a0..]),
+            IoSlice::new(&tail[b0..]),
+        ];
+        let cmsg = [ControlMessage::ScmRights(raw)];
         let cmsgs: &[ControlMessage] = if sent == 0 && !raw.is_empty() {
             &cmsg
         } else {
@@ -491,6 +623,66 @@ mod tests {
         );
         drop(a);
         assert!(r.recv(&b, LIM).unwrap().is_none());
+    }
+
+    #[test]
+    fn parts_are_sent_as_one_message_even_when_the_kernel_takes_part() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let f = memfd("parts");
+        // Small: one sendmsg, fds on the first byte.
+        send_message_parts(&a, &hdr(1, 5), b"ab", b"cde", &[f.as_fd()]).unwrap();
+        // Larger than the socket buffer: the kernel takes it in pieces, cut anywhere
+        // (inside the header, the head or the tail), while the peer reads.
+        let head: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+        let tail: Vec<u8> = (0..300_000u32).map(|i| (i % 253) as u8).collect();
+        let n = head.len() + tail.len();
+        let (h2, t2) = (head.clone(), tail.clone());
+        let sender = std::thread::spawn(move || {
+            send_message_parts(&a, &hdr(2, n), &h2, &t2, &[]).unwrap();
+            send_message_parts(&a, &hdr(3, 0), &[], &[], &[]).unwrap();
+            a
+        });
+        let lim = RecvLimits {
+            max_fds: 4,
+            max_msg_size: 1 << 20,
+        };
+        let mut r = MessageReader::new();
+        let m = r.recv(&b, lim).unwrap().unwrap();
+        assert_eq!(
+            (m.header.id, &m.payload[..], m.fds.len()),
+            (1, &b"abcde"[..], 1)
+        );
+        assert!(fd_name(&m.fds[0]).contains("memfd:parts"));
+        r.recycle(m.payload);
+        let m = r.recv(&b, lim).unwrap().unwrap();
+        assert_eq!(m.header.id, 2);
+        assert_eq!(m.payload.len(), n);
+        assert!(m.payload[..head.len()] == head[..] && m.payload[head.len()..] == tail[..]);
+        // Too big to keep: the next payload is still right.
+        r.recycle(m.payload);
+        let m = r.recv(&b, lim).unwrap().unwrap();
+        assert_eq!((m.header.id, m.payload.len()), (3, 0));
+        drop(sender.join().unwrap());
+        assert!(r.recv(&b, lim).unwrap().is_none());
+    }
+
+    /// The reused ancillary buffer holds the most fds one message can carry: none is lost
+    /// to truncation (which would fail the receive).
+    #[test]
+    fn cmsg_buffer_holds_scm_max_fd() {
+        assert!(CMSG_BUF >= nix::cmsg_space!([RawFd; SCM_MAX_FD]).capacity());
+        let (a, b) = UnixStream::pair().unwrap();
+        let f = memfd("many");
+        let many: Vec<BorrowedFd<'_>> = (0..SCM_MAX_FD).map(|_| f.as_fd()).collect();
+        send_message(&a, &hdr(1, 1), b"x", &many).unwrap();
+        let lim = RecvLimits {
+            max_fds: SCM_MAX_FD,
+            max_msg_size: 64,
+        };
+        let mut r = MessageReader::new();
+        let m = r.recv(&b, lim).unwrap().unwrap();
+        assert_eq!(m.fds.len(), SCM_MAX_FD);
+        assert!(m.fds.iter().all(|g| fd_name(g).contains("memfd:many")));
     }
 
     #[test]
