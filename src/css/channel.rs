@@ -63,6 +63,11 @@ pub const MAX_CCWS_WITHOUT_DATA: u32 = 255;
 /// program check. 16 MiB covers 256 CCWs of the largest count.
 pub const MAX_DATA_CHAIN_BYTES: usize = 16 << 20;
 
+/// Output data up to this many bytes is gathered on the stack rather than in the run's
+/// buffer (control commands' parameters; a 3390's largest is Locate Record Extended's 20
+/// bytes plus extended parameters).
+const SMALL_OUTPUT: usize = 64;
+
 /// Status-control bits of a suspended SCSW. The PoP has alert status set with intermediate
 /// and status pending (Hercules notes it and deliberately presents 0x29 without alert for old
 /// operating systems); vccw follows the PoP.
@@ -176,6 +181,23 @@ struct Scatter<'a> {
 
 impl InputSink for Scatter<'_> {
     fn store(&mut self, off: usize, src: &[u8]) {
+        // The usual put: all of a read's bytes at once, into the first piece. Stored as
+        // the walk below would (the cursor stays at the first piece), without the walk.
+        if let (0, (0, 0), None, None, false, Some(p)) = (
+            off,
+            self.cursor,
+            &self.fault,
+            &self.trace,
+            self.back,
+            self.pieces.first(),
+        ) {
+            if !p.skip && src.len() <= p.len && src.len() <= self.valid && !src.is_empty() {
+                if let Err(f) = self.mem.write(p.lo, src, self.key) {
+                    self.fault = Some((0, f));
+                }
+                return;
+            }
+        }
         let (mut i, mut pos) = self.cursor;
         if off < pos {
             (i, pos) = (0, 0);
@@ -1003,16 +1025,27 @@ impl Core {
 
         // Output: gather; a fault truncates the offer at that piece. Input needs no buffer:
         // the device puts its bytes and they are stored as they come (see `Scatter`).
+        // Control data (Define Extent, Locate Record: a few dozen bytes) goes to a zeroed
+        // array on the stack, which costs less than sizing and zeroing the heap buffer.
+        let mut small = [0u8; SMALL_OUTPUT];
+        let in_small = !input && offered <= SMALL_OUTPUT;
         data.clear();
         if !input {
-            data.resize(offered, 0);
+            let out: &mut [u8] = if in_small {
+                &mut small[..offered]
+            } else {
+                data.resize(offered, 0);
+                data
+            };
             let mut pos = 0usize;
             for p in pieces {
                 if pos >= offered {
                     break;
                 }
                 let n = p.len.min(offered - pos);
-                if let Err(f) = mem.read(p.lo, &mut data[pos..pos + n], self.key()) {
+                // A faulting read stores nothing (`ChannelMemory`), so the bytes from `pos`
+                // on stay zero.
+                if let Err(f) = mem.read(p.lo, &mut out[pos..pos + n], self.key()) {
                     let k = Self::seg_at(segs, pos);
                     err = Some(ChainErr {
                         cstat: fault_status(f),
@@ -1021,7 +1054,9 @@ impl Core {
                         count: segs[k].count,
                     });
                     offered = pos;
-                    data.truncate(pos);
+                    if !in_small {
+                        data.truncate(pos);
+                    }
                     break;
                 }
                 pos += n;
@@ -1104,8 +1139,17 @@ impl Core {
             }
             (outcome, t)
         } else {
-            data.resize(offer, 0);
-            let outcome = dev.execute_area(&cmd, &mut DataArea::buffer(data));
+            // Bytes past `valid` read as zeros (never fetched).
+            let out: &mut [u8] = if in_small && offer <= SMALL_OUTPUT {
+                &mut small[..offer]
+            } else {
+                if in_small {
+                    data.extend_from_slice(&small[..valid]);
+                }
+                data.resize(offer, 0);
+                data
+            };
+            let outcome = dev.execute_area(&cmd, &mut DataArea::buffer(out));
             (outcome, outcome.transferred.min(offer))
         };
         if self.trace {
