@@ -734,21 +734,29 @@ impl Core {
     ) -> Result<(), u8> {
         let size = self.idaw.idaw_size();
         let mask = self.idaw.block_size() - 1;
+        let (limit, key) = (self.limit(), self.key());
         let mut left = count;
         let mut at = idal;
         let mut first = true;
         while left > 0 {
-            if at > self.limit() {
+            if at > limit {
                 return Err(cstat::PROGRAM_CHECK);
             }
-            let mut b = [0u8; 8];
-            mem.read(at, &mut b[..size as usize], self.key())
-                .map_err(fault_status)?;
-            let idaw = self.idaw.decode(&b);
-            if !idaw.is_valid(self.idaw) {
-                return Err(cstat::PROGRAM_CHECK);
-            }
-            let d = idaw.0;
+            // Fixed-size fetches, decoded as `IdawFormat::decode` and checked as
+            // `Idaw::is_valid` do (format 1: 31-bit address, bit 0 zero).
+            let d = if size == 8 {
+                let mut b = [0u8; 8];
+                mem.read(at, &mut b, key).map_err(fault_status)?;
+                u64::from_be_bytes(b)
+            } else {
+                let mut b = [0u8; 4];
+                mem.read(at, &mut b, key).map_err(fault_status)?;
+                let w = u32::from_be_bytes(b);
+                if w & 0x8000_0000 != 0 {
+                    return Err(cstat::PROGRAM_CHECK);
+                }
+                w as u64
+            };
             // Later IDAWs must designate a block boundary (the block's last byte when
             // reading backward).
             let n = if back {
