@@ -63,6 +63,11 @@ pub const MAX_CCWS_WITHOUT_DATA: u32 = 255;
 /// program check. 16 MiB covers 256 CCWs of the largest count.
 pub const MAX_DATA_CHAIN_BYTES: usize = 16 << 20;
 
+/// Output data up to this many bytes is gathered on the stack rather than in the run's
+/// buffer (control commands' parameters; a 3390's largest is Locate Record Extended's 20
+/// bytes plus extended parameters).
+const SMALL_OUTPUT: usize = 64;
+
 /// Status-control bits of a suspended SCSW. The PoP has alert status set with intermediate
 /// and status pending (Hercules notes it and deliberately presents 0x29 without alert for old
 /// operating systems); vccw follows the PoP.
@@ -171,11 +176,28 @@ struct Scatter<'a> {
     /// Storage ranges stored, when tracing.
     trace: Option<Vec<(u64, usize)>>,
     /// The channel's reusable buffer (for `with_buffer`).
-    buf: Vec<u8>,
+    buf: &'a mut Vec<u8>,
 }
 
 impl InputSink for Scatter<'_> {
     fn store(&mut self, off: usize, src: &[u8]) {
+        // The usual put: all of a read's bytes at once, into the first piece. Stored as
+        // the walk below would (the cursor stays at the first piece), without the walk.
+        if let (0, (0, 0), None, None, false, Some(p)) = (
+            off,
+            self.cursor,
+            &self.fault,
+            &self.trace,
+            self.back,
+            self.pieces.first(),
+        ) {
+            if !p.skip && src.len() <= p.len && src.len() <= self.valid && !src.is_empty() {
+                if let Err(f) = self.mem.write(p.lo, src, self.key) {
+                    self.fault = Some((0, f));
+                }
+                return;
+            }
+        }
         let (mut i, mut pos) = self.cursor;
         if off < pos {
             (i, pos) = (0, 0);
@@ -219,11 +241,11 @@ impl InputSink for Scatter<'_> {
     }
 
     fn take_buffer(&mut self) -> Vec<u8> {
-        std::mem::take(&mut self.buf)
+        std::mem::take(self.buf)
     }
 
     fn give_back(&mut self, buf: Vec<u8>) {
-        self.buf = buf;
+        *self.buf = buf;
     }
 }
 
@@ -249,6 +271,24 @@ fn fault_status(f: AccessFault) -> u8 {
 /// One started channel program.
 #[derive(Debug, Clone)]
 pub struct ChannelRun {
+    core: Core,
+    /// The per-command lists, apart from the program's state so the data-chain walk and
+    /// the transfer borrow both at once (no moving them out and back per command).
+    scratch: Scratch,
+}
+
+/// A run's reusable lists: the data buffer, CCWs and storage pieces of the last command,
+/// kept so a long chain does not allocate (and free) them per CCW.
+#[derive(Debug, Clone, Default)]
+struct Scratch {
+    buf: Vec<u8>,
+    segs: Vec<Seg>,
+    pieces: Vec<Piece>,
+}
+
+/// The program's state (everything but the scratch lists).
+#[derive(Debug, Clone)]
+struct Core {
     orb: Orb,
     idaw: IdawFormat,
     /// Address of the next CCW to fetch.
@@ -264,18 +304,109 @@ pub struct ChannelRun {
     state: State,
     trace: bool,
     transfers: Vec<Transfer>,
-    /// The data buffer of the last command, kept so a long chain does not allocate (and
-    /// free) one per CCW.
-    buf: Vec<u8>,
-    /// The CCWs and storage pieces of the last command's data chain, kept for reuse too.
-    segs: Vec<Seg>,
-    pieces: Vec<Piece>,
 }
 
 impl ChannelRun {
     /// Prepares the program the ORB designates; nothing is fetched until [`Self::step`].
     pub fn new(orb: &Orb) -> Self {
         ChannelRun {
+            core: Core::new(orb),
+            scratch: Scratch::default(),
+        }
+    }
+
+    /// Prepares the program `orb` designates, as [`Self::new`] does, keeping this run's
+    /// buffers (a subchannel reuses one run for program after program without allocating).
+    pub fn restart(&mut self, orb: &Orb) {
+        self.core.restart(orb);
+        let Scratch { buf, segs, pieces } = &mut self.scratch;
+        buf.clear();
+        segs.clear();
+        pieces.clear();
+    }
+
+    /// The ORB this program was started with.
+    pub fn orb(&self) -> &Orb {
+        &self.core.orb
+    }
+
+    /// Whether the program has ended (final status, halt or clear).
+    pub fn is_finished(&self) -> bool {
+        matches!(self.core.state, State::Finished(_))
+    }
+
+    /// Whether the program is suspended.
+    pub fn is_suspended(&self) -> bool {
+        matches!(self.core.state, State::Suspended { .. })
+    }
+
+    /// Turns recording of [`Transfer`]s (and `tracing` events per command) on or off.
+    pub fn set_trace(&mut self, on: bool) {
+        self.core.trace = on;
+    }
+
+    /// The data transfers recorded while tracing was on, in order.
+    pub fn transfers(&self) -> &[Transfer] {
+        &self.core.transfers
+    }
+
+    /// Runs the program up to the end of one command (with its data-chained CCWs).
+    #[inline]
+    pub fn step(&mut self, mem: &dyn ChannelMemory, dev: &mut dyn DeviceModel) -> Step {
+        self.core.step(mem, dev, &mut self.scratch)
+    }
+
+    /// Steps until the program ends or suspends (or `max_steps` commands ran) and returns
+    /// every status it presented: intermediate ones, then the final or suspended one.
+    pub fn run_until_end(
+        &mut self,
+        mem: &dyn ChannelMemory,
+        dev: &mut dyn DeviceModel,
+        max_steps: usize,
+    ) -> Vec<Scsw> {
+        let mut out = Vec::new();
+        for _ in 0..max_steps {
+            match self.step(mem, dev) {
+                Step::Continue => {}
+                Step::Intermediate(s) => out.push(s),
+                Step::Suspended(s) => {
+                    out.extend(s);
+                    break;
+                }
+                Step::Done(s) => {
+                    out.push(s);
+                    break;
+                }
+            }
+        }
+        out
+    }
+
+    /// RESUME SUBCHANNEL: a suspended program continues by refetching the suspended CCW
+    /// (which suspends again if its S flag is still one).
+    pub fn resume(&mut self) -> Result<(), ResumeError> {
+        self.core.resume()
+    }
+
+    /// HALT SUBCHANNEL between CCWs: the device is signalled and the program ends.
+    ///
+    /// Status (as QEMU's css.c presents it): start and halt function, status pending alone,
+    /// device end when the device was active, CCW address = last CCW executed + 8 (the
+    /// suspended CCW + 8 when suspended), no subchannel status, count 0.
+    pub fn halt(&mut self, dev: &mut dyn DeviceModel) -> Scsw {
+        self.core.halt(dev)
+    }
+
+    /// CLEAR SUBCHANNEL: the device is reset and the program ends; the SCSW holds only the
+    /// clear function and status pending (PoP "Clear Function").
+    pub fn clear(&mut self, dev: &mut dyn DeviceModel) -> Scsw {
+        self.core.clear(dev)
+    }
+}
+
+impl Core {
+    fn new(orb: &Orb) -> Self {
+        Core {
             orb: *orb,
             idaw: IdawFormat::from_orb(orb.ctl.format2_idaw(), orb.ctl.idaw_2k()),
             next: orb.cpa,
@@ -289,18 +420,13 @@ impl ChannelRun {
             state: State::Running,
             trace: false,
             transfers: Vec::new(),
-            buf: Vec::new(),
-            segs: Vec::new(),
-            pieces: Vec::new(),
         }
     }
 
-    /// Prepares the program `orb` designates, as [`Self::new`] does, keeping this run's
-    /// buffers (a subchannel reuses one run for program after program without allocating).
-    pub fn restart(&mut self, orb: &Orb) {
+    fn restart(&mut self, orb: &Orb) {
         // Field by field, in place: building a fresh run and moving it over `self` costs a
         // copy of the whole run per START. The destructuring keeps this in step with `new`.
-        let ChannelRun {
+        let Core {
             orb: o,
             idaw,
             next,
@@ -314,9 +440,6 @@ impl ChannelRun {
             state,
             trace,
             transfers,
-            buf,
-            segs,
-            pieces,
         } = self;
         *o = *orb;
         *idaw = IdawFormat::from_orb(orb.ctl.format2_idaw(), orb.ctl.idaw_2k());
@@ -331,34 +454,6 @@ impl ChannelRun {
         *state = State::Running;
         *trace = false;
         transfers.clear();
-        buf.clear();
-        segs.clear();
-        pieces.clear();
-    }
-
-    /// The ORB this program was started with.
-    pub fn orb(&self) -> &Orb {
-        &self.orb
-    }
-
-    /// Whether the program has ended (final status, halt or clear).
-    pub fn is_finished(&self) -> bool {
-        matches!(self.state, State::Finished(_))
-    }
-
-    /// Whether the program is suspended.
-    pub fn is_suspended(&self) -> bool {
-        matches!(self.state, State::Suspended { .. })
-    }
-
-    /// Turns recording of [`Transfer`]s (and `tracing` events per command) on or off.
-    pub fn set_trace(&mut self, on: bool) {
-        self.trace = on;
-    }
-
-    /// The data transfers recorded while tracing was on, in order.
-    pub fn transfers(&self) -> &[Transfer] {
-        &self.transfers
     }
 
     fn fmt1(&self) -> bool {
@@ -639,21 +734,29 @@ impl ChannelRun {
     ) -> Result<(), u8> {
         let size = self.idaw.idaw_size();
         let mask = self.idaw.block_size() - 1;
+        let (limit, key) = (self.limit(), self.key());
         let mut left = count;
         let mut at = idal;
         let mut first = true;
         while left > 0 {
-            if at > self.limit() {
+            if at > limit {
                 return Err(cstat::PROGRAM_CHECK);
             }
-            let mut b = [0u8; 8];
-            mem.read(at, &mut b[..size as usize], self.key())
-                .map_err(fault_status)?;
-            let idaw = self.idaw.decode(&b);
-            if !idaw.is_valid(self.idaw) {
-                return Err(cstat::PROGRAM_CHECK);
-            }
-            let d = idaw.0;
+            // Fixed-size fetches, decoded as `IdawFormat::decode` and checked as
+            // `Idaw::is_valid` do (format 1: 31-bit address, bit 0 zero).
+            let d = if size == 8 {
+                let mut b = [0u8; 8];
+                mem.read(at, &mut b, key).map_err(fault_status)?;
+                u64::from_be_bytes(b)
+            } else {
+                let mut b = [0u8; 4];
+                mem.read(at, &mut b, key).map_err(fault_status)?;
+                let w = u32::from_be_bytes(b);
+                if w & 0x8000_0000 != 0 {
+                    return Err(cstat::PROGRAM_CHECK);
+                }
+                w as u64
+            };
             // Later IDAWs must designate a block boundary (the block's last byte when
             // reading backward).
             let n = if back {
@@ -743,8 +846,12 @@ impl ChannelRun {
         Ok(())
     }
 
-    /// Runs the program up to the end of one command (with its data-chained CCWs).
-    pub fn step(&mut self, mem: &dyn ChannelMemory, dev: &mut dyn DeviceModel) -> Step {
+    fn step(
+        &mut self,
+        mem: &dyn ChannelMemory,
+        dev: &mut dyn DeviceModel,
+        scratch: &mut Scratch,
+    ) -> Step {
         match self.state {
             State::Finished(s) => return Step::Done(s),
             State::Suspended { .. } => return Step::Suspended(None),
@@ -791,7 +898,7 @@ impl ChannelRun {
             };
             return self.finish_check(c, 0, ccw.flags.pci());
         }
-        self.execute(mem, dev, at, ccw, kind)
+        self.execute(mem, dev, at, ccw, kind, scratch)
     }
 
     fn suspend(&mut self, at: u32, ccw: &Ccw1) -> Step {
@@ -899,15 +1006,11 @@ impl ChannelRun {
         at: u32,
         ccw: Ccw1,
         kind: CommandKind,
+        scratch: &mut Scratch,
     ) -> Step {
-        // The run's reusable lists, out of `self` while the methods below borrow it.
-        let mut segs = std::mem::take(&mut self.segs);
-        let mut pieces = std::mem::take(&mut self.pieces);
-        let (offered, err) = self.walk(mem, at, ccw, kind, &mut segs, &mut pieces);
-        let step = self.transfer(mem, dev, at, ccw, kind, &segs, &pieces, offered, err);
-        self.segs = segs;
-        self.pieces = pieces;
-        step
+        let Scratch { buf, segs, pieces } = scratch;
+        let (offered, err) = self.walk(mem, at, ccw, kind, segs, pieces);
+        self.transfer(mem, dev, at, ccw, kind, segs, pieces, buf, offered, err)
     }
 
     /// Runs the device for the command at `at` whose data chain `walk` resolved.
@@ -921,6 +1024,7 @@ impl ChannelRun {
         kind: CommandKind,
         segs: &[Seg],
         pieces: &[Piece],
+        data: &mut Vec<u8>,
         mut offered: usize,
         mut err: Option<ChainErr>,
     ) -> Step {
@@ -929,17 +1033,27 @@ impl ChannelRun {
 
         // Output: gather; a fault truncates the offer at that piece. Input needs no buffer:
         // the device puts its bytes and they are stored as they come (see `Scatter`).
-        let mut data = std::mem::take(&mut self.buf);
+        // Control data (Define Extent, Locate Record: a few dozen bytes) goes to a zeroed
+        // array on the stack, which costs less than sizing and zeroing the heap buffer.
+        let mut small = [0u8; SMALL_OUTPUT];
+        let in_small = !input && offered <= SMALL_OUTPUT;
         data.clear();
         if !input {
-            data.resize(offered, 0);
+            let out: &mut [u8] = if in_small {
+                &mut small[..offered]
+            } else {
+                data.resize(offered, 0);
+                data
+            };
             let mut pos = 0usize;
             for p in pieces {
                 if pos >= offered {
                     break;
                 }
                 let n = p.len.min(offered - pos);
-                if let Err(f) = mem.read(p.lo, &mut data[pos..pos + n], self.key()) {
+                // A faulting read stores nothing (`ChannelMemory`), so the bytes from `pos`
+                // on stay zero.
+                if let Err(f) = mem.read(p.lo, &mut out[pos..pos + n], self.key()) {
                     let k = Self::seg_at(segs, pos);
                     err = Some(ChainErr {
                         cstat: fault_status(f),
@@ -948,7 +1062,9 @@ impl ChannelRun {
                         count: segs[k].count,
                     });
                     offered = pos;
-                    data.truncate(pos);
+                    if !in_small {
+                        data.truncate(pos);
+                    }
                     break;
                 }
                 pos += n;
@@ -960,7 +1076,6 @@ impl ChannelRun {
         // as the device asks for it, so a command that moves nothing (NOOP) never faults.
         if let Some(e) = err {
             if offered == 0 && (segs.is_empty() || e.count == 0) {
-                self.buf = data;
                 let pci = segs.first().is_some_and(|s| s.flags.pci());
                 let c = Check {
                     cstat: e.cstat,
@@ -1030,12 +1145,19 @@ impl ChannelRun {
                 };
                 fail = Some((pos, e));
             }
-            self.buf = sink.buf;
             (outcome, t)
         } else {
-            data.resize(offer, 0);
-            let outcome = dev.execute_area(&cmd, &mut DataArea::buffer(&mut data));
-            self.buf = data;
+            // Bytes past `valid` read as zeros (never fetched).
+            let out: &mut [u8] = if in_small && offer <= SMALL_OUTPUT {
+                &mut small[..offer]
+            } else {
+                if in_small {
+                    data.extend_from_slice(&small[..valid]);
+                }
+                data.resize(offer, 0);
+                data
+            };
+            let outcome = dev.execute_area(&cmd, &mut DataArea::buffer(out));
             (outcome, outcome.transferred.min(offer))
         };
         if self.trace {
@@ -1157,35 +1279,7 @@ impl ChannelRun {
         self.finish(s)
     }
 
-    /// Steps until the program ends or suspends (or `max_steps` commands ran) and returns
-    /// every status it presented: intermediate ones, then the final or suspended one.
-    pub fn run_until_end(
-        &mut self,
-        mem: &dyn ChannelMemory,
-        dev: &mut dyn DeviceModel,
-        max_steps: usize,
-    ) -> Vec<Scsw> {
-        let mut out = Vec::new();
-        for _ in 0..max_steps {
-            match self.step(mem, dev) {
-                Step::Continue => {}
-                Step::Intermediate(s) => out.push(s),
-                Step::Suspended(s) => {
-                    out.extend(s);
-                    break;
-                }
-                Step::Done(s) => {
-                    out.push(s);
-                    break;
-                }
-            }
-        }
-        out
-    }
-
-    /// RESUME SUBCHANNEL: a suspended program continues by refetching the suspended CCW
-    /// (which suspends again if its S flag is still one).
-    pub fn resume(&mut self) -> Result<(), ResumeError> {
+    fn resume(&mut self) -> Result<(), ResumeError> {
         match self.state {
             State::Suspended { ccw } => {
                 self.next = ccw;
@@ -1200,12 +1294,7 @@ impl ChannelRun {
         }
     }
 
-    /// HALT SUBCHANNEL between CCWs: the device is signalled and the program ends.
-    ///
-    /// Status (as QEMU's css.c presents it): start and halt function, status pending alone,
-    /// device end when the device was active, CCW address = last CCW executed + 8 (the
-    /// suspended CCW + 8 when suspended), no subchannel status, count 0.
-    pub fn halt(&mut self, dev: &mut dyn DeviceModel) -> Scsw {
+    fn halt(&mut self, dev: &mut dyn DeviceModel) -> Scsw {
         let (ds, cpa) = match self.state {
             State::Running if self.started => {
                 dev.reset_operation();
@@ -1232,9 +1321,7 @@ impl ChannelRun {
         s
     }
 
-    /// CLEAR SUBCHANNEL: the device is reset and the program ends; the SCSW holds only the
-    /// clear function and status pending (PoP "Clear Function").
-    pub fn clear(&mut self, dev: &mut dyn DeviceModel) -> Scsw {
+    fn clear(&mut self, dev: &mut dyn DeviceModel) -> Scsw {
         if self.state == State::Running && self.started {
             dev.reset_operation();
         }

@@ -1442,6 +1442,49 @@ impl Dasd3390 {
     }
 }
 
+/// Per command code, what [`Dasd3390::execute_area`] does around it (one table lookup
+/// rather than a chain of comparisons per command).
+static CODE_FLAGS: [u8; 256] = {
+    let mut t = [0u8; 256];
+    let mut i = 0;
+    while i < 256 {
+        t[i] = code_flags(i as u8);
+        i += 1;
+    }
+    t
+};
+/// A search (write-kind command that does not reset the index point count).
+const CF_SEARCH: u8 = 1;
+/// Keeps a Search Home Address equal condition.
+const CF_KEEP_HA: u8 = 2;
+/// Keeps a Search ID equal condition.
+const CF_KEEP_ID: u8 = 4;
+/// Keeps the record-written-by-Write CKD/R0 condition.
+const CF_KEEP_CKD: u8 = 8;
+/// Does not count against a Locate Record domain.
+const CF_NO_LCOUNT: u8 = 16;
+
+const fn code_flags(code: u8) -> u8 {
+    let c7 = code & 0x7F;
+    let mut f = 0;
+    if matches!(c7, 0x31 | 0x51 | 0x71 | 0x29 | 0x49 | 0x69) {
+        f |= CF_SEARCH;
+    }
+    if c7 == 0x39 || c7 == 0x19 {
+        f |= CF_KEEP_HA;
+    }
+    if matches!(c7, 0x31 | 0x0E | 0x0D | 0x06 | 0x05) {
+        f |= CF_KEEP_ID;
+    }
+    if code == 0x15 || code == 0x1D {
+        f |= CF_KEEP_CKD;
+    }
+    if matches!(code, 0x47 | 0x4B | 0xE7) {
+        f |= CF_NO_LCOUNT;
+    }
+    f
+}
+
 /// Input transfer of `src`: as much as fits, put straight to storage (only the bytes
 /// transferred are put); `more` if the device had more to give.
 fn input(data: &mut DataArea<'_>, src: &[u8]) -> Outcome {
@@ -1497,9 +1540,9 @@ impl DeviceModel for Dasd3390 {
         use crate::ccw::CommandKind;
         // The channel classified the code already (`Command::kind` is `CommandKind::of`).
         let kind = cmd.kind;
-        let search = matches!(code & 0x7F, 0x31 | 0x51 | 0x71 | 0x29 | 0x49 | 0x69);
+        let f = CODE_FLAGS[code as usize];
         if matches!(kind, CommandKind::Sense | CommandKind::Control)
-            || (kind == CommandKind::Write && !search)
+            || (kind == CommandKind::Write && f & CF_SEARCH == 0)
             || (kind == CommandKind::Read && code != 0x12)
         {
             self.prog.index_passed = false;
@@ -1510,18 +1553,12 @@ impl DeviceModel for Dasd3390 {
         };
         // What licenses a write outside a Locate Record domain lasts only until the next
         // command of another kind (checked above, reset here, as Hercules does).
-        let c7 = code & 0x7F;
-        if c7 != 0x39 && c7 != 0x19 {
-            self.prog.ha_equal = false;
-        }
-        if !matches!(c7, 0x31 | 0x0E | 0x0D | 0x06 | 0x05) {
-            self.prog.id_equal = false;
-        }
-        if code != 0x15 && code != 0x1D {
-            self.prog.wrote_ckd = false;
-        }
-        if self.prog.lcount > 0 && !matches!(code, 0x47 | 0x4B | 0xE7) {
-            self.prog.lcount -= 1;
+        let p = &mut self.prog;
+        p.ha_equal &= f & CF_KEEP_HA != 0;
+        p.id_equal &= f & CF_KEEP_ID != 0;
+        p.wrote_ckd &= f & CF_KEEP_CKD != 0;
+        if p.lcount > 0 && f & CF_NO_LCOUNT == 0 {
+            p.lcount -= 1;
         }
         out
     }
