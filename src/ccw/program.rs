@@ -6,7 +6,7 @@ use std::sync::{Arc, OnceLock};
 
 use crate::ccw::{Ccw1, CCW_SIZE};
 use crate::css::{AccessFault, ChannelMemory};
-use crate::iommu_store::{PinnedPages, PAGE_SIZE};
+use crate::iommu_store::{PinnedPages, Run, PAGE_SIZE};
 use crate::orb::{Orb, Scsw};
 
 /// One guest page this program may transfer data to or from.
@@ -168,27 +168,25 @@ impl Segments {
     }
 }
 
-/// Pins held by a program, in pin order: the first few inline (small programs allocate
-/// nothing for them), the rest in a list.
+/// Pins held by a program, in pin order: the first inline (the fast path pins all its runs
+/// in one call: small programs allocate nothing for them), the rest in a list.
 #[derive(Default)]
 pub(crate) struct Pins {
-    inline: [Option<PinnedPages>; PINS_INLINE],
+    first: Option<PinnedPages>,
     rest: Vec<PinnedPages>,
 }
 
-/// Pins kept inline: a DASD read pins its control data and its data page separately.
-const PINS_INLINE: usize = 2;
-
 impl Pins {
     pub(crate) fn push(&mut self, p: PinnedPages) {
-        match self.inline.iter_mut().find(|s| s.is_none()) {
-            Some(slot) => *slot = Some(p),
-            None => self.rest.push(p),
+        if self.first.is_none() {
+            self.first = Some(p);
+        } else {
+            self.rest.push(p);
         }
     }
 
     pub(crate) fn iter(&self) -> impl Iterator<Item = &PinnedPages> {
-        self.inline.iter().flatten().chain(&self.rest)
+        self.first.iter().chain(&self.rest)
     }
 }
 
@@ -324,34 +322,25 @@ impl HostProgram {
     #[inline]
     fn page_of(&self, host: u64) -> Option<PageRef> {
         if self.pins.rest.is_empty() && self.pages.get().is_none() {
-            // At most two pins (every small program): scan their first runs directly, as
-            // the general scan below would, while each is a single run.
-            let mut found: Option<PageRef> = None;
-            let mut simple = true;
-            for pin in self.pins.inline.iter().flatten() {
-                let ((iova, h, n, write), only) = pin.first_run();
-                if !only {
-                    simple = false;
-                    break;
-                }
-                let off = host.wrapping_sub(h);
-                if off < n * PAGE_SIZE {
-                    let k = off / PAGE_SIZE;
-                    let p = PageRef {
-                        host: h + k * PAGE_SIZE,
-                        iova: iova + k * PAGE_SIZE,
-                        writable: write,
-                        key: pin.key(k as usize),
-                    };
-                    // The first writable pin of the page wins, else the last one.
-                    if write {
-                        return Some(p);
-                    }
-                    found = Some(p);
-                }
-            }
-            if simple {
-                return found;
+            // At most one pin of at most two runs (every small program): scan them directly,
+            // as the general scan below would. Its runs are disjoint: one holds the page.
+            let Some(pin) = &self.pins.first else {
+                return None;
+            };
+            if let Some((a, b)) = pin.two_runs() {
+                let hit = |(iova, h, n, write): Run, i: u64| {
+                    let off = host.wrapping_sub(h);
+                    (off < n * PAGE_SIZE).then(|| {
+                        let k = off / PAGE_SIZE;
+                        PageRef {
+                            host: h + k * PAGE_SIZE,
+                            iova: iova + k * PAGE_SIZE,
+                            writable: write,
+                            key: pin.key((i + k) as usize),
+                        }
+                    })
+                };
+                return hit(a, 0).or_else(|| b.and_then(|b| hit(b, a.2)));
             }
         }
         self.page_of_general(host)
