@@ -252,10 +252,13 @@ const LIST_FIRST: usize = 64;
 /// address on, so the fetch that fills it fails exactly when fetching the entry alone would,
 /// with the same error. Each entry is still copied out once and used as copied.
 struct ListCache {
-    /// Guest address of `buf[0]`; `len` 0 means empty.
+    /// Guest address of the buffer's first byte; `len` 0 means empty.
     at: u64,
     len: usize,
-    buf: [u8; LIST_CHUNK],
+    /// The first fetch's buffer (small programs need no more, and zero no more).
+    first: [u8; LIST_FIRST],
+    /// Later fetches' buffer (`LIST_CHUNK` bytes once allocated); when present, the current.
+    more: Vec<u8>,
 }
 
 impl Default for ListCache {
@@ -263,12 +266,23 @@ impl Default for ListCache {
         ListCache {
             at: 0,
             len: 0,
-            buf: [0; LIST_CHUNK],
+            first: [0; LIST_FIRST],
+            more: Vec::new(),
         }
     }
 }
 
 impl ListCache {
+    /// The buffer the last fetch filled.
+    #[inline]
+    fn buf(&self) -> &[u8] {
+        if self.more.is_empty() {
+            &self.first
+        } else {
+            &self.more
+        }
+    }
+
     /// The `N`-byte list entry at `addr` (aligned to `N`, so within a page), fetched as
     /// [`fetch`] would fetch it.
     #[inline]
@@ -277,7 +291,7 @@ impl ListCache {
         let off = addr.wrapping_sub(self.at);
         if off < self.len as u64 && self.len - (off as usize) >= N {
             let off = off as usize;
-            out.copy_from_slice(&self.buf[off..off + N]);
+            out.copy_from_slice(&self.buf()[off..off + N]);
         } else {
             self.fetch(store, addr, &mut out, key)?;
         }
@@ -292,7 +306,7 @@ impl ListCache {
         if let Some(off) = addr.checked_sub(self.at) {
             if off < self.len as u64 && off as usize + n <= self.len {
                 let off = off as usize;
-                out.copy_from_slice(&self.buf[off..off + n]);
+                out.copy_from_slice(&self.buf()[off..off + n]);
                 return Ok(());
             }
         }
@@ -303,17 +317,20 @@ impl ListCache {
         }
         // A first fetch takes a small stretch (a small program has a few entries); later
         // ones the whole chunk.
-        let chunk = if self.at == 0 && self.len == 0 {
-            LIST_FIRST
+        let buf = if self.at == 0 && self.len == 0 && self.more.is_empty() {
+            &mut self.first[..]
         } else {
-            LIST_CHUNK
+            if self.more.is_empty() {
+                self.more = vec![0; LIST_CHUNK];
+            }
+            &mut self.more[..]
         };
-        let len = to_page_end.min(chunk);
+        let len = to_page_end.min(buf.len());
         self.len = 0;
-        fetch(store, addr, &mut self.buf[..len], key)?;
+        fetch(store, addr, &mut buf[..len], key)?;
         self.at = addr;
         self.len = len;
-        out.copy_from_slice(&self.buf[..n]);
+        out.copy_from_slice(&self.buf()[..n]);
         Ok(())
     }
 }
