@@ -57,8 +57,8 @@ use vm_memory::{
 pub use backing::{Backing, StoreMmapRegion};
 pub use error::StoreError;
 pub use keys::KEY_FETCH_PROTECT;
-pub use pin::{PinnedPage, PinnedPages};
 pub(crate) use pin::Run;
+pub use pin::{PinnedPage, PinnedPages};
 pub use query::MappingInfo;
 pub use types::{
     Perm, StoreConfig, StoreInfo, StoreStats, DEFAULT_DMA_ENTRY_LIMIT, DEFAULT_UNMAP_TIMEOUT,

@@ -463,4 +463,63 @@ mod tests {
         drop(p);
         assert_eq!(store.stats().pinned_pages, 0);
     }
+
+    /// Several runs pinned in one call: the pages of each in order (two runs inline, more
+    /// boxed), keys indexed across runs, one release each on drop; a failing run leaves
+    /// nothing pinned and reports what a plain pin of it reports.
+    #[test]
+    fn pin_runs_is_each_run_pinned_in_order_all_or_nothing() {
+        let store = IommuStore::new(StoreConfig::default());
+        store
+            .map_dma(0x10000, 0x4000, Perm::READ_WRITE, Backing::Anonymous)
+            .unwrap();
+        store
+            .map_dma(0x20000, 0x1000, Perm::READ, Backing::Anonymous)
+            .unwrap();
+        store.set_storage_key(0x13000, 0x40).unwrap();
+        let runs = [
+            (0x10000, 1, Perm::READ),
+            (0x12000, 2, Perm::WRITE),
+            (0x20000, 1, Perm::READ),
+        ];
+        let p = store.pin_runs(&runs).unwrap();
+        assert_eq!(p.len(), 4);
+        assert!(p.two_runs().is_none());
+        let got: Vec<_> = p.runs().map(|(iova, _, n, w)| (iova, n, w)).collect();
+        assert_eq!(
+            got,
+            [(0x10000, 1, false), (0x12000, 2, true), (0x20000, 1, false)]
+        );
+        let keys: Vec<_> = p.pages().iter().map(|q| q.storage_key).collect();
+        assert_eq!(keys, [0, 0, 0x40, 0]);
+        assert_eq!(store.stats().pinned_pages, 4);
+        drop(p);
+        assert_eq!(store.stats().pinned_pages, 0);
+
+        // Two runs: both inline.
+        let p = store.pin_runs(&runs[..2]).unwrap();
+        let (a, b) = p.two_runs().unwrap();
+        assert_eq!((a.0, a.2, a.3), (0x10000, 1, false));
+        assert_eq!(b.map(|b| (b.0, b.2, b.3)), Some((0x12000, 2, true)));
+        drop(p);
+
+        // The last run lacks permission: nothing stays pinned, the plain pin's error.
+        let bad = [(0x10000, 2, Perm::READ), (0x20000, 1, Perm::WRITE)];
+        assert_eq!(
+            store.pin_runs(&bad).unwrap_err(),
+            store.pin(0x20000, 1, Perm::WRITE).unwrap_err()
+        );
+        assert_eq!(store.stats().pinned_pages, 0);
+        // Argument checks per run, as a plain pin's.
+        assert_eq!(
+            store
+                .pin_runs(&[(0x10000, 1, Perm::READ), (0x12000, 0, Perm::READ)])
+                .unwrap_err(),
+            store.pin(0x12000, 0, Perm::READ).unwrap_err()
+        );
+        let v = store.view();
+        assert_eq!(v.pin_runs(&runs).unwrap().len(), 4);
+        assert!(v.pin_runs(&bad).is_err());
+        assert_eq!(store.stats().pinned_pages, 0);
+    }
 }
