@@ -6,7 +6,7 @@ use std::sync::{Arc, OnceLock};
 
 use crate::ccw::{Ccw1, CCW_SIZE};
 use crate::css::{AccessFault, ChannelMemory};
-use crate::iommu_store::{PinnedPages, Run, PAGE_SIZE};
+use crate::iommu_store::{PinnedPages, PAGE_SIZE};
 use crate::orb::{Orb, Scsw};
 
 /// One guest page this program may transfer data to or from.
@@ -168,25 +168,28 @@ impl Segments {
     }
 }
 
-/// Pins held by a program, in pin order: the first inline (the fast path pins all its runs
-/// in one call: small programs allocate nothing for them), the rest in a list.
+/// Pins held by a program, in pin order: the first two inline (the fast path pins all its
+/// runs in one call, the general passes a DASD read's control data and data pages in two:
+/// neither allocates for them), the rest in a list.
 #[derive(Default)]
 pub(crate) struct Pins {
-    first: Option<PinnedPages>,
+    inline: [Option<PinnedPages>; PINS_INLINE],
     rest: Vec<PinnedPages>,
 }
 
+/// Pins kept inline.
+const PINS_INLINE: usize = 2;
+
 impl Pins {
     pub(crate) fn push(&mut self, p: PinnedPages) {
-        if self.first.is_none() {
-            self.first = Some(p);
-        } else {
-            self.rest.push(p);
+        match self.inline.iter_mut().find(|s| s.is_none()) {
+            Some(slot) => *slot = Some(p),
+            None => self.rest.push(p),
         }
     }
 
     pub(crate) fn iter(&self) -> impl Iterator<Item = &PinnedPages> {
-        self.first.iter().chain(&self.rest)
+        self.inline.iter().flatten().chain(&self.rest)
     }
 }
 
@@ -322,25 +325,35 @@ impl HostProgram {
     #[inline]
     fn page_of(&self, host: u64) -> Option<PageRef> {
         if self.pins.rest.is_empty() && self.pages.get().is_none() {
-            // At most one pin of at most two runs (every small program): scan them directly,
-            // as the general scan below would. Its runs are disjoint: one holds the page.
-            let Some(pin) = &self.pins.first else {
-                return None;
-            };
-            if let Some((a, b)) = pin.two_runs() {
-                let hit = |(iova, h, n, write): Run, i: u64| {
-                    let off = host.wrapping_sub(h);
-                    (off < n * PAGE_SIZE).then(|| {
-                        let k = off / PAGE_SIZE;
-                        PageRef {
-                            host: h + k * PAGE_SIZE,
-                            iova: iova + k * PAGE_SIZE,
-                            writable: write,
-                            key: pin.key((i + k) as usize),
+            // At most two pins of at most two runs each (every small program, and the
+            // general passes' usual control-data pin and data pin): scan them directly, as
+            // the general scan below would. A pin's runs are disjoint: one holds the page.
+            let mut found: Option<PageRef> = None;
+            let mut simple = true;
+            for pin in self.pins.inline.iter().flatten() {
+                match pin.page_at(host) {
+                    None => {
+                        simple = false;
+                        break;
+                    }
+                    Some(None) => {}
+                    Some(Some((iova, h, writable, key))) => {
+                        let p = PageRef {
+                            host: h,
+                            iova,
+                            writable,
+                            key,
+                        };
+                        // The first writable pin of the page wins, else the last one.
+                        if writable {
+                            return Some(p);
                         }
-                    })
-                };
-                return hit(a, 0).or_else(|| b.and_then(|b| hit(b, a.2)));
+                        found = Some(p);
+                    }
+                }
+            }
+            if simple {
+                return found;
             }
         }
         self.page_of_general(host)

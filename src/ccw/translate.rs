@@ -252,13 +252,10 @@ const LIST_FIRST: usize = 64;
 /// address on, so the fetch that fills it fails exactly when fetching the entry alone would,
 /// with the same error. Each entry is still copied out once and used as copied.
 struct ListCache {
-    /// Guest address of the buffer's first byte; `len` 0 means empty.
+    /// Guest address of `buf[0]`; `len` 0 means empty.
     at: u64,
     len: usize,
-    /// The first fetch's buffer (small programs need no more, and zero no more).
-    first: [u8; LIST_FIRST],
-    /// Later fetches' buffer (`LIST_CHUNK` bytes once allocated); when present, the current.
-    more: Vec<u8>,
+    buf: [u8; LIST_CHUNK],
 }
 
 impl Default for ListCache {
@@ -266,23 +263,12 @@ impl Default for ListCache {
         ListCache {
             at: 0,
             len: 0,
-            first: [0; LIST_FIRST],
-            more: Vec::new(),
+            buf: [0; LIST_CHUNK],
         }
     }
 }
 
 impl ListCache {
-    /// The buffer the last fetch filled.
-    #[inline]
-    fn buf(&self) -> &[u8] {
-        if self.more.is_empty() {
-            &self.first
-        } else {
-            &self.more
-        }
-    }
-
     /// The `N`-byte list entry at `addr` (aligned to `N`, so within a page), fetched as
     /// [`fetch`] would fetch it.
     #[inline]
@@ -291,7 +277,7 @@ impl ListCache {
         let off = addr.wrapping_sub(self.at);
         if off < self.len as u64 && self.len - (off as usize) >= N {
             let off = off as usize;
-            out.copy_from_slice(&self.buf()[off..off + N]);
+            out.copy_from_slice(&self.buf[off..off + N]);
         } else {
             self.fetch(store, addr, &mut out, key)?;
         }
@@ -306,7 +292,7 @@ impl ListCache {
         if let Some(off) = addr.checked_sub(self.at) {
             if off < self.len as u64 && off as usize + n <= self.len {
                 let off = off as usize;
-                out.copy_from_slice(&self.buf()[off..off + n]);
+                out.copy_from_slice(&self.buf[off..off + n]);
                 return Ok(());
             }
         }
@@ -317,20 +303,17 @@ impl ListCache {
         }
         // A first fetch takes a small stretch (a small program has a few entries); later
         // ones the whole chunk.
-        let buf = if self.at == 0 && self.len == 0 && self.more.is_empty() {
-            &mut self.first[..]
+        let chunk = if self.at == 0 && self.len == 0 {
+            LIST_FIRST
         } else {
-            if self.more.is_empty() {
-                self.more = vec![0; LIST_CHUNK];
-            }
-            &mut self.more[..]
+            LIST_CHUNK
         };
-        let len = to_page_end.min(buf.len());
+        let len = to_page_end.min(chunk);
         self.len = 0;
-        fetch(store, addr, &mut buf[..len], key)?;
+        fetch(store, addr, &mut self.buf[..len], key)?;
         self.at = addr;
         self.len = len;
-        out.copy_from_slice(&self.buf()[..n]);
+        out.copy_from_slice(&self.buf[..n]);
         Ok(())
     }
 }

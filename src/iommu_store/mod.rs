@@ -57,7 +57,6 @@ use vm_memory::{
 pub use backing::{Backing, StoreMmapRegion};
 pub use error::StoreError;
 pub use keys::KEY_FETCH_PROTECT;
-pub(crate) use pin::Run;
 pub use pin::{PinnedPage, PinnedPages};
 pub use query::MappingInfo;
 pub use types::{

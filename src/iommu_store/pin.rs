@@ -153,13 +153,51 @@ impl PinnedPages {
     }
 
     /// The first two runs (see [`PinnedPages::runs`]) when there are no more.
-    #[inline]
-    pub(crate) fn two_runs(&self) -> Option<(Run, Option<Run>)> {
+    #[cfg(test)]
+    fn two_runs(&self) -> Option<(Run, Option<Run>)> {
         if !self.rest().is_empty() {
             return None;
         }
         let run = |s: &Segment| (s.iova, s.host, s.n(), s.write);
         Some((run(&self.head), self.second.as_ref().map(run)))
+    }
+
+    /// The page holding the process address `host` as (IOVA, process address, writable,
+    /// key) of the page: `Some(None)` when no page of the pin holds it, `None` when the pin
+    /// has more than two runs (the caller scans [`PinnedPages::runs`] then).
+    #[inline]
+    pub(crate) fn page_at(&self, host: u64) -> Option<Option<(u64, u64, bool, u8)>> {
+        let extra = self.extra.get();
+        if extra.is_some_and(|e| !e.rest.is_empty()) {
+            return None;
+        }
+        let key = |i: u64| extra.map_or(0, |e| e.keys.get(i as usize).copied().unwrap_or(0));
+        let s = &self.head;
+        let off = host.wrapping_sub(s.host);
+        if off < s.n() * PAGE_SIZE {
+            let k = off / PAGE_SIZE;
+            let p = (
+                s.iova + k * PAGE_SIZE,
+                s.host + k * PAGE_SIZE,
+                s.write,
+                key(k),
+            );
+            return Some(Some(p));
+        }
+        if let Some(t) = &self.second {
+            let off = host.wrapping_sub(t.host);
+            if off < t.n() * PAGE_SIZE {
+                let k = off / PAGE_SIZE;
+                let p = (
+                    t.iova + k * PAGE_SIZE,
+                    t.host + k * PAGE_SIZE,
+                    t.write,
+                    key(s.n() + k),
+                );
+                return Some(Some(p));
+            }
+        }
+        Some(None)
     }
 
     /// Appends a run pinned after the others.
@@ -193,7 +231,8 @@ impl PinnedPages {
 }
 
 /// A pinned run: (IOVA of the first page, its process address, pages, pinned for write).
-pub(crate) type Run = (u64, u64, u64, bool);
+#[cfg(test)]
+type Run = (u64, u64, u64, bool);
 
 impl Drop for PinnedPages {
     fn drop(&mut self) {
