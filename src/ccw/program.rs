@@ -168,27 +168,25 @@ impl Segments {
     }
 }
 
-/// Pins held by a program, in pin order: the first few inline (small programs allocate
-/// nothing for them), the rest in a list.
+/// Pins held by a program, in pin order: the first inline (the fast path pins all its runs
+/// in one call: small programs allocate nothing for them), the rest in a list.
 #[derive(Default)]
 pub(crate) struct Pins {
-    inline: [Option<PinnedPages>; PINS_INLINE],
+    first: Option<PinnedPages>,
     rest: Vec<PinnedPages>,
 }
 
-/// Pins kept inline: a DASD read pins its control data and its data page separately.
-const PINS_INLINE: usize = 2;
-
 impl Pins {
     pub(crate) fn push(&mut self, p: PinnedPages) {
-        match self.inline.iter_mut().find(|s| s.is_none()) {
-            Some(slot) => *slot = Some(p),
-            None => self.rest.push(p),
+        if self.first.is_none() {
+            self.first = Some(p);
+        } else {
+            self.rest.push(p);
         }
     }
 
     pub(crate) fn iter(&self) -> impl Iterator<Item = &PinnedPages> {
-        self.inline.iter().flatten().chain(&self.rest)
+        self.first.iter().chain(&self.rest)
     }
 }
 
@@ -323,35 +321,31 @@ impl HostProgram {
 
     #[inline]
     fn page_of(&self, host: u64) -> Option<PageRef> {
-        if self.pins.rest.is_empty() && self.pages.get().is_none() {
-            // At most two pins (every small program): scan their first runs directly, as
-            // the general scan below would, while each is a single run.
-            let mut found: Option<PageRef> = None;
-            let mut simple = true;
-            for pin in self.pins.inline.iter().flatten() {
-                let ((iova, h, n, write), only) = pin.first_run();
-                if !only {
-                    simple = false;
-                    break;
+        if self.pins.rest.len() <= 1 && self.pages.get().is_none() {
+            // At most two pins of at most two runs each (every small program, and the
+            // general passes' usual control-data pin and data pin): ask them directly, as
+            // the general scan below would. A pin's runs are disjoint: one holds the page.
+            let Some(first) = &self.pins.first else {
+                return None;
+            };
+            let page = |(iova, host, writable, key)| PageRef {
+                host,
+                iova,
+                writable,
+                key,
+            };
+            if let Some(a) = first.page_at(host) {
+                let a = a.map(page);
+                // The first writable pin of the page wins, else the last one.
+                let Some(second) = self.pins.rest.first() else {
+                    return a;
+                };
+                if a.is_some_and(|p| p.writable) {
+                    return a;
                 }
-                let off = host.wrapping_sub(h);
-                if off < n * PAGE_SIZE {
-                    let k = off / PAGE_SIZE;
-                    let p = PageRef {
-                        host: h + k * PAGE_SIZE,
-                        iova: iova + k * PAGE_SIZE,
-                        writable: write,
-                        key: pin.key(k as usize),
-                    };
-                    // The first writable pin of the page wins, else the last one.
-                    if write {
-                        return Some(p);
-                    }
-                    found = Some(p);
+                if let Some(b) = second.page_at(host) {
+                    return b.map(page).or(a);
                 }
-            }
-            if simple {
-                return found;
             }
         }
         self.page_of_general(host)

@@ -943,18 +943,37 @@ impl<'a> Builder<'a> {
             }
             return self.pin_pages(pages, 0);
         }
+        // Every run in one pin call (one snapshot lookup per mapping, one value to keep),
+        // each run as its own calls of at most 512 pages would pin it.
+        let mut calls: InlineVec<(u64, u64, Perm), 4> = InlineVec::default();
         for &(first, last, acc) in runs.iter() {
+            let perm = Perm {
+                read: acc & 1 != 0,
+                write: acc & 2 != 0,
+            };
             let mut page = first;
             let mut left = ((last - first) >> PAGE_SHIFT) + 1;
             while left > 0 {
                 let n = left.min(MAX_PIN_PAGES as u64);
-                self.pin_run(page, n as usize, acc, 0)?;
+                calls.push((page, n, perm));
                 left -= n;
                 if left > 0 {
                     page += n << PAGE_SHIFT;
                 }
             }
         }
+        let Some(&(head, _, _)) = calls.first() else {
+            // No data: nothing to pin.
+            return Ok(());
+        };
+        let pinned = self
+            .store
+            .pin_runs(&calls)
+            .map_err(|e| pin_error(e, head, 0))?;
+        for (iova, host, n, _) in pinned.runs() {
+            add_run_to_extents(&mut self.extents, iova, host, n);
+        }
+        self.pins.push(pinned);
         Ok(())
     }
 
@@ -968,13 +987,8 @@ impl<'a> Builder<'a> {
             .store
             .pin(first, n, perm)
             .map_err(|e| pin_error(e, first, at))?;
-        // (The usual single run without the general iterator.)
-        let ((iova, host, n, _), only) = pinned.first_run();
-        add_run_to_extents(&mut self.extents, iova, host, n);
-        if !only {
-            for (iova, host, n, _) in pinned.runs().skip(1) {
-                add_run_to_extents(&mut self.extents, iova, host, n);
-            }
+        for (iova, host, n, _) in pinned.runs() {
+            add_run_to_extents(&mut self.extents, iova, host, n);
         }
         self.pins.push(pinned);
         Ok(())

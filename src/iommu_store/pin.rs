@@ -25,43 +25,53 @@ pub struct PinnedPage {
     pub writable: bool,
 }
 
-/// A run of pages pinned in one mapping.
+/// A run of pages pinned in one mapping (kept small: a pin holds two inline).
 struct Segment {
     region: Arc<Backed>,
-    /// First page index inside the mapping.
-    first: u64,
-    n: u64,
-    write: bool,
     /// IOVA and process address of the first page.
     iova: u64,
     host: u64,
+    /// Pages (at most [`MAX_PIN_PAGES`]).
+    n: u32,
+    write: bool,
 }
 
 impl Segment {
+    /// First page index inside the mapping.
+    #[inline]
+    fn first(&self) -> u64 {
+        (self.iova - self.region.shared.iova) / PAGE_SIZE
+    }
+
+    #[inline]
+    fn n(&self) -> u64 {
+        self.n as u64
+    }
+
     fn release(&self) {
         let sh = &self.region.shared;
         let dec = PIN_ONE + if self.write { PIN_WRITE } else { 0 };
+        let (first, n) = (self.first(), self.n());
         // A run inside one leaf (the usual case): its counts directly, no leaf walk.
-        match sh.pins.chunk(self.first, self.n as usize) {
+        match sh.pins.chunk(first, n as usize) {
             Some(counts) => {
                 for c in counts {
                     c.fetch_sub(dec, Ordering::SeqCst);
                 }
             }
             None => {
-                sh.pins.run_or_init(self.first, self.n, |_, c| {
+                sh.pins.run_or_init(first, n, |_, c| {
                     c.fetch_sub(dec, Ordering::SeqCst);
                 });
             }
         }
         if self.write && sh.globals.tracking.load(Ordering::SeqCst) {
             // The device may have stored until now.
-            self.region.dirty().set_addr_range(
-                (self.first * PAGE_SIZE) as usize,
-                (self.n * PAGE_SIZE) as usize,
-            );
+            self.region
+                .dirty()
+                .set_addr_range((first * PAGE_SIZE) as usize, (n * PAGE_SIZE) as usize);
         }
-        sh.release_total(self.n);
+        sh.release_total(n);
     }
 }
 
@@ -71,10 +81,12 @@ impl Segment {
 /// host addresses stay valid for its whole life, even across an unmap attempt.
 ///
 /// The pages are kept as runs (one per mapping); the per-page list is built only when
-/// [`PinnedPages::pages`] asks for it. The common case (one mapping, no storage keys set) is
-/// a small value with no allocation: the first run inline, everything rarer boxed.
+/// [`PinnedPages::pages`] asks for it. The common case (at most two runs, no storage keys
+/// set) is a small value with no allocation: the first two runs inline, everything rarer
+/// boxed.
 pub struct PinnedPages {
     head: Segment,
+    second: Option<Segment>,
     len: usize,
     /// Further runs, keys and the page list: allocated only when one is needed.
     extra: OnceLock<Box<Extra>>,
@@ -83,7 +95,7 @@ pub struct PinnedPages {
 /// The rarely needed parts of a [`PinnedPages`].
 #[derive(Default)]
 struct Extra {
-    /// Runs after the first (pins spanning several mappings).
+    /// Runs after the second (pins spanning several mappings).
     rest: Vec<Segment>,
     /// Storage keys at pin time, one per page in order; empty when all are 0.
     keys: Vec<u8>,
@@ -135,15 +147,66 @@ impl PinnedPages {
     /// pinned for write). Pages of a run are contiguous in both spaces.
     pub(crate) fn runs(&self) -> impl Iterator<Item = (u64, u64, u64, bool)> + '_ {
         std::iter::once(&self.head)
+            .chain(&self.second)
             .chain(self.rest())
-            .map(|s| (s.iova, s.host, s.n, s.write))
+            .map(|s| (s.iova, s.host, s.n(), s.write))
     }
 
-    /// The first run (see [`PinnedPages::runs`]) and whether it is the only one.
+    /// The first two runs (see [`PinnedPages::runs`]) when there are no more.
+    #[cfg(test)]
+    fn two_runs(&self) -> Option<(Run, Option<Run>)> {
+        if !self.rest().is_empty() {
+            return None;
+        }
+        let run = |s: &Segment| (s.iova, s.host, s.n(), s.write);
+        Some((run(&self.head), self.second.as_ref().map(run)))
+    }
+
+    /// The page holding the process address `host` as (IOVA, process address, writable,
+    /// key) of the page: `Some(None)` when no page of the pin holds it, `None` when the pin
+    /// has more than two runs (the caller scans [`PinnedPages::runs`] then).
     #[inline]
-    pub(crate) fn first_run(&self) -> ((u64, u64, u64, bool), bool) {
+    pub(crate) fn page_at(&self, host: u64) -> Option<Option<(u64, u64, bool, u8)>> {
+        let extra = self.extra.get();
+        if extra.is_some_and(|e| !e.rest.is_empty()) {
+            return None;
+        }
+        let key = |i: u64| extra.map_or(0, |e| e.keys.get(i as usize).copied().unwrap_or(0));
         let s = &self.head;
-        ((s.iova, s.host, s.n, s.write), self.rest().is_empty())
+        let off = host.wrapping_sub(s.host);
+        if off < s.n() * PAGE_SIZE {
+            let k = off / PAGE_SIZE;
+            let p = (
+                s.iova + k * PAGE_SIZE,
+                s.host + k * PAGE_SIZE,
+                s.write,
+                key(k),
+            );
+            return Some(Some(p));
+        }
+        if let Some(t) = &self.second {
+            let off = host.wrapping_sub(t.host);
+            if off < t.n() * PAGE_SIZE {
+                let k = off / PAGE_SIZE;
+                let p = (
+                    t.iova + k * PAGE_SIZE,
+                    t.host + k * PAGE_SIZE,
+                    t.write,
+                    key(s.n() + k),
+                );
+                return Some(Some(p));
+            }
+        }
+        Some(None)
+    }
+
+    /// Appends a run pinned after the others.
+    fn push_segment(&mut self, seg: Segment) {
+        if self.second.is_none() {
+            self.second = Some(seg);
+        } else {
+            self.with_extra(|e| e.rest.push(seg));
+        }
     }
 
     /// The storage key at pin time of the `i`-th page (in IOVA order).
@@ -167,9 +230,16 @@ impl PinnedPages {
     }
 }
 
+/// A pinned run: (IOVA of the first page, its process address, pages, pinned for write).
+#[cfg(test)]
+type Run = (u64, u64, u64, bool);
+
 impl Drop for PinnedPages {
     fn drop(&mut self) {
         self.head.release();
+        if let Some(s) = &self.second {
+            s.release();
+        }
         for s in self.rest() {
             s.release();
         }
@@ -192,13 +262,28 @@ impl IommuStore {
     /// process address is invalidated (FLAG_VADDR): EBUSY. On error nothing stays pinned.
     pub fn pin(&self, iova: u64, npages: usize, perm: Perm) -> Result<PinnedPages, StoreError> {
         check_pin_args(iova, npages, perm)?;
-        match try_pin(&self.snapshot(), iova, npages as u64, perm) {
+        self.pin_runs_checked(&[(iova, npages as u64, perm)])
+    }
+
+    /// Pins several runs (first page, pages, permission) into one [`PinnedPages`], all or
+    /// nothing, each run as [`IommuStore::pin`] would pin it (the same checks and errors).
+    /// The runs must be ascending and disjoint for the pages to be listed in IOVA order.
+    pub(crate) fn pin_runs(&self, runs: &[(u64, u64, Perm)]) -> Result<PinnedPages, StoreError> {
+        for &(iova, n, perm) in runs {
+            check_pin_args(iova, n as usize, perm)?;
+        }
+        self.pin_runs_checked(runs)
+    }
+
+    /// [`IommuStore::pin_runs`] with the arguments checked.
+    fn pin_runs_checked(&self, runs: &[(u64, u64, Perm)]) -> Result<PinnedPages, StoreError> {
+        match try_pin_runs(&self.snapshot(), runs) {
             Ok(p) => Ok(p),
             Err(Fail::Err(e)) => Err(e),
             Err(Fail::Retry(at)) => {
                 // One more attempt on a fresh snapshot: a VADDR update may have landed.
                 self.ensure_fresh();
-                match try_pin(&self.snapshot(), iova, npages as u64, perm) {
+                match try_pin_runs(&self.snapshot(), runs) {
                     Ok(p) => Ok(p),
                     Err(Fail::Err(e)) => Err(e),
                     Err(Fail::Retry(_)) => Err(StoreError::VaddrInvalid(at)),
@@ -231,11 +316,46 @@ pub(super) fn try_pin(
     npages: u64,
     perm: Perm,
 ) -> Result<PinnedPages, Fail> {
-    let inc = PIN_ONE + if perm.write { PIN_WRITE } else { 0 };
-    // Built at the first run, so a failure before it holds nothing.
+    try_pin_runs(snap, &[(iova, npages, perm)])
+}
+
+/// One attempt at pinning several runs (each's arguments already checked) into one
+/// [`PinnedPages`], all or nothing: the pages of each run in order, as if each were pinned
+/// by its own call. The runs must be ascending and disjoint for the pages to be listed in
+/// IOVA order.
+pub(super) fn try_pin_runs(
+    snap: &Snapshot,
+    runs: &[(u64, u64, Perm)],
+) -> Result<PinnedPages, Fail> {
+    // Built at the first run, so a failure before it holds nothing (and a later failure
+    // releases what it holds when dropped).
     let mut out: Option<PinnedPages> = None;
     let mut keys_out: Vec<u8> = Vec::new();
-    let mut len = 0usize;
+    for &(iova, npages, perm) in runs {
+        pin_into(snap, &mut out, &mut keys_out, iova, npages, perm)?;
+    }
+    // Every run has at least one page, so a run was pinned (every failure returned above).
+    let mut out = out.ok_or(Fail::Err(StoreError::Invalid(
+        "pin count must be 1..=512 pages",
+    )))?;
+    if !keys_out.is_empty() {
+        out.with_extra(|e| e.keys = keys_out);
+    }
+    Ok(out)
+}
+
+/// Pins `npages` pages from `iova` for `perm`, appending their runs to `out` and their
+/// storage keys (once any is recorded) to `keys_out`.
+fn pin_into(
+    snap: &Snapshot,
+    out: &mut Option<PinnedPages>,
+    keys_out: &mut Vec<u8>,
+    iova: u64,
+    npages: u64,
+    perm: Perm,
+) -> Result<(), Fail> {
+    let inc = PIN_ONE + if perm.write { PIN_WRITE } else { 0 };
+    let mut len = out.as_ref().map_or(0, |p| p.len);
     let mut cur = iova;
     let mut left = npages;
     while left > 0 {
@@ -262,9 +382,9 @@ pub(super) fn try_pin(
         let base = b.host_base();
         let mut taken = 0u64;
         let mut overflow = false;
-        // Pages of this call pinned before this mapping.
+        // Pages pinned before this mapping.
         let before = len;
-        let keys_out = &mut keys_out;
+        let keys_out = &mut *keys_out;
         // One leaf of pin counts (and of storage keys) at a time.
         let mut per_leaf = |idx0: u64, counts: &[AtomicU64]| {
             if overflow {
@@ -304,25 +424,26 @@ pub(super) fn try_pin(
             }
             let seg = Segment {
                 region: Arc::clone(b),
-                first,
-                n: taken,
+                // (taken <= npages <= 512.)
+                n: taken as u32,
                 write: perm.write,
                 iova: sh.iova + first * PAGE_SIZE,
                 host: base + first * PAGE_SIZE,
             };
-            match &mut out {
+            len += taken as usize;
+            match out {
                 None => {
-                    out = Some(PinnedPages {
+                    *out = Some(PinnedPages {
                         head: seg,
-                        len: 0,
+                        second: None,
+                        len,
                         extra: OnceLock::new(),
                     })
                 }
-                Some(p) => p.with_extra(|e| e.rest.push(seg)),
-            }
-            len += taken as usize;
-            if let Some(p) = &mut out {
-                p.len = len;
+                Some(p) => {
+                    p.push_segment(seg);
+                    p.len = len;
+                }
             }
         }
         if taken < n {
@@ -335,14 +456,7 @@ pub(super) fn try_pin(
         // Wraps only when the last page is at the top of the space, and then left == 0.
         cur = cur.wrapping_add(n * PAGE_SIZE);
     }
-    // npages >= 1, so a run was pinned (every failure returned above).
-    let mut out = out.ok_or(Fail::Err(StoreError::Invalid(
-        "pin count must be 1..=512 pages",
-    )))?;
-    if !keys_out.is_empty() {
-        out.with_extra(|e| e.keys = keys_out);
-    }
-    Ok(out)
+    Ok(())
 }
 
 #[cfg(test)]
@@ -386,6 +500,65 @@ mod tests {
         assert_eq!((p.key(0), p.key(2), p.key(3)), (0, 0x30, 0));
         assert_eq!(store.stats().pinned_pages, 3);
         drop(p);
+        assert_eq!(store.stats().pinned_pages, 0);
+    }
+
+    /// Several runs pinned in one call: the pages of each in order (two runs inline, more
+    /// boxed), keys indexed across runs, one release each on drop; a failing run leaves
+    /// nothing pinned and reports what a plain pin of it reports.
+    #[test]
+    fn pin_runs_is_each_run_pinned_in_order_all_or_nothing() {
+        let store = IommuStore::new(StoreConfig::default());
+        store
+            .map_dma(0x10000, 0x4000, Perm::READ_WRITE, Backing::Anonymous)
+            .unwrap();
+        store
+            .map_dma(0x20000, 0x1000, Perm::READ, Backing::Anonymous)
+            .unwrap();
+        store.set_storage_key(0x13000, 0x40).unwrap();
+        let runs = [
+            (0x10000, 1, Perm::READ),
+            (0x12000, 2, Perm::WRITE),
+            (0x20000, 1, Perm::READ),
+        ];
+        let p = store.pin_runs(&runs).unwrap();
+        assert_eq!(p.len(), 4);
+        assert!(p.two_runs().is_none());
+        let got: Vec<_> = p.runs().map(|(iova, _, n, w)| (iova, n, w)).collect();
+        assert_eq!(
+            got,
+            [(0x10000, 1, false), (0x12000, 2, true), (0x20000, 1, false)]
+        );
+        let keys: Vec<_> = p.pages().iter().map(|q| q.storage_key).collect();
+        assert_eq!(keys, [0, 0, 0x40, 0]);
+        assert_eq!(store.stats().pinned_pages, 4);
+        drop(p);
+        assert_eq!(store.stats().pinned_pages, 0);
+
+        // Two runs: both inline.
+        let p = store.pin_runs(&runs[..2]).unwrap();
+        let (a, b) = p.two_runs().unwrap();
+        assert_eq!((a.0, a.2, a.3), (0x10000, 1, false));
+        assert_eq!(b.map(|b| (b.0, b.2, b.3)), Some((0x12000, 2, true)));
+        drop(p);
+
+        // The last run lacks permission: nothing stays pinned, the plain pin's error.
+        let bad = [(0x10000, 2, Perm::READ), (0x20000, 1, Perm::WRITE)];
+        assert_eq!(
+            store.pin_runs(&bad).unwrap_err(),
+            store.pin(0x20000, 1, Perm::WRITE).unwrap_err()
+        );
+        assert_eq!(store.stats().pinned_pages, 0);
+        // Argument checks per run, as a plain pin's.
+        assert_eq!(
+            store
+                .pin_runs(&[(0x10000, 1, Perm::READ), (0x12000, 0, Perm::READ)])
+                .unwrap_err(),
+            store.pin(0x12000, 0, Perm::READ).unwrap_err()
+        );
+        let v = store.view();
+        assert_eq!(v.pin_runs(&runs).unwrap().len(), 4);
+        assert!(v.pin_runs(&bad).is_err());
         assert_eq!(store.stats().pinned_pages, 0);
     }
 }

@@ -35,7 +35,8 @@ impl Default for StoreConfig {
 
 /// Device access permissions of a mapping or a pin (type1 `VFIO_DMA_MAP_FLAG_READ/WRITE`,
 /// from the device's point of view: READ = the device fetches, WRITE = the device stores).
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+/// `Default` is no permission (what [`Perm::is_empty`] reports), which no pin accepts.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
 pub struct Perm {
     /// The device may read (fetch from) the memory.
     pub read: bool,
