@@ -752,7 +752,7 @@ fn split_medians(runs: &[Split]) -> (f64, String) {
 
 /// `vccw mdev bench --uuid UUID --count N`: the basic program N times through each of four
 /// paths, **interleaved** on one open mdev (so every path sees the same host load), with the
-/// median of each and of each part of the round trip ([`Split`]):
+/// median of each and of each part of the round trip (see `Split`):
 ///
 /// * `vccw`: vccw's device, store and translator, direct CCWs on, the caller told of the
 ///   interrupt through an in-process [`IrqLatch`];
