@@ -539,9 +539,12 @@ fn reader_loop<B: VfioUserBackend + ?Sized>(
 ) -> Result<(), ServerError> {
     let _ = conn.reader.set(std::thread::current().id());
     let mut rd = MessageReader::new();
+    let mut backoff = PollBackoff::default();
     let r = loop {
         // The busy poll reads what arrives straight into the reader (no separate `poll`).
-        rd.poll(stream, conn.config.poll);
+        if backoff.should_poll() {
+            backoff.record(rd.poll(stream, conn.config.poll));
+        }
         let item = match rd.recv(stream, limits) {
             Ok(None) => break Ok(()),
             Ok(Some(msg)) if msg.header.is_reply() => {
@@ -583,6 +586,42 @@ fn reader_loop<B: VfioUserBackend + ?Sized>(
         d.close();
     }
     r
+}
+
+/// Adaptive back-off of the busy poll: a client that does not send its next request within
+/// the window (an idle or slow one) would only burn the window's CPU after every message, so
+/// after [`PollBackoff::FRUITLESS`] fruitless windows in a row the reader sleeps at once for
+/// the next [`PollBackoff::SKIP`] messages, then tries again (as the emulated channel thread's
+/// spin backs off).
+#[derive(Debug, Default)]
+struct PollBackoff {
+    fruitless: u32,
+    skip: u32,
+}
+
+impl PollBackoff {
+    const FRUITLESS: u32 = 4;
+    const SKIP: u32 = 64;
+
+    fn should_poll(&mut self) -> bool {
+        if self.skip > 0 {
+            self.skip -= 1;
+            return false;
+        }
+        true
+    }
+
+    fn record(&mut self, found: bool) {
+        if found {
+            self.fruitless = 0;
+        } else {
+            self.fruitless += 1;
+            if self.fruitless >= Self::FRUITLESS {
+                self.fruitless = 0;
+                self.skip = Self::SKIP;
+            }
+        }
+    }
 }
 
 impl<B: VfioUserBackend + ?Sized> Conn<'_, B> {
@@ -989,6 +1028,30 @@ impl<B: VfioUserBackend + ?Sized> Conn<'_, B> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn busy_poll_backs_off_after_fruitless_windows() {
+        let mut b = PollBackoff::default();
+        // Found windows never back off; a fruitless run shorter than FRUITLESS is forgiven.
+        for _ in 0..100 {
+            assert!(b.should_poll());
+            b.record(true);
+        }
+        for _ in 0..PollBackoff::FRUITLESS - 1 {
+            assert!(b.should_poll());
+            b.record(false);
+        }
+        b.record(true);
+        for _ in 0..PollBackoff::FRUITLESS {
+            assert!(b.should_poll());
+            b.record(false);
+        }
+        // Then SKIP messages without a poll, then polling again.
+        for _ in 0..PollBackoff::SKIP {
+            assert!(!b.should_poll());
+        }
+        assert!(b.should_poll());
+    }
     use std::time::Instant;
 
     /// The busy poll returns as soon as data arrives (keeping it, with its fds, for the next
@@ -999,7 +1062,7 @@ mod tests {
         let (a, b) = UnixStream::pair().unwrap();
         let mut rd = MessageReader::new();
         let t0 = Instant::now();
-        rd.poll(&a, Duration::from_millis(2));
+        assert!(!rd.poll(&a, Duration::from_millis(2)), "fruitless");
         assert!(t0.elapsed() >= Duration::from_millis(2));
         assert_eq!(rd.buffered(), 0);
         let f = nix::sys::memfd::memfd_create("polled", nix::sys::memfd::MFdFlags::MFD_CLOEXEC)
@@ -1013,7 +1076,7 @@ mod tests {
         };
         send_message(&b, &h, b"abc", &[f.as_fd()]).unwrap();
         let t0 = Instant::now();
-        rd.poll(&a, Duration::from_secs(60));
+        assert!(rd.poll(&a, Duration::from_secs(60)));
         assert!(
             t0.elapsed() < Duration::from_secs(30),
             "did not see the data"
@@ -1028,7 +1091,7 @@ mod tests {
         );
         drop(b);
         let t0 = Instant::now();
-        rd.poll(&a, Duration::from_secs(60));
+        assert!(rd.poll(&a, Duration::from_secs(60)));
         assert!(
             t0.elapsed() < Duration::from_secs(30),
             "did not see the hang-up"

@@ -330,9 +330,11 @@ impl MessageReader {
     /// something was read, at EOF or on an error (the next [`MessageReader::recv`] reports
     /// both), or when `budget` has passed. Fds read here are kept with their stream offsets
     /// as in `recv`.
-    pub fn poll(&mut self, stream: &UnixStream, budget: std::time::Duration) {
+    ///
+    /// Returns false when the budget ran out with nothing received (a fruitless poll).
+    pub fn poll(&mut self, stream: &UnixStream, budget: std::time::Duration) -> bool {
         if self.buffered() != 0 || budget.is_zero() {
-            return;
+            return true;
         }
         let fd = stream.as_raw_fd();
         let mut t0 = None;
@@ -340,12 +342,12 @@ impl MessageReader {
             match self.fill_with(fd, MsgFlags::MSG_DONTWAIT) {
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
                 // Data; or EOF/an error, which the blocking read meets again and reports.
-                _ => return,
+                _ => return true,
             }
             // The clock only once the first try found nothing.
             let t = *t0.get_or_insert_with(std::time::Instant::now);
             if t.elapsed() >= budget {
-                return;
+                return false;
             }
             std::hint::spin_loop();
         }
