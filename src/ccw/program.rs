@@ -429,11 +429,11 @@ impl ChannelMemory for HostProgram {
             return Ok(());
         }
         self.check_pages(addr, buf.len(), key, false)?;
+        // The usual small sizes (control data) are fixed-size copies: no call.
         let (src, dst, n) = (addr as *const u8, buf.as_mut_ptr(), buf.len());
         // SAFETY: check_pages proved every byte of [addr, addr + len) lies in a page this
         // program holds a pin on; a pin keeps the page's mapping alive until the program is
         // dropped, and `buf` is ordinary memory of ours that cannot overlap a guest page.
-        // (The usual small sizes, control data, as fixed-size copies: no call.)
         unsafe {
             match n {
                 8 => std::ptr::copy_nonoverlapping(src, dst, 8),
