@@ -677,24 +677,28 @@ impl<B: VfioUserBackend + ?Sized> Conn<'_, B> {
         // for the next message. With fds it takes the general path (which refuses them).
         if header.command == Command::RegionWrite as u16 && msg.fds.is_empty() {
             let result = self.region_write(&msg.payload);
-            if header.no_reply() {
-                if let Err(e) = result {
-                    tracing::debug!(
-                        cmd = header.command,
-                        errno = e,
-                        "vfio-user: no-reply command failed"
-                    );
-                }
-            } else {
-                match result {
-                    Ok(reply) => self.send(&header.reply(reply.len()), &reply)?,
-                    Err(errno) => self.send_error(&header, errno)?,
-                }
-            }
+            self.answer(
+                &header,
+                result.as_ref().map(|r| &r[..]).map_err(|e| *e),
+                &[],
+            )?;
             return Ok(Some(msg.payload));
         }
         let mut fds = Vec::new();
         let result = self.handle(msg, &mut fds);
+        let fds: Vec<BorrowedFd<'_>> = fds.iter().map(|f| f.as_fd()).collect();
+        self.answer(&header, result.as_deref().map_err(|e| *e), &fds)?;
+        Ok(None)
+    }
+
+    /// Answers the command `header` with `result` (its payload and `fds`, or an error reply
+    /// with the errno), unless the client asked for no reply: then a failure is only logged.
+    fn answer(
+        &self,
+        header: &Header,
+        result: Result<&[u8], i32>,
+        fds: &[BorrowedFd<'_>],
+    ) -> Result<(), ServerError> {
         if header.no_reply() {
             if let Err(e) = result {
                 tracing::debug!(
@@ -703,20 +707,19 @@ impl<B: VfioUserBackend + ?Sized> Conn<'_, B> {
                     "vfio-user: no-reply command failed"
                 );
             }
-            return Ok(None);
+            return Ok(());
         }
         match result {
             Ok(payload) => {
-                let fds: Vec<BorrowedFd<'_>> = fds.iter().map(|f| f.as_fd()).collect();
                 send_message(
                     &lock(&self.writer),
                     &header.reply(payload.len()),
-                    &payload,
-                    &fds,
+                    payload,
+                    fds,
                 )?;
-                Ok(None)
+                Ok(())
             }
-            Err(errno) => self.send_error(&header, errno).map(|()| None),
+            Err(errno) => self.send_error(header, errno),
         }
     }
 

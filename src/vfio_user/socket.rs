@@ -221,18 +221,30 @@ pub fn recv_message(stream: &UnixStream, limits: RecvLimits) -> Result<Option<Me
         }
         got += n;
     }
-    if fds.len() > limits.max_fds {
-        return Err(RecvError::TooManyFds {
+    Message::checked(header, payload, fds, limits).map(Some)
+}
+
+impl Message {
+    /// The message, unless it carried more fds than `limits` allow (they are closed).
+    fn checked(
+        header: Header,
+        payload: Vec<u8>,
+        fds: Vec<OwnedFd>,
+        limits: RecvLimits,
+    ) -> Result<Message, RecvError> {
+        if fds.len() > limits.max_fds {
+            return Err(RecvError::TooManyFds {
+                header,
+                got: fds.len(),
+                max: limits.max_fds,
+            });
+        }
+        Ok(Message {
             header,
-            got: fds.len(),
-            max: limits.max_fds,
-        });
+            payload,
+            fds,
+        })
     }
-    Ok(Some(Message {
-        header,
-        payload,
-        fds,
-    }))
 }
 
 /// Bytes a [`MessageReader`] asks for per `recvmsg`.
@@ -472,18 +484,7 @@ impl MessageReader {
             self.read_direct(fd, &mut payload[here..])?;
         }
         let fds = self.take_fds(end);
-        if fds.len() > limits.max_fds {
-            return Err(RecvError::TooManyFds {
-                header,
-                got: fds.len(),
-                max: limits.max_fds,
-            });
-        }
-        Ok(Some(Message {
-            header,
-            payload,
-            fds,
-        }))
+        Message::checked(header, payload, fds, limits).map(Some)
     }
 }
 
