@@ -13,13 +13,11 @@
 use std::collections::{BTreeSet, VecDeque};
 use std::fmt::Write as _;
 use std::io::Write;
-use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
-use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::eventfd::{EfdFlags, EventFd};
 use thiserror::Error;
 
@@ -33,8 +31,8 @@ use crate::driver::regions::{
     IO_SCSW_OFFSET, VFIO_CCW_ASYNC_CMD_CSCH, VFIO_CCW_ASYNC_CMD_HSCH,
 };
 use crate::driver::{
-    DeviceConfig, DeviceError, IrqIndex, IrqLatch, IrqNotify, IrqSet, State, VfioCcwDevice,
-    ASYNC_REGION_INDEX, IO_REGION_INDEX,
+    wait_eventfd, DeviceConfig, DeviceError, EventfdWaitError, IrqIndex, IrqLatch, IrqNotify,
+    IrqSet, State, VfioCcwDevice, ASYNC_REGION_INDEX, IO_REGION_INDEX,
 };
 use crate::image::awstape::{AwsTape, OpenMode};
 use crate::image::ckd::CkdOpenOptions;
@@ -221,32 +219,10 @@ impl Stack {
                 }
             };
         }
-        // Inline execution signals before START returns: try once before reading the clock.
-        let mut deadline = None;
-        loop {
-            match self.io.read() {
-                Ok(n) => return Ok(n),
-                Err(Errno::EAGAIN) => {}
-                Err(Errno::EINTR) => continue,
-                Err(e) => return Err(RunError::Eventfd(e)),
-            }
-            let now = Instant::now();
-            let deadline = *deadline.get_or_insert(now + timeout);
-            if now >= deadline {
-                return Err(RunError::Timeout(timeout));
-            }
-            match how {
-                Wait::Spin => std::hint::spin_loop(),
-                Wait::Block => {
-                    let t = PollTimeout::try_from(deadline - now).unwrap_or(PollTimeout::MAX);
-                    let mut fds = [PollFd::new(self.io.as_fd(), PollFlags::POLLIN)];
-                    match poll(&mut fds, t) {
-                        Ok(_) | Err(Errno::EINTR) => {}
-                        Err(e) => return Err(RunError::Eventfd(e)),
-                    }
-                }
-            }
-        }
+        wait_eventfd(&self.io, timeout, how == Wait::Spin).map_err(|e| match e {
+            EventfdWaitError::TimedOut => RunError::Timeout(timeout),
+            EventfdWaitError::Sys(e) => RunError::Eventfd(e),
+        })
     }
 
     /// Whether the IO eventfd (or the latch) is signalled now (reads and resets it).

@@ -27,7 +27,6 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::eventfd::{EfdFlags, EventFd};
 use thiserror::Error;
 use vfio_bindings::bindings::vfio::VFIO_IRQ_SET_ACTION_TRIGGER;
@@ -458,32 +457,12 @@ impl CcwClient {
 }
 
 fn wait_eventfd(fd: &EventFd, timeout: Duration, mode: WaitMode) -> Result<(), CcwClientError> {
-    // The clock only if the first read finds nothing (a program that ran inline has
-    // signalled before its start was answered).
-    let mut deadline = None;
-    loop {
-        match fd.read() {
-            Ok(_) => return Ok(()),
-            Err(nix::errno::Errno::EAGAIN) | Err(nix::errno::Errno::EINTR) => {}
-            Err(e) => return Err(e.into()),
-        }
-        let d = *deadline.get_or_insert_with(|| Instant::now() + timeout);
-        let left = d.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(CcwClientError::Timeout(timeout));
-        }
-        match mode {
-            WaitMode::Spin => std::hint::spin_loop(),
-            WaitMode::Block => {
-                let ms = u16::try_from(left.as_millis().max(1)).unwrap_or(u16::MAX);
-                let mut p = [PollFd::new(fd.as_fd(), PollFlags::POLLIN)];
-                match poll(&mut p, PollTimeout::from(ms)) {
-                    Ok(_) | Err(nix::errno::Errno::EINTR) => {}
-                    Err(e) => return Err(e.into()),
-                }
-            }
-        }
-    }
+    crate::driver::wait_eventfd(fd, timeout, mode == WaitMode::Spin)
+        .map(|_| ())
+        .map_err(|e| match e {
+            crate::driver::EventfdWaitError::TimedOut => CcwClientError::Timeout(timeout),
+            crate::driver::EventfdWaitError::Sys(e) => e.into(),
+        })
 }
 
 #[cfg(test)]

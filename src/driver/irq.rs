@@ -18,6 +18,8 @@ use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 use nix::fcntl::{fcntl, FcntlArg, OFlag};
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::eventfd::EventFd;
 
 use super::device::DeviceError;
 pub use vfio_bindings::bindings::vfio::{
@@ -188,6 +190,46 @@ impl std::fmt::Debug for Trigger {
         match self {
             Trigger::Eventfd(fd) => write!(f, "Eventfd({})", fd.as_raw_fd()),
             Trigger::Notify(_) => f.write_str("Notify"),
+        }
+    }
+}
+
+/// Why [`wait_eventfd`] gave up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventfdWaitError {
+    /// No signal within the timeout.
+    TimedOut,
+    /// `read` or `poll` failed with this errno.
+    Sys(Errno),
+}
+
+/// Takes every pending signal of the non-blocking eventfd `fd` (their count), waiting up to
+/// `timeout` for one: sleeping in `poll`, or with `spin` reading again and again. The read
+/// comes first and the clock is read only if it finds nothing, so an interrupt presented
+/// before the wait (a program run inline in START) costs one system call. What the clients
+/// of an IO or CRW eventfd share (`runner::Stack`, `client::CcwClient`, the mdev probe).
+pub fn wait_eventfd(fd: &EventFd, timeout: Duration, spin: bool) -> Result<u64, EventfdWaitError> {
+    let mut deadline = None;
+    loop {
+        match fd.read() {
+            Ok(n) => return Ok(n),
+            Err(Errno::EAGAIN) | Err(Errno::EINTR) => {}
+            Err(e) => return Err(EventfdWaitError::Sys(e)),
+        }
+        let now = Instant::now();
+        let deadline = *deadline.get_or_insert(now + timeout);
+        if now >= deadline {
+            return Err(EventfdWaitError::TimedOut);
+        }
+        if spin {
+            std::hint::spin_loop();
+            continue;
+        }
+        let t = PollTimeout::try_from(deadline - now).unwrap_or(PollTimeout::MAX);
+        let mut fds = [PollFd::new(fd.as_fd(), PollFlags::POLLIN)];
+        match poll(&mut fds, t) {
+            Ok(_) | Err(Errno::EINTR) => {}
+            Err(e) => return Err(EventfdWaitError::Sys(e)),
         }
     }
 }
@@ -393,6 +435,25 @@ mod tests {
         t.set_notify(IrqIndex::Io, None);
         assert!(!t.is_set(IrqIndex::Io));
         assert!(!t.signal(IrqIndex::Io));
+    }
+
+    #[test]
+    fn wait_eventfd_reads_first_then_waits_or_times_out() {
+        let (e, d) = efd();
+        let w = |spin| wait_eventfd(&e, Duration::from_millis(5), spin);
+        assert_eq!(w(false), Err(EventfdWaitError::TimedOut));
+        assert_eq!(w(true), Err(EventfdWaitError::TimedOut));
+        nix::unistd::write(&d, &2u64.to_ne_bytes()).unwrap();
+        assert_eq!(w(false), Ok(2));
+        nix::unistd::write(&d, &1u64.to_ne_bytes()).unwrap();
+        assert_eq!(w(true), Ok(1));
+        // A signal that comes while the waiter sleeps in poll.
+        let t = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(20));
+            nix::unistd::write(&d, &1u64.to_ne_bytes()).unwrap();
+        });
+        assert_eq!(wait_eventfd(&e, Duration::from_secs(10), false), Ok(1));
+        t.join().unwrap();
     }
 
     #[test]

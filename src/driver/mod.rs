@@ -20,5 +20,7 @@ pub use device::{
     SCHIB_REGION_INDEX,
 };
 pub use fsm::State;
-pub use irq::{IrqIndex, IrqLatch, IrqNotify, IrqSet, IrqSetData, IrqTriggers};
+pub use irq::{
+    wait_eventfd, EventfdWaitError, IrqIndex, IrqLatch, IrqNotify, IrqSet, IrqSetData, IrqTriggers,
+};
 pub use subchannel::{Subchannel, SubchannelEvents};

@@ -15,7 +15,6 @@ use std::os::fd::AsFd;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
-use nix::poll::{PollFd, PollFlags, PollTimeout};
 use nix::sys::eventfd::{EfdFlags, EventFd};
 use thiserror::Error;
 
@@ -261,26 +260,14 @@ pub fn guest_store() -> Result<IommuStore, StoreError> {
     Ok(store)
 }
 
-/// Consumes one signal of the non-blocking `efd`, waiting up to `timeout` for it. The
-/// read comes first: when the device signalled before its region write returned (the usual
-/// case here), that is the only system call.
+/// Consumes the signals of the non-blocking `efd`, waiting up to `timeout` for one.
 fn wait_fd(efd: &EventFd, timeout: Duration) -> Result<(), ProbeError> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        match efd.read() {
-            Ok(_) => return Ok(()),
-            Err(nix::errno::Errno::EAGAIN | nix::errno::Errno::EINTR) => {}
-            Err(e) => return Err(e.into()),
-        }
-        let left = deadline.saturating_duration_since(Instant::now());
-        let ms = u16::try_from(left.as_millis()).unwrap_or(u16::MAX);
-        let mut fds = [PollFd::new(efd.as_fd(), PollFlags::POLLIN)];
-        match nix::poll::poll(&mut fds, PollTimeout::from(ms)) {
-            Ok(0) if left.is_zero() => return Err(ProbeError::Timeout(timeout)),
-            Ok(_) | Err(nix::errno::Errno::EINTR) => continue,
-            Err(e) => return Err(e.into()),
-        }
-    }
+    crate::driver::wait_eventfd(efd, timeout, false)
+        .map(|_| ())
+        .map_err(|e| match e {
+            crate::driver::EventfdWaitError::TimedOut => ProbeError::Timeout(timeout),
+            crate::driver::EventfdWaitError::Sys(e) => ProbeError::Sys(e),
+        })
 }
 
 /// Drives a [`VfioCcwDevice`] as a client does: region writes, IO eventfd, IRB reads.
