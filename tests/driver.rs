@@ -51,6 +51,9 @@ struct Fake {
     /// How long start() takes (to hold the device busy).
     start_delay_ms: AtomicUsize,
     pim: AtomicU8,
+    /// Present this many interrupts inside start() itself, on the caller's thread (a
+    /// program run inline): PCI intermediate ones, then the final one.
+    inline_irbs: AtomicU8,
 }
 
 impl Fake {
@@ -134,6 +137,36 @@ impl Subchannel for Fake {
         let cc = self.start_cc.load(Ordering::SeqCst);
         if cc != 0 {
             return cc;
+        }
+        let inline = self.inline_irbs.load(Ordering::SeqCst);
+        if inline > 0 {
+            let cpa = program.orb().cpa + 8;
+            drop(program);
+            for i in 1..=inline {
+                let last = i == inline;
+                let scsw = Scsw {
+                    flags: ScswFlags::new()
+                        .with_format1(true)
+                        .with_fctl(fctl::START)
+                        .with_actl(if last { 0 } else { actl::SUBCHANNEL_ACTIVE })
+                        .with_stctl(if last {
+                            stctl::PRIMARY | stctl::SECONDARY | stctl::STATUS_PENDING
+                        } else {
+                            stctl::INTERMEDIATE | stctl::STATUS_PENDING
+                        }),
+                    cpa,
+                    dstat: if last {
+                        dstat::CHANNEL_END | dstat::DEVICE_END
+                    } else {
+                        0
+                    },
+                    // Tells the interrupts apart.
+                    count: i as u16,
+                    cstat: if last { 0 } else { cstat::PCI },
+                };
+                self.deliver(Irb::new(scsw, 0x80));
+            }
+            return 0;
         }
         *self.current.lock().unwrap() = Some(program);
         if self.auto_complete.load(Ordering::SeqCst) {
@@ -551,6 +584,41 @@ fn start_runs_to_completion() {
     assert_eq!(start(&r.dev), Ok(124));
     wait_signal(&r.io);
     wait_state(&r.dev, State::Idle);
+}
+
+#[test]
+fn interrupts_presented_inside_start_are_handled_in_order_before_the_write_returns() {
+    struct Recorder(Mutex<Vec<Irb>>);
+    impl vccw::driver::IoRegionMirror for Recorder {
+        fn update(&self, image: &[u8; 124]) {
+            self.0
+                .lock()
+                .unwrap()
+                .push(CcwIoRegion::from_bytes(image).irb());
+        }
+    }
+    let r = rig();
+    let rec = Arc::new(Recorder(Mutex::new(Vec::new())));
+    r.dev.set_io_mirror(Some(rec.clone()));
+    for n in [1u8, 3] {
+        r.fake.inline_irbs.store(n, Ordering::SeqCst);
+        rec.0.lock().unwrap().clear();
+        assert_eq!(start(&r.dev), Ok(124));
+        // Handled by the time the write returns: final status stored, program freed.
+        assert_eq!(r.dev.state(), State::Idle);
+        assert!(!r.dev.has_program());
+        assert_eq!(pinned(&r.store), 0);
+        assert_eq!(take(&r.io), n as u64);
+        // The request's own image, then one per interrupt in the order presented.
+        let counts: Vec<u16> = rec.0.lock().unwrap()[1..]
+            .iter()
+            .map(|irb| irb.scsw.count)
+            .collect();
+        assert_eq!(counts, (1..=n as u16).collect::<Vec<_>>());
+        let s = io_region(&r.dev).irb().scsw;
+        assert_eq!(s.dstat, dstat::CHANNEL_END | dstat::DEVICE_END);
+        assert_eq!(s.cpa, PROG + 8);
+    }
 }
 
 #[test]

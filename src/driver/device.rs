@@ -21,6 +21,7 @@
 //! Assumption: the store's `pin`/`read` never wait for an unmap in progress (they fail
 //! with Busy instead), since an unmap may be waiting for this device's state lock.
 
+use std::cell::Cell;
 use std::collections::VecDeque;
 use std::ops::{Deref, DerefMut, Range};
 use std::sync::atomic::{fence, AtomicBool, AtomicUsize, Ordering};
@@ -203,6 +204,9 @@ pub(super) struct Inner {
     pub schib: Option<Schib>,
     /// Where I/O region images go (see [`IoRegionMirror`]).
     pub io_mirror: Option<Arc<dyn IoRegionMirror>>,
+    /// The first interrupt the backend presented inside this holder's START (see
+    /// [`Shared::start_backend`]), handled before the event queue.
+    pub inline_irb: Option<Irb>,
 }
 
 pub(super) struct Shared {
@@ -363,6 +367,10 @@ impl Shared {
     }
 
     fn drain(&self, st: &mut Inner) {
+        // Presented before anything its START left in the queue (see `interrupt`).
+        if let Some(irb) = st.inline_irb.take() {
+            self.handle(st, Pending::Irb(irb));
+        }
         while let Some(ev) = self.pop() {
             self.handle(st, ev);
         }
@@ -386,8 +394,56 @@ impl Shared {
     }
 }
 
+thread_local! {
+    /// The device this thread is in [`Subchannel::start`] for (see
+    /// [`Shared::start_backend`]); null otherwise.
+    static STARTING: Cell<*const Shared> = const { Cell::new(std::ptr::null()) };
+    /// The first interrupt that device's backend presented on this thread inside `start`.
+    static INLINE_IRB: Cell<Option<Irb>> = const { Cell::new(None) };
+}
+
+impl Shared {
+    /// [`Subchannel::start`], keeping aside the first interrupt the backend presents on this
+    /// thread before it returns (a program run inline, as the emulated channel runs short
+    /// ones). This thread holds the state lock and handles it when it unlocks, so the
+    /// interrupt needs no queue, no queue lock and no fence; a later one (a second interrupt
+    /// of the same START, or any from another thread) goes through the queue, handled after it.
+    pub(super) fn start_backend(&self, st: &mut Inner, program: Arc<HostProgram>) -> u8 {
+        /// Clears `STARTING` even if `start` unwinds.
+        struct Done;
+        impl Drop for Done {
+            fn drop(&mut self) {
+                STARTING.with(|s| s.set(std::ptr::null()));
+            }
+        }
+        STARTING.with(|s| s.set(self));
+        let done = Done;
+        let cc = self.backend.start(program);
+        drop(done);
+        if let Some(irb) = INLINE_IRB.with(Cell::take) {
+            st.inline_irb = Some(irb);
+        }
+        cc
+    }
+}
+
 impl SubchannelEvents for Shared {
     fn interrupt(&self, irb: Irb) {
+        if STARTING.with(|s| std::ptr::eq(s.get(), self)) {
+            let kept = INLINE_IRB.with(|slot| match slot.take() {
+                None => {
+                    slot.set(Some(irb));
+                    true
+                }
+                first => {
+                    slot.set(first);
+                    false
+                }
+            });
+            if kept {
+                return;
+            }
+        }
         self.push(Pending::Irb(irb));
     }
 
@@ -513,6 +569,7 @@ impl VfioCcwDevice {
                 lpm: 0,
                 schib: None,
                 io_mirror: None,
+                inline_irb: None,
             }),
             queue: Mutex::new(EventQueue::default()),
             queue_cv: Condvar::new(),

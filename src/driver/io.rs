@@ -149,7 +149,7 @@ impl Shared {
         let host_lpm = program.orb().ctl.lpm();
         st.last_mapper = Some(program.scsw_mapper());
         st.program = Some(Arc::clone(&program));
-        let cc = self.backend.start(program);
+        let cc = self.start_backend(st, program);
         match cc {
             0 => {
                 st.state = State::CpPending;
