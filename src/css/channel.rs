@@ -261,6 +261,37 @@ fn store_reversed(
     mem.write(lo, &rev, key)
 }
 
+/// The storage of one step: the channel's memory, with its program image (if it has one)
+/// at hand, so CCW, IDAW and MIDAW fetches from the program cost no call.
+struct Storage<'a> {
+    mem: &'a dyn ChannelMemory,
+    base: u64,
+    image: &'a [u8],
+}
+
+impl<'a> Storage<'a> {
+    fn new(mem: &'a dyn ChannelMemory) -> Self {
+        let (base, image) = mem.program_image().unwrap_or((0, &[]));
+        Storage { mem, base, image }
+    }
+
+    /// Fetches `N` (a CCW, IDAW or MIDAW) bytes at `addr`: from the image when they lie in
+    /// it (what `read` would return), else through `read`.
+    #[inline]
+    fn fetch<const N: usize>(&self, addr: u64, key: u8) -> Result<[u8; N], AccessFault> {
+        let off = addr.wrapping_sub(self.base);
+        if off < self.image.len() as u64 && self.image.len() as u64 - off >= N as u64 {
+            let off = off as usize;
+            if let Ok(b) = <[u8; N]>::try_from(&self.image[off..off + N]) {
+                return Ok(b);
+            }
+        }
+        let mut b = [0u8; N];
+        self.mem.read(addr, &mut b, key)?;
+        Ok(b)
+    }
+}
+
 fn fault_status(f: AccessFault) -> u8 {
     match f {
         AccessFault::Addressing(_) => cstat::PROGRAM_CHECK,
@@ -304,6 +335,8 @@ struct Core {
     state: State,
     trace: bool,
     transfers: Vec<Transfer>,
+    /// Data bytes the device transferred so far (for the inline time budget).
+    moved: u64,
 }
 
 impl ChannelRun {
@@ -348,6 +381,11 @@ impl ChannelRun {
     /// The data transfers recorded while tracing was on, in order.
     pub fn transfers(&self) -> &[Transfer] {
         &self.core.transfers
+    }
+
+    /// Data bytes the device transferred since the program started (either direction).
+    pub(crate) fn bytes_moved(&self) -> u64 {
+        self.core.moved
     }
 
     /// Runs the program up to the end of one command (with its data-chained CCWs).
@@ -420,6 +458,7 @@ impl Core {
             state: State::Running,
             trace: false,
             transfers: Vec::new(),
+            moved: 0,
         }
     }
 
@@ -440,6 +479,7 @@ impl Core {
             state,
             trace,
             transfers,
+            moved,
         } = self;
         *o = *orb;
         *idaw = IdawFormat::from_orb(orb.ctl.format2_idaw(), orb.ctl.idaw_2k());
@@ -454,6 +494,7 @@ impl Core {
         *state = State::Running;
         *trace = false;
         transfers.clear();
+        *moved = 0;
     }
 
     fn fmt1(&self) -> bool {
@@ -551,12 +592,12 @@ impl Core {
     }
 
     /// Fetches the CCW at `at` (alignment and addressing limit checked).
-    fn fetch_ccw(&self, mem: &dyn ChannelMemory, at: u32) -> Result<Ccw1, u8> {
+    fn fetch_ccw(&self, mem: &Storage<'_>, at: u32) -> Result<Ccw1, u8> {
         if at & 7 != 0 || at as u64 > self.limit() {
             return Err(cstat::PROGRAM_CHECK);
         }
-        let mut b = [0u8; 8];
-        mem.read(at as u64, &mut b, self.key())
+        let b = mem
+            .fetch::<8>(at as u64, self.key())
             .map_err(fault_status)?;
         Ok(if self.fmt1() {
             Ccw1::from_bytes(b)
@@ -566,7 +607,7 @@ impl Core {
     }
 
     /// Fetches the CCW at `at`, following TICs; returns the address of the non-TIC CCW.
-    fn fetch_following(&mut self, mem: &dyn ChannelMemory, at: u32) -> Result<(u32, Ccw1), Check> {
+    fn fetch_following(&mut self, mem: &Storage<'_>, at: u32) -> Result<(u32, Ccw1), Check> {
         let mut at = at;
         let mut tic: Option<u32> = None;
         loop {
@@ -668,7 +709,7 @@ impl Core {
     /// Resolves one CCW's data area into pieces. Pieces before an error stay valid.
     fn resolve(
         &self,
-        mem: &dyn ChannelMemory,
+        mem: &Storage<'_>,
         ccw: &Ccw1,
         kind: CommandKind,
         out: &mut Vec<Piece>,
@@ -726,7 +767,7 @@ impl Core {
 
     fn resolve_ida(
         &self,
-        mem: &dyn ChannelMemory,
+        mem: &Storage<'_>,
         idal: u64,
         count: usize,
         back: bool,
@@ -745,13 +786,9 @@ impl Core {
             // Fixed-size fetches, decoded as `IdawFormat::decode` and checked as
             // `Idaw::is_valid` do (format 1: 31-bit address, bit 0 zero).
             let d = if size == 8 {
-                let mut b = [0u8; 8];
-                mem.read(at, &mut b, key).map_err(fault_status)?;
-                u64::from_be_bytes(b)
+                u64::from_be_bytes(mem.fetch::<8>(at, key).map_err(fault_status)?)
             } else {
-                let mut b = [0u8; 4];
-                mem.read(at, &mut b, key).map_err(fault_status)?;
-                let w = u32::from_be_bytes(b);
+                let w = u32::from_be_bytes(mem.fetch::<4>(at, key).map_err(fault_status)?);
                 if w & 0x8000_0000 != 0 {
                     return Err(cstat::PROGRAM_CHECK);
                 }
@@ -791,7 +828,7 @@ impl Core {
     /// program check (reaching the CCW count without a last flag is accepted).
     fn resolve_mida(
         &self,
-        mem: &dyn ChannelMemory,
+        mem: &Storage<'_>,
         midal: u64,
         count: usize,
         input: bool,
@@ -806,8 +843,7 @@ impl Core {
             if at > self.limit() || (!first && at & 0xfff == 0) {
                 return pc;
             }
-            let mut b = [0u8; 16];
-            mem.read(at, &mut b, self.key()).map_err(fault_status)?;
+            let b = mem.fetch::<16>(at, self.key()).map_err(fault_status)?;
             let m = Midaw::from_bytes(b);
             if !m.reserved_ok() || m.flags.dtic() || m.count == 0 {
                 return pc;
@@ -861,6 +897,7 @@ impl Core {
             self.started = true;
             dev.start_program();
         }
+        let mem = &Storage::new(mem);
         let (at, ccw) = match self.fetch_following(mem, self.next) {
             Ok(v) => v,
             Err(c) => return self.finish_check(c, 0, false),
@@ -926,7 +963,7 @@ impl Core {
     /// first); returns the bytes offered and the chain's error, if any.
     fn walk(
         &mut self,
-        mem: &dyn ChannelMemory,
+        mem: &Storage<'_>,
         first_at: u32,
         first: Ccw1,
         kind: CommandKind,
@@ -1001,7 +1038,7 @@ impl Core {
 
     fn execute(
         &mut self,
-        mem: &dyn ChannelMemory,
+        mem: &Storage<'_>,
         dev: &mut dyn DeviceModel,
         at: u32,
         ccw: Ccw1,
@@ -1010,7 +1047,7 @@ impl Core {
     ) -> Step {
         let Scratch { buf, segs, pieces } = scratch;
         let (offered, err) = self.walk(mem, at, ccw, kind, segs, pieces);
-        self.transfer(mem, dev, at, ccw, kind, segs, pieces, buf, offered, err)
+        self.transfer(mem.mem, dev, at, ccw, kind, segs, pieces, buf, offered, err)
     }
 
     /// Runs the device for the command at `at` whose data chain `walk` resolved.
@@ -1185,6 +1222,7 @@ impl Core {
         }
         if t > 0 {
             self.no_data = 0;
+            self.moved += t as u64;
         }
         if !input && self.trace {
             // Output moved only what the device consumed (prefetched bytes are not "moved").

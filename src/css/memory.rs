@@ -29,4 +29,12 @@ pub trait ChannelMemory {
     fn read(&self, addr: u64, buf: &mut [u8], key: u8) -> Result<(), AccessFault>;
     /// Stores `data` starting at `addr`.
     fn write(&self, addr: u64, data: &[u8], key: u8) -> Result<(), AccessFault>;
+
+    /// Storage the channel may fetch CCWs, IDAWs and MIDAWs from without a call per fetch
+    /// (a translated program's own image): the address of its first byte and its bytes. A
+    /// fetch wholly inside it must read exactly these bytes whatever the key, as
+    /// [`Self::read`] would. `None` (the default): every fetch goes through `read`.
+    fn program_image(&self) -> Option<(u64, &[u8])> {
+        None
+    }
 }

@@ -874,21 +874,72 @@ struct Budget {
     deadline: Option<Instant>,
     /// Commands run so far.
     commands: u32,
+    /// Data bytes those commands transferred.
+    bytes: u64,
+    /// The clock is read next once `commands` reaches this ...
+    check_commands: u32,
+    /// ... or `bytes` reaches this.
+    check_bytes: u64,
+    /// The deadline was seen passed (it stays passed: no more reads).
+    expired: bool,
+    /// Clock reads so far.
+    clock_reads: u32,
 }
 
 impl Budget {
-    /// No limit (the channel thread).
-    fn unlimited() -> Self {
+    /// A budget of `len` from now (a deadline past the clock's range is no deadline).
+    fn new(len: Duration) -> Self {
         Budget {
-            deadline: None,
+            deadline: Instant::now().checked_add(len),
             commands: 0,
+            bytes: 0,
+            check_commands: UNTIMED_COMMANDS,
+            check_bytes: CLOCK_EVERY_BYTES,
+            expired: false,
+            clock_reads: 0,
         }
     }
 
-    /// Whether the runner must stop before the next command. The clock is read only once
-    /// [`UNTIMED_COMMANDS`] commands have run.
-    fn spent(&self) -> bool {
-        self.commands >= UNTIMED_COMMANDS && self.deadline.is_some_and(|d| Instant::now() >= d)
+    /// No limit (the channel thread).
+    fn unlimited() -> Self {
+        // Built without reading the clock (the channel thread makes one per step).
+        Budget {
+            deadline: None,
+            commands: 0,
+            bytes: 0,
+            check_commands: 0,
+            check_bytes: 0,
+            expired: false,
+            clock_reads: 0,
+        }
+    }
+
+    /// Counts one command that transferred `bytes`.
+    fn ran(&mut self, bytes: u64) {
+        self.commands = self.commands.saturating_add(1);
+        self.bytes = self.bytes.saturating_add(bytes);
+    }
+
+    /// Whether the runner must stop before the next command. The clock is read once
+    /// [`UNTIMED_COMMANDS`] commands have run, then again after every
+    /// [`CLOCK_EVERY_COMMANDS`] commands or [`CLOCK_EVERY_BYTES`] bytes, whichever comes
+    /// first (a read costs more than a short command's bookkeeping); once passed, the
+    /// deadline stays passed.
+    fn spent(&mut self) -> bool {
+        if self.expired {
+            return true;
+        }
+        let Some(deadline) = self.deadline else {
+            return false;
+        };
+        if self.commands < self.check_commands && self.bytes < self.check_bytes {
+            return false;
+        }
+        self.check_commands = self.commands.saturating_add(CLOCK_EVERY_COMMANDS);
+        self.check_bytes = self.bytes.saturating_add(CLOCK_EVERY_BYTES);
+        self.clock_reads += 1;
+        self.expired = Instant::now() >= deadline;
+        self.expired
     }
 }
 
@@ -907,9 +958,12 @@ fn step<'a>(
     // Read under the lock: a request made after this is seen at the next command boundary.
     let seen = sh.seq.load(Ordering::Acquire);
     drop(g);
+    let mut moved = exec.run.bytes_moved();
     let step = guarded("execute", || loop {
         let s = exec.run.step(&*exec.prog, dev.as_mut());
-        budget.commands += 1;
+        let now = exec.run.bytes_moved();
+        budget.ran(now.wrapping_sub(moved));
+        moved = now;
         if s != Step::Continue || sh.seq.load(Ordering::Acquire) != seen || budget.spent() {
             break s;
         }
@@ -934,6 +988,15 @@ fn step<'a>(
 /// anyway (the budget is only checked between commands).
 const UNTIMED_COMMANDS: u32 = 4;
 
+/// After the first clock read, commands between two reads: with data moving at memory
+/// speed a command of a few KiB takes about a microsecond, so 16 of them stay far inside
+/// any useful budget (a 1 MiB program of 4 KiB reads reads the clock 17 times, not 256).
+const CLOCK_EVERY_COMMANDS: u32 = 16;
+
+/// After the first clock read, data bytes between two reads: bounds the time between reads
+/// for programs of large commands (256 KiB is tens of microseconds of copying).
+const CLOCK_EVERY_BYTES: u64 = 256 << 10;
+
 /// Inline execution: the thread in START runs the subchannel's work (the program, then its
 /// interrupts) until nothing is left or the budget is spent, then hands what remains to the
 /// channel thread. Called with `runner` set to `Inline`.
@@ -942,10 +1005,7 @@ fn run_inline<'a>(sh: &'a Shared, mut g: MutexGuard<'a, Inner>) {
     // `UNTIMED_COMMANDS` commands have run (reading it costs more than a short program's
     // bookkeeping, and a short program never comes near the budget). A deadline past the
     // clock's range is no deadline.
-    let mut budget = Budget {
-        deadline: Instant::now().checked_add(sh.inline_budget),
-        commands: 0,
-    };
+    let mut budget = Budget::new(sh.inline_budget);
     loop {
         // Over budget with status still to present: present it here first (it is cheap and
         // saves the channel thread a wake-up); otherwise hand the rest over.
@@ -1124,5 +1184,85 @@ impl crate::driver::Subchannel for EmulatedSubchannel {
                 }
             }
         }));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A 1 MiB program of 4 KiB reads (259 commands) reads the clock about every 16
+    /// commands, not at every one, and a short program never.
+    #[test]
+    fn budget_reads_the_clock_every_few_commands() {
+        let mut b = Budget::new(Duration::from_secs(3600));
+        for _ in 0..3 {
+            b.ran(4096);
+            assert!(!b.spent());
+        }
+        assert_eq!(
+            b.clock_reads, 0,
+            "a DASD read (3 commands) never reads the clock"
+        );
+        for _ in 3..259 {
+            b.ran(4096);
+            assert!(!b.spent());
+        }
+        // At command 4, then every 16: 4, 20, ..., 244.
+        assert_eq!(b.clock_reads, 16);
+    }
+
+    /// Large commands bring the read forward: every 256 KiB moved.
+    #[test]
+    fn budget_reads_the_clock_by_bytes() {
+        let mut b = Budget::new(Duration::from_secs(3600));
+        for _ in 0..8 {
+            b.ran(256 << 10);
+            assert!(!b.spent());
+        }
+        assert_eq!(b.clock_reads, 8);
+        // The channel thread never reads it.
+        let mut u = Budget::unlimited();
+        for _ in 0..100 {
+            u.ran(1 << 20);
+            assert!(!u.spent());
+        }
+        assert_eq!(u.clock_reads, 0);
+    }
+
+    /// A long program is still handed over: a budget that runs out mid-program is seen
+    /// within 16 commands, and stays spent (the runner's loop asks again before handing
+    /// the program to the channel thread).
+    #[test]
+    fn budget_spent_mid_program_stops_the_runner() {
+        let mut b = Budget::new(Duration::from_secs(3600));
+        let mut n = 0u32;
+        while n < 40 {
+            b.ran(8);
+            n += 1;
+            assert!(!b.spent());
+        }
+        b.deadline = Some(Instant::now());
+        let mut stopped = None;
+        for _ in 0..10_000 {
+            b.ran(8);
+            n += 1;
+            if b.spent() {
+                stopped = Some(n);
+                break;
+            }
+        }
+        let stopped = stopped.expect("the budget ends the inline run");
+        assert!((41..=56).contains(&stopped), "{stopped}");
+        assert!(b.spent(), "stays spent");
+        // An expired deadline is seen at the first check (command 4).
+        let mut b = Budget::new(Duration::ZERO);
+        let k = (1..100)
+            .find(|_| {
+                b.ran(0);
+                b.spent()
+            })
+            .unwrap();
+        assert_eq!(k, UNTIMED_COMMANDS);
     }
 }
