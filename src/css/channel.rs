@@ -279,13 +279,20 @@ impl<'a> Storage<'a> {
     /// it (what `read` would return), else through `read`.
     #[inline]
     fn fetch<const N: usize>(&self, addr: u64, key: u8) -> Result<[u8; N], AccessFault> {
-        let off = addr.wrapping_sub(self.base);
-        if off < self.image.len() as u64 && self.image.len() as u64 - off >= N as u64 {
-            let off = off as usize;
-            if let Ok(b) = <[u8; N]>::try_from(&self.image[off..off + N]) {
-                return Ok(b);
-            }
+        let in_image = usize::try_from(addr.wrapping_sub(self.base))
+            .ok()
+            .and_then(|off| self.image.get(off..))
+            .and_then(|s| s.first_chunk::<N>());
+        match in_image {
+            Some(b) => Ok(*b),
+            None => self.fetch_slow(addr, key),
         }
+    }
+
+    /// [`Self::fetch`] outside the image: out of line, so the usual fetch stays small.
+    #[cold]
+    #[inline(never)]
+    fn fetch_slow<const N: usize>(&self, addr: u64, key: u8) -> Result<[u8; N], AccessFault> {
         let mut b = [0u8; N];
         self.mem.read(addr, &mut b, key)?;
         Ok(b)
