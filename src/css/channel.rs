@@ -183,15 +183,18 @@ impl InputSink for Scatter<'_> {
     fn store(&mut self, off: usize, src: &[u8]) {
         // The usual put: all of a read's bytes at once, into the first piece. Stored as
         // the walk below would (the cursor stays at the first piece), without the walk.
-        if let (0, (0, 0), None, None, false, Some(p)) = (
-            off,
-            self.cursor,
-            &self.fault,
-            &self.trace,
-            self.back,
-            self.pieces.first(),
-        ) {
-            if !p.skip && src.len() <= p.len && src.len() <= self.valid && !src.is_empty() {
+        if off == 0
+            && self.cursor == (0, 0)
+            && self.fault.is_none()
+            && self.trace.is_none()
+            && !self.back
+            && !src.is_empty()
+            && src.len() <= self.valid
+        {
+            let Some(p) = self.pieces.first() else {
+                return;
+            };
+            if !p.skip && src.len() <= p.len {
                 if let Err(f) = self.mem.write(p.lo, src, self.key) {
                     self.fault = Some((0, f));
                 }
@@ -1175,8 +1178,10 @@ impl Core {
                     at += n;
                 }
             }
-            for (lo, n) in sink.trace.take().unwrap_or_default() {
-                self.record(lo, n, true);
+            if let Some(stored) = sink.trace.take() {
+                for (lo, n) in stored {
+                    self.record(lo, n, true);
+                }
             }
             // A fault past what the device transferred was never reached.
             if let Some((pos, f)) = sink.fault.filter(|&(pos, _)| pos < t.min(valid)) {
