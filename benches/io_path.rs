@@ -22,8 +22,9 @@
 //! it is none, only the eventfd signal.
 //!
 //! Run: `cargo bench --bench io_path` (env `IO_PATH_N` = I/Os per round-trip series,
-//! default 20000; `IO_PATH_SEQ_ONLY=REPS` / `IO_PATH_RT_ONLY=REPS` run only the 1 MiB read /
-//! the blocking 4 KiB round trip, REPS times, for a profiler; inline unless `IO_PATH_THREAD`
+//! default 20000; `IO_PATH_SEQ_ONLY=REPS` / `IO_PATH_RT_ONLY=REPS` run only the 1 MiB read
+//! (then as many 1 MiB memcpys, its floor) / the blocking 4 KiB round trip, REPS times, for a
+//! profiler; inline unless `IO_PATH_THREAD`
 //! is set, through the eventfd unless `IO_PATH_LATCH` is set).
 
 use std::hint::black_box;
@@ -246,6 +247,20 @@ fn latch_signal(n: u32) -> Duration {
     t0.elapsed()
 }
 
+/// `reps` timed copies of 1 MiB between two buffers: the seq1m floor.
+fn memcpy_1m(reps: usize) -> Vec<Duration> {
+    let src = vec![0x5Au8; 1 << 20];
+    let mut dst = vec![0u8; 1 << 20];
+    (0..reps)
+        .map(|_| {
+            let t0 = Instant::now();
+            dst.copy_from_slice(black_box(&src));
+            black_box(&mut dst);
+            t0.elapsed()
+        })
+        .collect()
+}
+
 fn pct(sorted: &[Duration], p: f64) -> Duration {
     let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted[i]
@@ -270,16 +285,27 @@ fn main() {
         .and_then(|s| s.parse::<usize>().ok())
     {
         let mut b = setup(SpinPolicy::OFF);
+        if std::env::var_os("IO_PATH_LATCH").is_some() {
+            b.stack.use_latch();
+        }
         let cpa = program_1m(&b);
         let (t0, c0) = (Instant::now(), cpu_time());
         let mut v: Vec<Duration> = (0..reps).map(|_| b.io(cpa, Wait::Block)).collect();
-        v.sort_unstable();
-        println!(
-            "seq1m x{reps}: mean {:.1} us, p50 {:.1} us, min {:.1} us, CPU {:.1} us per I/O",
+        let (mean, cpu) = (
             us(t0.elapsed()) / reps as f64,
+            us(cpu_time() - c0) / reps as f64,
+        );
+        v.sort_unstable();
+        // The floor right after, in the same process (see the full run's seq1m rows).
+        let mut m = memcpy_1m(reps);
+        m.sort_unstable();
+        println!(
+            "seq1m x{reps}: mean {mean:.1} us, p50 {:.1} us, min {:.1} us, CPU {cpu:.1} us per I/O; \
+             memcpy p50 {:.1} us: stack/memcpy throughput {:.0}%",
             us(pct(&v, 0.5)),
             us(v[0]),
-            us(cpu_time() - c0) / reps as f64
+            us(pct(&m, 0.5)),
+            100.0 * pct(&m, 0.5).as_secs_f64() / pct(&v, 0.5).as_secs_f64()
         );
         return;
     }
@@ -394,16 +420,7 @@ fn main() {
             let mut check = vec![0u8; REC];
             b.stack.store().read(DATA, &mut check).unwrap();
             assert_eq!(check, want);
-            let src = vec![0x5Au8; 1 << 20];
-            let mut dst = vec![0u8; 1 << 20];
-            let mut m: Vec<Duration> = (0..reps)
-                .map(|_| {
-                    let t0 = Instant::now();
-                    dst.copy_from_slice(black_box(&src));
-                    black_box(&mut dst);
-                    t0.elapsed()
-                })
-                .collect();
+            let mut m = memcpy_1m(reps);
             m.sort_unstable();
             let (io, mc) = (pct(&t, 0.5), pct(&m, 0.5));
             let gbs = |d: Duration| (1u64 << 20) as f64 / d.as_secs_f64() / 1e9;
