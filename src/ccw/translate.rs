@@ -557,14 +557,17 @@ fn walk(orb: &Orb, store: &StoreView, cfg: &TranslateConfig) -> Result<Vec<Segme
     Ok(segments)
 }
 
-/// The common program shape, translated by a fast path: one chain segment of command-chained
-/// CCWs without TICs or data chaining (and whose IDALs and MIDALs each make one host IDAL),
-/// every CCW valid, and after its end at most a
-/// trap slot (an invalid CCW only a status-modifier skip reaches). Anything else, and every
-/// error, goes to the general passes, which then decide (so each rejection is theirs).
+/// The common program shape, translated by a fast path: chain segments of command-chained
+/// CCWs without data chaining (and whose IDALs and MIDALs each make one host IDAL), every
+/// CCW valid, each segment but the last ending in a TIC to the next, which starts at a CCW
+/// no earlier segment holds; after the last one's end at most a trap slot (an invalid CCW
+/// only a status-modifier skip reaches). Anything else, and every error, goes to the general
+/// passes, which then decide (so each rejection is theirs).
 struct SimpleChain {
-    /// The certainly reachable CCWs, converted to format 1.
+    /// The certainly reachable CCWs, converted to format 1, segment after segment.
     ccws: InlineVec<Ccw1, 8>,
+    /// The segments: (guest address of the head, CCWs in `ccws`), in walk order.
+    segs: InlineVec<(u64, usize), 2>,
     /// The trap slot after the last one, in its host form.
     trap: Option<Ccw1>,
 }
@@ -622,60 +625,97 @@ fn walk_simple(orb: &Orb, store: &StoreView, cfg: &TranslateConfig) -> Option<Si
     if cfg.max_segments == 0 {
         return None;
     }
-    let head = orb.cpa as u64;
     let max = cfg.max_segment_ccws;
     let rules = Rules::of(orb);
+    let mut head = orb.cpa as u64;
     let mut reader = CcwReader {
         raw: [0; READ_AHEAD * CCW_SIZE as usize],
         at: head,
         len: 0,
     };
     let mut ccws: InlineVec<Ccw1, 8> = InlineVec::default();
-    let mut no_data_run = 0usize;
+    let mut segs: InlineVec<(u64, usize), 2> = InlineVec::default();
+    // CCWs of the segments before this one.
+    let mut before = 0usize;
     loop {
-        let i = ccws.len();
-        if i >= max {
-            return None;
-        }
-        let addr = head + CCW_SIZE * i as u64;
-        let c = reader.read(store, addr, max - i, orb).ok()?;
-        if validate(&c, addr, &rules, false).is_err() || is_tic(&c) || c.flags.cd() {
-            return None;
-        }
-        let transfers = c.count != 0 && c.cmd != command::NOOP;
-        no_data_run = if transfers { 0 } else { no_data_run + 1 };
-        if no_data_run > MAX_NO_DATA_CCWS {
-            return None;
-        }
-        ccws.push(c);
-        if !c.flags.cc() {
-            break;
-        }
-    }
-    // The chain ended at a CCW that the one before command-chains to: a status-modifier
-    // skip from that one reaches the next slot. Only a trap there keeps the shape simple.
-    let mut trap = None;
-    if ccws.len() >= 2 && cfg.status_modifier.contains(ccws[ccws.len() - 2].cmd) {
-        let i = ccws.len();
-        let addr = head + CCW_SIZE * i as u64;
-        let slot = if i >= max {
-            Ccw1::default()
-        } else {
-            match reader.read(store, addr, max - i, orb) {
-                Err(_) => Ccw1::default(),
-                Ok(c) => {
-                    let transfers = !is_tic(&c) && c.count != 0 && c.cmd != command::NOOP;
-                    let run = if transfers { 0 } else { no_data_run + 1 };
-                    if validate(&c, addr, &rules, false).is_ok() && run <= MAX_NO_DATA_CCWS {
-                        return None;
-                    }
-                    trap_of(&c)
-                }
+        let mut no_data_run = 0usize;
+        let mut tic_to = None;
+        loop {
+            let i = ccws.len() - before;
+            if i >= max {
+                return None;
             }
+            let addr = head + CCW_SIZE * i as u64;
+            let c = reader.read(store, addr, max - i, orb).ok()?;
+            if validate(&c, addr, &rules, false).is_err() || c.flags.cd() {
+                return None;
+            }
+            let tic = is_tic(&c);
+            let transfers = !tic && c.count != 0 && c.cmd != command::NOOP;
+            no_data_run = if transfers { 0 } else { no_data_run + 1 };
+            if no_data_run > MAX_NO_DATA_CCWS {
+                return None;
+            }
+            // A TIC first in a segment is a TIC to TIC (or the program's first CCW).
+            if tic && i == 0 {
+                return None;
+            }
+            ccws.push(c);
+            if tic {
+                tic_to = Some(c.cda as u64);
+                break;
+            }
+            if !c.flags.cc() {
+                break;
+            }
+        }
+        let n = ccws.len() - before;
+        // The chain ended (at its end, or at a TIC) at a CCW that the one before command-
+        // chains to: a status-modifier skip from that one reaches the next slot.
+        let sm = n >= 2 && {
+            let p = &ccws[ccws.len() - 2];
+            !is_tic(p) && cfg.status_modifier.contains(p.cmd)
         };
-        trap = Some(slot);
+        segs.push((head, n));
+        let Some(target) = tic_to else {
+            // Only a trap there keeps the shape simple.
+            let mut trap = None;
+            if sm {
+                let i = n;
+                let addr = head + CCW_SIZE * i as u64;
+                let slot = if i >= max {
+                    Ccw1::default()
+                } else {
+                    match reader.read(store, addr, max - i, orb) {
+                        Err(_) => Ccw1::default(),
+                        Ok(c) => {
+                            let transfers = !is_tic(&c) && c.count != 0 && c.cmd != command::NOOP;
+                            let run = if transfers { 0 } else { no_data_run + 1 };
+                            if validate(&c, addr, &rules, false).is_ok() && run <= MAX_NO_DATA_CCWS
+                            {
+                                return None;
+                            }
+                            trap_of(&c)
+                        }
+                    }
+                };
+                trap = Some(slot);
+            }
+            return Some(SimpleChain { ccws, segs, trap });
+        };
+        // A skip over the TIC, a target some segment already holds, or one segment too
+        // many: the general passes.
+        if sm
+            || segs.len() == cfg.max_segments
+            || segs
+                .iter()
+                .any(|&(h, n)| target >= h && target - h < CCW_SIZE * n as u64)
+        {
+            return None;
+        }
+        before = ccws.len();
+        head = target;
     }
-    Some(SimpleChain { ccws, trap })
 }
 
 /// The slot holding the CCW at `addr`: one reached with certainty if there is one (see the
@@ -789,15 +829,29 @@ impl<'a> Builder<'a> {
         let nslots = n + chain.trap.is_some() as usize;
         let base = self.cfg.arena_base;
         let ccw_bytes = nslots * CCW_SIZE as usize;
-        let head = self.orb.cpa as u64;
         let idaw_base = base.wrapping_add(ccw_bytes as u32);
         // Room for the IDAWs too (typically one or two a CCW): no copy when they are added.
         let mut image = Vec::with_capacity(ccw_bytes + 2 * n * 8);
         self.idaws.reserve(n);
-        // Appended, not zeroed and then overwritten.
-        for (i, c) in chain.ccws.iter().enumerate() {
-            let h = self.simple_ccw(head + CCW_SIZE * i as u64, c, idaw_base)?;
-            image.extend_from_slice(&h.to_bytes());
+        // Appended, not zeroed and then overwritten. Segments are laid out in walk order, so
+        // a segment's TIC leads to the slot right after it.
+        let mut ccws = chain.ccws.iter();
+        let mut slot = 0usize;
+        for &(head, len) in chain.segs.iter() {
+            for (i, c) in ccws.by_ref().take(len).enumerate() {
+                let h = if is_tic(c) {
+                    Ccw1 {
+                        cmd: command::TIC,
+                        flags: CcwFlags::new(),
+                        count: 0,
+                        cda: base.wrapping_add(((slot + len) * CCW_SIZE as usize) as u32),
+                    }
+                } else {
+                    self.simple_ccw(head + CCW_SIZE * i as u64, c, idaw_base)?
+                };
+                image.extend_from_slice(&h.to_bytes());
+            }
+            slot += len;
         }
         if let Some(t) = &chain.trap {
             image.extend_from_slice(&t.to_bytes());
@@ -812,13 +866,52 @@ impl<'a> Builder<'a> {
         for w in self.idaws.iter() {
             image.extend_from_slice(&Idaw(*w).to_format2_bytes());
         }
-        // Slot i at base + 8i stands for the guest CCW at head + 8i: one run.
-        let origins = Origins::One(Origin {
-            host: base,
-            guest: head as u32,
-            residual_extra: 0,
-            len: nslots as u32,
-        });
+        // Slot i at base + 8i stands for the guest CCW at head + 8i within each segment (the
+        // last one's trap slot included): a run each, joined where they continue each other.
+        let (segments, origins) = if let [(head, _)] = *chain.segs {
+            let one = Origin {
+                host: base,
+                guest: head as u32,
+                residual_extra: 0,
+                len: nslots as u32,
+            };
+            let seg = SegmentInfo {
+                guest: head,
+                host: base,
+                len: nslots,
+            };
+            (Segments::One(seg), Origins::One(one))
+        } else {
+            let mut infos = Vec::with_capacity(chain.segs.len());
+            let mut runs: Vec<Origin> = Vec::with_capacity(chain.segs.len());
+            let mut host = base;
+            let last = chain.segs.len() - 1;
+            for (k, &(head, len)) in chain.segs.iter().enumerate() {
+                let len = len + (k == last && chain.trap.is_some()) as usize;
+                infos.push(SegmentInfo {
+                    guest: head,
+                    host,
+                    len,
+                });
+                let bytes = (len * CCW_SIZE as usize) as u32;
+                match runs.last_mut() {
+                    Some(r)
+                        if r.host.wrapping_add(r.len * CCW_SIZE as u32) == host
+                            && r.guest.wrapping_add(r.len * CCW_SIZE as u32) == head as u32 =>
+                    {
+                        r.len += len as u32
+                    }
+                    _ => runs.push(Origin {
+                        host,
+                        guest: head as u32,
+                        residual_extra: 0,
+                        len: len as u32,
+                    }),
+                }
+                host = host.wrapping_add(bytes);
+            }
+            (Segments::Many(infos), Origins::from(runs))
+        };
         let host_orb = host_orb(self.orb, self.host_block, base);
         Some(HostProgram {
             orb: host_orb,
@@ -826,11 +919,7 @@ impl<'a> Builder<'a> {
             base,
             image,
             ccw_bytes,
-            segments: Segments::One(SegmentInfo {
-                guest: head,
-                host: base,
-                len: nslots,
-            }),
+            segments,
             mapper: ScswMapper {
                 host_cpa: host_orb.cpa,
                 guest_orb: *self.orb,
@@ -2011,10 +2100,17 @@ mod fast_path {
                 None
             };
             let mut prog = Vec::new();
-            for &(cmd, flags, count, cda) in &ccws {
+            for &(cmd, mut flags, mut count, cda) in &ccws {
+                if cmd == 0x08 && cda % 3 != 0 {
+                    // Mostly a valid format-1 TIC.
+                    (flags, count) = (0, 0);
+                }
                 // MIDA CCWs mostly designate one of the first MIDAWs.
                 let cda = if flags & 1 != 0 && cda % 8 != 0 {
                     LISTS as u32 + (cda % 4) * 16
+                } else if cmd == 0x08 && cda % 4 != 0 {
+                    // TICs mostly lead into the program (chains of several segments).
+                    PROG as u32 + (cda % 32) * 8
                 } else {
                     cda
                 };
@@ -2224,6 +2320,88 @@ mod fast_path {
                 "flags {flags:#x}"
             );
         }
+    }
+    /// Chains of segments joined by TICs take the fast path, with the general passes' result;
+    /// a TIC back into a segment, or a skip that can jump over the TIC, does not.
+    #[test]
+    fn tic_chains_take_the_fast_path() {
+        let store = IommuStore::new(StoreConfig::default());
+        store
+            .map_dma(0, MEM, Perm::READ_WRITE, Backing::Anonymous)
+            .unwrap();
+        let read = |i: u32, cc: bool| Ccw1 {
+            cmd: 0x86,
+            flags: CcwFlags::new().with_cc(cc).with_ida(true),
+            count: 4096,
+            cda: LISTS as u32 + 8 * i,
+        };
+        let tic = |to: u64| Ccw1 {
+            cmd: command::TIC,
+            flags: CcwFlags::new(),
+            count: 0,
+            cda: to as u32,
+        };
+        for i in 0..8u64 {
+            store
+                .write(LISTS + 8 * i, &(0x1_0000 + i * 0x1000).to_be_bytes())
+                .unwrap();
+        }
+        // Three segments: TIC *+8, then a TIC to another page.
+        let far = PROG + 0x2000;
+        let at = |i: u64| PROG + 8 * i;
+        let prog = [read(0, true), read(1, true), tic(at(3)), read(2, true)];
+        for (i, c) in prog.iter().enumerate() {
+            store.write(at(i as u64), &c.to_bytes()).unwrap();
+        }
+        store.write(at(4), &tic(far).to_bytes()).unwrap();
+        store.write(far, &read(3, true).to_bytes()).unwrap();
+        store.write(far + 8, &read(4, false).to_bytes()).unwrap();
+        let orb = Orb {
+            intparm: 1,
+            ctl: OrbControls::new()
+                .with_format1(true)
+                .with_format2_idaw(true),
+            cpa: PROG as u32,
+        };
+        // A device whose reads never present status modifier (a 3390's).
+        let cfg = TranslateConfig {
+            status_modifier: CommandSet::EMPTY,
+            ..TranslateConfig::default()
+        };
+        let chain = walk_simple(&orb, &store.view(), &cfg).expect("simple");
+        assert_eq!(*chain.segs, [(PROG, 3), (at(3), 2), (far, 2)]);
+        let fast = translate_with(&orb, &store, &cfg, true);
+        let general = translate_with(&orb, &store, &cfg, false);
+        same(&fast, &general).unwrap();
+        let p = fast.unwrap();
+        assert_eq!(p.segments().len(), 3);
+        // The first two segments continue each other in guest storage: two origin runs.
+        assert_eq!(p.mapper.origins.as_slice().len(), 2);
+        let (_, t) = p.ccws().nth(4).unwrap();
+        assert_eq!((t.cmd, t.cda), (command::TIC, cfg.arena_base + 5 * 8));
+        drop((p, general));
+        // Status modifier after a read: a skip could pass over the TIC.
+        assert!(walk_simple(&orb, &store.view(), &TranslateConfig::default()).is_none());
+        // A TIC back into a segment already walked.
+        store.write(far + 8, &tic(at(1)).to_bytes()).unwrap();
+        assert!(walk_simple(&orb, &store.view(), &cfg).is_none());
+        same(
+            &translate_with(&orb, &store, &cfg, true),
+            &translate_with(&orb, &store, &cfg, false),
+        )
+        .unwrap();
+        // More segments than allowed.
+        store.write(far + 8, &read(4, false).to_bytes()).unwrap();
+        let two = TranslateConfig {
+            max_segments: 2,
+            ..cfg
+        };
+        assert!(walk_simple(&orb, &store.view(), &two).is_none());
+        assert_eq!(
+            translate_with(&orb, &store, &two, true).err(),
+            Some(E::TooManySegments(2))
+        );
+        assert_eq!(store.stats().pinned_pages, 0);
     }
 }
 
