@@ -1023,14 +1023,22 @@ impl<'a> Builder<'a> {
     /// ascending, disjoint runs directly (at most 512 pages a call), anything else through
     /// the page list.
     fn pin_runs(&mut self) -> Result<(), E> {
-        let runs = std::mem::take(&mut self.runs);
+        let mut runs = std::mem::take(&mut self.runs);
         if !runs.windows(2).all(|w| w[0].1 < w[1].0) {
-            let mut pages = Vec::new();
-            for &(first, last, acc) in runs.iter() {
-                let (a, b) = (first >> PAGE_SHIFT, last >> PAGE_SHIFT);
-                pages.extend((a..=b).map(|n| (n << PAGE_SHIFT, acc)));
+            // Out of order (a chain's second segment reading its parameters from the page
+            // the first one did): the runs sorted and joined are the page list's runs,
+            // unless runs with different access share a page.
+            match sorted_runs(&runs) {
+                Some(r) => runs = r,
+                None => {
+                    let mut pages = Vec::new();
+                    for &(first, last, acc) in runs.iter() {
+                        let (a, b) = (first >> PAGE_SHIFT, last >> PAGE_SHIFT);
+                        pages.extend((a..=b).map(|n| (n << PAGE_SHIFT, acc)));
+                    }
+                    return self.pin_pages(pages, 0);
+                }
             }
-            return self.pin_pages(pages, 0);
         }
         // Every run in one pin call (one snapshot lookup per mapping, one value to keep),
         // each run as its own calls of at most 512 pages would pin it.
@@ -1620,6 +1628,34 @@ impl<'a> Builder<'a> {
             pins,
         })
     }
+}
+
+/// Page runs (first page, last page, access bits) sorted, with runs of the same access that
+/// overlap or abut joined: the runs of contiguous pages with the same access that
+/// [`Builder::pin_pages`] finds in the sorted, deduplicated page list. `None` when runs with
+/// different access share a page (the page list gives it both).
+fn sorted_runs(runs: &[(u64, u64, u8)]) -> Option<InlineVec<(u64, u64, u8), 4>> {
+    let mut sorted = runs.to_vec();
+    sorted.sort_unstable();
+    let mut out: InlineVec<(u64, u64, u8), 4> = InlineVec::default();
+    out.reserve(sorted.len());
+    for &(first, last, acc) in &sorted {
+        if let Some(m) = out.last_mut() {
+            if first <= m.1 {
+                if m.2 != acc {
+                    return None;
+                }
+                m.1 = m.1.max(last);
+                continue;
+            }
+            if first - m.1 == PAGE_SIZE && m.2 == acc {
+                m.1 = last;
+                continue;
+            }
+        }
+        out.push((first, last, acc));
+    }
+    Some(out)
 }
 
 /// Adds a run of `n` pinned pages (contiguous in both spaces) to extents: the run extends the
