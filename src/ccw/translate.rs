@@ -957,6 +957,9 @@ impl<'a> Builder<'a> {
             let piece = self.direct_piece(addr, c, backward).ok()?;
             self.push_run(&piece, backward, acc);
             push_idaws(&mut self.idaws, &piece, self.host_block, backward);
+        } else if let Some(piece) = self.one_idaw_piece(c, backward) {
+            self.push_run(&piece, backward, acc);
+            push_idaws(&mut self.idaws, &piece, self.host_block, backward);
         } else {
             let g = GuestCcw {
                 addr,
@@ -999,6 +1002,46 @@ impl<'a> Builder<'a> {
             flags: flags.with_ida(true),
             count: c.count,
             cda: idaw_base.wrapping_add(first as u32 * 8),
+        })
+    }
+
+    /// The one piece of an IDA CCW whose first IDAW covers its count (the common one-IDAW
+    /// IDAL), as [`Builder::pieces`] finds it; `None` for anything else (then `pieces`
+    /// decides, errors included).
+    #[inline]
+    fn one_idaw_piece(&mut self, c: &Ccw1, backward: bool) -> Option<Piece> {
+        let fmt = self.guest_fmt;
+        let list = c.cda as u64;
+        let fmt1 = self.orb.ctl.format1();
+        if !c.flags.ida()
+            || list & (fmt.idaw_size() - 1) != 0
+            || list > 0x7fff_ffff
+            || (!fmt1 && list > 0xff_ffff)
+        {
+            return None;
+        }
+        let key = self.orb.ctl.key();
+        let idaw = if fmt.idaw_size() == 4 {
+            Idaw(u32::from_be_bytes(self.lists.get::<4>(self.store, list, key).ok()?) as u64)
+        } else {
+            Idaw(u64::from_be_bytes(
+                self.lists.get::<8>(self.store, list, key).ok()?,
+            ))
+        };
+        if !idaw.is_valid(fmt) {
+            return None;
+        }
+        let mask = fmt.block_size() - 1;
+        let first_len = if backward {
+            (idaw.0 & mask) + 1
+        } else {
+            fmt.block_size() - (idaw.0 & mask)
+        };
+        let count = c.count as u64;
+        (count <= first_len).then_some(Piece {
+            addr: idaw.0,
+            len: c.count as u32,
+            skip: false,
         })
     }
 
