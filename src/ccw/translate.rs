@@ -660,6 +660,10 @@ fn walk_simple(orb: &Orb, store: &StoreView, cfg: &TranslateConfig) -> Option<Si
             if tic && i == 0 {
                 return None;
             }
+            if ccws.len() == 8 {
+                // A long chain: room for a segment at once, not doubling from 16.
+                ccws.reserve(max.min(1024));
+            }
             ccws.push(c);
             if tic {
                 tic_to = Some(c.cda as u64);
