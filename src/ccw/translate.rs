@@ -1582,6 +1582,31 @@ impl<'a> Builder<'a> {
     fn pin_pages(&mut self, mut pages: Vec<(u64, u8)>, at: u64) -> Result<(), E> {
         // Sequential programs already list their pages in order, each once.
         if !pages.windows(2).all(|w| w[0].0 < w[1].0) {
+            // Mostly a few ascending stretches (a chain's second segment reading its
+            // parameters from the page the first one did): sort those, not every page.
+            let mut runs: InlineVec<(u64, u64, u8), 4> = InlineVec::default();
+            for &(page, acc) in &pages {
+                match runs.last_mut() {
+                    Some(r) if r.2 == acc && page >= r.1 && page - r.1 <= PAGE_SIZE => r.1 = page,
+                    _ => runs.push((page, page, acc)),
+                }
+            }
+            if let Some(runs) = sorted_runs(&runs) {
+                for &(first, last, acc) in runs.iter() {
+                    let mut page = first;
+                    let mut left = ((last - first) >> PAGE_SHIFT) + 1;
+                    loop {
+                        let n = left.min(MAX_PIN_PAGES as u64);
+                        self.pin_run(page, n as usize, acc, at)?;
+                        left -= n;
+                        if left == 0 {
+                            break;
+                        }
+                        page += n << PAGE_SHIFT;
+                    }
+                }
+                return Ok(());
+            }
             pages.sort_unstable();
             // One entry per page; a page needed for input and output is pinned for both.
             pages.dedup_by(|b, a| {
@@ -2404,6 +2429,41 @@ mod fast_path {
             );
         }
     }
+    proptest! {
+        /// Sorted and joined runs are the runs of the sorted, deduplicated page list (what
+        /// `pin_pages` pins), or `None` exactly when pages with different access coincide.
+        #[test]
+        fn sorted_runs_are_the_page_lists_runs(
+            raw in proptest::collection::vec((0u64..24, 0u64..4, 1u8..3), 0..8)
+        ) {
+            let runs: Vec<(u64, u64, u8)> = raw
+                .iter()
+                .map(|&(p, n, acc)| (p << PAGE_SHIFT, (p + n) << PAGE_SHIFT, acc))
+                .collect();
+            let mut pages: Vec<(u64, u8)> = Vec::new();
+            for &(first, last, acc) in &runs {
+                pages.extend((first >> PAGE_SHIFT..=last >> PAGE_SHIFT).map(|n| (n << PAGE_SHIFT, acc)));
+            }
+            pages.sort_unstable();
+            let clash = pages.windows(2).any(|w| w[0].0 == w[1].0 && w[0].1 != w[1].1);
+            pages.dedup();
+            let mut want: Vec<(u64, u64, u8)> = Vec::new();
+            for &(page, acc) in &pages {
+                match want.last_mut() {
+                    Some(r) if r.2 == acc && r.1 + PAGE_SIZE == page => r.1 = page,
+                    _ => want.push((page, page, acc)),
+                }
+            }
+            match sorted_runs(&runs) {
+                Some(got) => {
+                    prop_assert!(!clash);
+                    prop_assert_eq!(&*got, &want[..]);
+                }
+                None => prop_assert!(clash),
+            }
+        }
+    }
+
     /// Chains of segments joined by TICs take the fast path, with the general passes' result;
     /// a TIC back into a segment, or a skip that can jump over the TIC, does not.
     #[test]
