@@ -557,14 +557,17 @@ fn walk(orb: &Orb, store: &StoreView, cfg: &TranslateConfig) -> Result<Vec<Segme
     Ok(segments)
 }
 
-/// The common program shape, translated by a fast path: one chain segment of command-chained
-/// CCWs without TICs or data chaining (and whose IDALs and MIDALs each make one host IDAL),
-/// every CCW valid, and after its end at most a
-/// trap slot (an invalid CCW only a status-modifier skip reaches). Anything else, and every
-/// error, goes to the general passes, which then decide (so each rejection is theirs).
+/// The common program shape, translated by a fast path: chain segments of command-chained
+/// CCWs without data chaining (and whose IDALs and MIDALs each make one host IDAL), every
+/// CCW valid, each segment but the last ending in a TIC to the next, which starts at a CCW
+/// no earlier segment holds; after the last one's end at most a trap slot (an invalid CCW
+/// only a status-modifier skip reaches). Anything else, and every error, goes to the general
+/// passes, which then decide (so each rejection is theirs).
 struct SimpleChain {
-    /// The certainly reachable CCWs, converted to format 1.
+    /// The certainly reachable CCWs, converted to format 1, segment after segment.
     ccws: InlineVec<Ccw1, 8>,
+    /// The segments: (guest address of the head, CCWs in `ccws`), in walk order.
+    segs: InlineVec<(u64, usize), 2>,
     /// The trap slot after the last one, in its host form.
     trap: Option<Ccw1>,
 }
@@ -622,60 +625,101 @@ fn walk_simple(orb: &Orb, store: &StoreView, cfg: &TranslateConfig) -> Option<Si
     if cfg.max_segments == 0 {
         return None;
     }
-    let head = orb.cpa as u64;
     let max = cfg.max_segment_ccws;
     let rules = Rules::of(orb);
+    let mut head = orb.cpa as u64;
     let mut reader = CcwReader {
         raw: [0; READ_AHEAD * CCW_SIZE as usize],
         at: head,
         len: 0,
     };
     let mut ccws: InlineVec<Ccw1, 8> = InlineVec::default();
-    let mut no_data_run = 0usize;
+    let mut segs: InlineVec<(u64, usize), 2> = InlineVec::default();
+    // CCWs of the segments before this one.
+    let mut before = 0usize;
     loop {
-        let i = ccws.len();
-        if i >= max {
-            return None;
-        }
-        let addr = head + CCW_SIZE * i as u64;
-        let c = reader.read(store, addr, max - i, orb).ok()?;
-        if validate(&c, addr, &rules, false).is_err() || is_tic(&c) || c.flags.cd() {
-            return None;
-        }
-        let transfers = c.count != 0 && c.cmd != command::NOOP;
-        no_data_run = if transfers { 0 } else { no_data_run + 1 };
-        if no_data_run > MAX_NO_DATA_CCWS {
-            return None;
-        }
-        ccws.push(c);
-        if !c.flags.cc() {
-            break;
-        }
-    }
-    // The chain ended at a CCW that the one before command-chains to: a status-modifier
-    // skip from that one reaches the next slot. Only a trap there keeps the shape simple.
-    let mut trap = None;
-    if ccws.len() >= 2 && cfg.status_modifier.contains(ccws[ccws.len() - 2].cmd) {
-        let i = ccws.len();
-        let addr = head + CCW_SIZE * i as u64;
-        let slot = if i >= max {
-            Ccw1::default()
-        } else {
-            match reader.read(store, addr, max - i, orb) {
-                Err(_) => Ccw1::default(),
-                Ok(c) => {
-                    let transfers = !is_tic(&c) && c.count != 0 && c.cmd != command::NOOP;
-                    let run = if transfers { 0 } else { no_data_run + 1 };
-                    if validate(&c, addr, &rules, false).is_ok() && run <= MAX_NO_DATA_CCWS {
-                        return None;
-                    }
-                    trap_of(&c)
-                }
+        let mut no_data_run = 0usize;
+        let mut tic_to = None;
+        loop {
+            let i = ccws.len() - before;
+            if i >= max {
+                return None;
             }
+            let addr = head + CCW_SIZE * i as u64;
+            let c = reader.read(store, addr, max - i, orb).ok()?;
+            if validate(&c, addr, &rules, false).is_err() || c.flags.cd() {
+                return None;
+            }
+            let tic = is_tic(&c);
+            let transfers = !tic && c.count != 0 && c.cmd != command::NOOP;
+            no_data_run = if transfers { 0 } else { no_data_run + 1 };
+            if no_data_run > MAX_NO_DATA_CCWS {
+                return None;
+            }
+            // A TIC first in a segment is a TIC to TIC (or the program's first CCW).
+            if tic && i == 0 {
+                return None;
+            }
+            if ccws.len() == 8 {
+                // A long chain: room for a segment at once, not doubling from 16.
+                ccws.reserve(max.min(1024));
+            }
+            ccws.push(c);
+            if tic {
+                tic_to = Some(c.cda as u64);
+                break;
+            }
+            if !c.flags.cc() {
+                break;
+            }
+        }
+        let n = ccws.len() - before;
+        // The chain ended (at its end, or at a TIC) at a CCW that the one before command-
+        // chains to: a status-modifier skip from that one reaches the next slot.
+        let sm = n >= 2 && {
+            let p = &ccws[ccws.len() - 2];
+            !is_tic(p) && cfg.status_modifier.contains(p.cmd)
         };
-        trap = Some(slot);
+        segs.push((head, n));
+        let Some(target) = tic_to else {
+            // Only a trap there keeps the shape simple.
+            let mut trap = None;
+            if sm {
+                let i = n;
+                let addr = head + CCW_SIZE * i as u64;
+                let slot = if i >= max {
+                    Ccw1::default()
+                } else {
+                    match reader.read(store, addr, max - i, orb) {
+                        Err(_) => Ccw1::default(),
+                        Ok(c) => {
+                            let transfers = !is_tic(&c) && c.count != 0 && c.cmd != command::NOOP;
+                            let run = if transfers { 0 } else { no_data_run + 1 };
+                            if validate(&c, addr, &rules, false).is_ok() && run <= MAX_NO_DATA_CCWS
+                            {
+                                return None;
+                            }
+                            trap_of(&c)
+                        }
+                    }
+                };
+                trap = Some(slot);
+            }
+            return Some(SimpleChain { ccws, segs, trap });
+        };
+        // A skip over the TIC, a target some segment already holds, or one segment too
+        // many: the general passes.
+        if sm
+            || segs.len() == cfg.max_segments
+            || segs
+                .iter()
+                .any(|&(h, n)| target >= h && target - h < CCW_SIZE * n as u64)
+        {
+            return None;
+        }
+        before = ccws.len();
+        head = target;
     }
-    Some(SimpleChain { ccws, trap })
 }
 
 /// The slot holding the CCW at `addr`: one reached with certainty if there is one (see the
@@ -789,15 +833,29 @@ impl<'a> Builder<'a> {
         let nslots = n + chain.trap.is_some() as usize;
         let base = self.cfg.arena_base;
         let ccw_bytes = nslots * CCW_SIZE as usize;
-        let head = self.orb.cpa as u64;
         let idaw_base = base.wrapping_add(ccw_bytes as u32);
         // Room for the IDAWs too (typically one or two a CCW): no copy when they are added.
         let mut image = Vec::with_capacity(ccw_bytes + 2 * n * 8);
         self.idaws.reserve(n);
-        // Appended, not zeroed and then overwritten.
-        for (i, c) in chain.ccws.iter().enumerate() {
-            let h = self.simple_ccw(head + CCW_SIZE * i as u64, c, idaw_base)?;
-            image.extend_from_slice(&h.to_bytes());
+        // Appended, not zeroed and then overwritten. Segments are laid out in walk order, so
+        // a segment's TIC leads to the slot right after it.
+        let mut ccws = chain.ccws.iter();
+        let mut slot = 0usize;
+        for &(head, len) in chain.segs.iter() {
+            for (i, c) in ccws.by_ref().take(len).enumerate() {
+                let h = if is_tic(c) {
+                    Ccw1 {
+                        cmd: command::TIC,
+                        flags: CcwFlags::new(),
+                        count: 0,
+                        cda: base.wrapping_add(((slot + len) * CCW_SIZE as usize) as u32),
+                    }
+                } else {
+                    self.simple_ccw(head + CCW_SIZE * i as u64, c, idaw_base)?
+                };
+                image.extend_from_slice(&h.to_bytes());
+            }
+            slot += len;
         }
         if let Some(t) = &chain.trap {
             image.extend_from_slice(&t.to_bytes());
@@ -812,13 +870,52 @@ impl<'a> Builder<'a> {
         for w in self.idaws.iter() {
             image.extend_from_slice(&Idaw(*w).to_format2_bytes());
         }
-        // Slot i at base + 8i stands for the guest CCW at head + 8i: one run.
-        let origins = Origins::One(Origin {
-            host: base,
-            guest: head as u32,
-            residual_extra: 0,
-            len: nslots as u32,
-        });
+        // Slot i at base + 8i stands for the guest CCW at head + 8i within each segment (the
+        // last one's trap slot included): a run each, joined where they continue each other.
+        let (segments, origins) = if let [(head, _)] = *chain.segs {
+            let one = Origin {
+                host: base,
+                guest: head as u32,
+                residual_extra: 0,
+                len: nslots as u32,
+            };
+            let seg = SegmentInfo {
+                guest: head,
+                host: base,
+                len: nslots,
+            };
+            (Segments::One(seg), Origins::One(one))
+        } else {
+            let mut infos = Vec::with_capacity(chain.segs.len());
+            let mut runs: Vec<Origin> = Vec::with_capacity(chain.segs.len());
+            let mut host = base;
+            let last = chain.segs.len() - 1;
+            for (k, &(head, len)) in chain.segs.iter().enumerate() {
+                let len = len + (k == last && chain.trap.is_some()) as usize;
+                infos.push(SegmentInfo {
+                    guest: head,
+                    host,
+                    len,
+                });
+                let bytes = (len * CCW_SIZE as usize) as u32;
+                match runs.last_mut() {
+                    Some(r)
+                        if r.host.wrapping_add(r.len * CCW_SIZE as u32) == host
+                            && r.guest.wrapping_add(r.len * CCW_SIZE as u32) == head as u32 =>
+                    {
+                        r.len += len as u32
+                    }
+                    _ => runs.push(Origin {
+                        host,
+                        guest: head as u32,
+                        residual_extra: 0,
+                        len: len as u32,
+                    }),
+                }
+                host = host.wrapping_add(bytes);
+            }
+            (Segments::Many(infos), Origins::from(runs))
+        };
         let host_orb = host_orb(self.orb, self.host_block, base);
         Some(HostProgram {
             orb: host_orb,
@@ -826,11 +923,7 @@ impl<'a> Builder<'a> {
             base,
             image,
             ccw_bytes,
-            segments: Segments::One(SegmentInfo {
-                guest: head,
-                host: base,
-                len: nslots,
-            }),
+            segments,
             mapper: ScswMapper {
                 host_cpa: host_orb.cpa,
                 guest_orb: *self.orb,
@@ -866,6 +959,9 @@ impl<'a> Builder<'a> {
         let mut flags = flags;
         if !c.flags.ida() && !c.flags.mida() {
             let piece = self.direct_piece(addr, c, backward).ok()?;
+            self.push_run(&piece, backward, acc);
+            push_idaws(&mut self.idaws, &piece, self.host_block, backward);
+        } else if let Some(piece) = self.one_idaw_piece(c, backward) {
             self.push_run(&piece, backward, acc);
             push_idaws(&mut self.idaws, &piece, self.host_block, backward);
         } else {
@@ -913,6 +1009,46 @@ impl<'a> Builder<'a> {
         })
     }
 
+    /// The one piece of an IDA CCW whose first IDAW covers its count (the common one-IDAW
+    /// IDAL), as [`Builder::pieces`] finds it; `None` for anything else (then `pieces`
+    /// decides, errors included).
+    #[inline]
+    fn one_idaw_piece(&mut self, c: &Ccw1, backward: bool) -> Option<Piece> {
+        let fmt = self.guest_fmt;
+        let list = c.cda as u64;
+        let fmt1 = self.orb.ctl.format1();
+        if !c.flags.ida()
+            || list & (fmt.idaw_size() - 1) != 0
+            || list > 0x7fff_ffff
+            || (!fmt1 && list > 0xff_ffff)
+        {
+            return None;
+        }
+        let key = self.orb.ctl.key();
+        let idaw = if fmt.idaw_size() == 4 {
+            Idaw(u32::from_be_bytes(self.lists.get::<4>(self.store, list, key).ok()?) as u64)
+        } else {
+            Idaw(u64::from_be_bytes(
+                self.lists.get::<8>(self.store, list, key).ok()?,
+            ))
+        };
+        if !idaw.is_valid(fmt) {
+            return None;
+        }
+        let mask = fmt.block_size() - 1;
+        let first_len = if backward {
+            (idaw.0 & mask) + 1
+        } else {
+            fmt.block_size() - (idaw.0 & mask)
+        };
+        let count = c.count as u64;
+        (count <= first_len).then_some(Piece {
+            addr: idaw.0,
+            len: c.count as u32,
+            skip: false,
+        })
+    }
+
     /// Records the guest pages a piece touches as a run of pages, joined to the last run when
     /// it continues it (or its last page) with the same access (sequential programs make one
     /// run; a page in a run is pinned once, as the page list would pin it).
@@ -934,14 +1070,22 @@ impl<'a> Builder<'a> {
     /// ascending, disjoint runs directly (at most 512 pages a call), anything else through
     /// the page list.
     fn pin_runs(&mut self) -> Result<(), E> {
-        let runs = std::mem::take(&mut self.runs);
+        let mut runs = std::mem::take(&mut self.runs);
         if !runs.windows(2).all(|w| w[0].1 < w[1].0) {
-            let mut pages = Vec::new();
-            for &(first, last, acc) in runs.iter() {
-                let (a, b) = (first >> PAGE_SHIFT, last >> PAGE_SHIFT);
-                pages.extend((a..=b).map(|n| (n << PAGE_SHIFT, acc)));
+            // Out of order (a chain's second segment reading its parameters from the page
+            // the first one did): the runs sorted and joined are the page list's runs,
+            // unless runs with different access share a page.
+            match sorted_runs(&runs) {
+                Some(r) => runs = r,
+                None => {
+                    let mut pages = Vec::new();
+                    for &(first, last, acc) in runs.iter() {
+                        let (a, b) = (first >> PAGE_SHIFT, last >> PAGE_SHIFT);
+                        pages.extend((a..=b).map(|n| (n << PAGE_SHIFT, acc)));
+                    }
+                    return self.pin_pages(pages, 0);
+                }
             }
-            return self.pin_pages(pages, 0);
         }
         // Every run in one pin call (one snapshot lookup per mapping, one value to keep),
         // each run as its own calls of at most 512 pages would pin it.
@@ -1438,6 +1582,31 @@ impl<'a> Builder<'a> {
     fn pin_pages(&mut self, mut pages: Vec<(u64, u8)>, at: u64) -> Result<(), E> {
         // Sequential programs already list their pages in order, each once.
         if !pages.windows(2).all(|w| w[0].0 < w[1].0) {
+            // Mostly a few ascending stretches (a chain's second segment reading its
+            // parameters from the page the first one did): sort those, not every page.
+            let mut runs: InlineVec<(u64, u64, u8), 4> = InlineVec::default();
+            for &(page, acc) in &pages {
+                match runs.last_mut() {
+                    Some(r) if r.2 == acc && page >= r.1 && page - r.1 <= PAGE_SIZE => r.1 = page,
+                    _ => runs.push((page, page, acc)),
+                }
+            }
+            if let Some(runs) = sorted_runs(&runs) {
+                for &(first, last, acc) in runs.iter() {
+                    let mut page = first;
+                    let mut left = ((last - first) >> PAGE_SHIFT) + 1;
+                    loop {
+                        let n = left.min(MAX_PIN_PAGES as u64);
+                        self.pin_run(page, n as usize, acc, at)?;
+                        left -= n;
+                        if left == 0 {
+                            break;
+                        }
+                        page += n << PAGE_SHIFT;
+                    }
+                }
+                return Ok(());
+            }
             pages.sort_unstable();
             // One entry per page; a page needed for input and output is pinned for both.
             pages.dedup_by(|b, a| {
@@ -1531,6 +1700,34 @@ impl<'a> Builder<'a> {
             pins,
         })
     }
+}
+
+/// Page runs (first page, last page, access bits) sorted, with runs of the same access that
+/// overlap or abut joined: the runs of contiguous pages with the same access that
+/// [`Builder::pin_pages`] finds in the sorted, deduplicated page list. `None` when runs with
+/// different access share a page (the page list gives it both).
+fn sorted_runs(runs: &[(u64, u64, u8)]) -> Option<InlineVec<(u64, u64, u8), 4>> {
+    let mut sorted = runs.to_vec();
+    sorted.sort_unstable();
+    let mut out: InlineVec<(u64, u64, u8), 4> = InlineVec::default();
+    out.reserve(sorted.len());
+    for &(first, last, acc) in &sorted {
+        if let Some(m) = out.last_mut() {
+            if first <= m.1 {
+                if m.2 != acc {
+                    return None;
+                }
+                m.1 = m.1.max(last);
+                continue;
+            }
+            if first - m.1 == PAGE_SIZE && m.2 == acc {
+                m.1 = last;
+                continue;
+            }
+        }
+        out.push((first, last, acc));
+    }
+    Some(out)
 }
 
 /// Adds a run of `n` pinned pages (contiguous in both spaces) to extents: the run extends the
@@ -2011,10 +2208,17 @@ mod fast_path {
                 None
             };
             let mut prog = Vec::new();
-            for &(cmd, flags, count, cda) in &ccws {
+            for &(cmd, mut flags, mut count, cda) in &ccws {
+                if cmd == 0x08 && cda % 3 != 0 {
+                    // Mostly a valid format-1 TIC.
+                    (flags, count) = (0, 0);
+                }
                 // MIDA CCWs mostly designate one of the first MIDAWs.
                 let cda = if flags & 1 != 0 && cda % 8 != 0 {
                     LISTS as u32 + (cda % 4) * 16
+                } else if cmd == 0x08 && cda % 4 != 0 {
+                    // TICs mostly lead into the program (chains of several segments).
+                    PROG as u32 + (cda % 32) * 8
                 } else {
                     cda
                 };
@@ -2224,6 +2428,123 @@ mod fast_path {
                 "flags {flags:#x}"
             );
         }
+    }
+    proptest! {
+        /// Sorted and joined runs are the runs of the sorted, deduplicated page list (what
+        /// `pin_pages` pins), or `None` exactly when pages with different access coincide.
+        #[test]
+        fn sorted_runs_are_the_page_lists_runs(
+            raw in proptest::collection::vec((0u64..24, 0u64..4, 1u8..3), 0..8)
+        ) {
+            let runs: Vec<(u64, u64, u8)> = raw
+                .iter()
+                .map(|&(p, n, acc)| (p << PAGE_SHIFT, (p + n) << PAGE_SHIFT, acc))
+                .collect();
+            let mut pages: Vec<(u64, u8)> = Vec::new();
+            for &(first, last, acc) in &runs {
+                pages.extend((first >> PAGE_SHIFT..=last >> PAGE_SHIFT).map(|n| (n << PAGE_SHIFT, acc)));
+            }
+            pages.sort_unstable();
+            let clash = pages.windows(2).any(|w| w[0].0 == w[1].0 && w[0].1 != w[1].1);
+            pages.dedup();
+            let mut want: Vec<(u64, u64, u8)> = Vec::new();
+            for &(page, acc) in &pages {
+                match want.last_mut() {
+                    Some(r) if r.2 == acc && r.1 + PAGE_SIZE == page => r.1 = page,
+                    _ => want.push((page, page, acc)),
+                }
+            }
+            match sorted_runs(&runs) {
+                Some(got) => {
+                    prop_assert!(!clash);
+                    prop_assert_eq!(&*got, &want[..]);
+                }
+                None => prop_assert!(clash),
+            }
+        }
+    }
+
+    /// Chains of segments joined by TICs take the fast path, with the general passes' result;
+    /// a TIC back into a segment, or a skip that can jump over the TIC, does not.
+    #[test]
+    fn tic_chains_take_the_fast_path() {
+        let store = IommuStore::new(StoreConfig::default());
+        store
+            .map_dma(0, MEM, Perm::READ_WRITE, Backing::Anonymous)
+            .unwrap();
+        let read = |i: u32, cc: bool| Ccw1 {
+            cmd: 0x86,
+            flags: CcwFlags::new().with_cc(cc).with_ida(true),
+            count: 4096,
+            cda: LISTS as u32 + 8 * i,
+        };
+        let tic = |to: u64| Ccw1 {
+            cmd: command::TIC,
+            flags: CcwFlags::new(),
+            count: 0,
+            cda: to as u32,
+        };
+        for i in 0..8u64 {
+            store
+                .write(LISTS + 8 * i, &(0x1_0000 + i * 0x1000).to_be_bytes())
+                .unwrap();
+        }
+        // Three segments: TIC *+8, then a TIC to another page.
+        let far = PROG + 0x2000;
+        let at = |i: u64| PROG + 8 * i;
+        let prog = [read(0, true), read(1, true), tic(at(3)), read(2, true)];
+        for (i, c) in prog.iter().enumerate() {
+            store.write(at(i as u64), &c.to_bytes()).unwrap();
+        }
+        store.write(at(4), &tic(far).to_bytes()).unwrap();
+        store.write(far, &read(3, true).to_bytes()).unwrap();
+        store.write(far + 8, &read(4, false).to_bytes()).unwrap();
+        let orb = Orb {
+            intparm: 1,
+            ctl: OrbControls::new()
+                .with_format1(true)
+                .with_format2_idaw(true),
+            cpa: PROG as u32,
+        };
+        // A device whose reads never present status modifier (a 3390's).
+        let cfg = TranslateConfig {
+            status_modifier: CommandSet::EMPTY,
+            ..TranslateConfig::default()
+        };
+        let chain = walk_simple(&orb, &store.view(), &cfg).expect("simple");
+        assert_eq!(*chain.segs, [(PROG, 3), (at(3), 2), (far, 2)]);
+        let fast = translate_with(&orb, &store, &cfg, true);
+        let general = translate_with(&orb, &store, &cfg, false);
+        same(&fast, &general).unwrap();
+        let p = fast.unwrap();
+        assert_eq!(p.segments().len(), 3);
+        // The first two segments continue each other in guest storage: two origin runs.
+        assert_eq!(p.mapper.origins.as_slice().len(), 2);
+        let (_, t) = p.ccws().nth(4).unwrap();
+        assert_eq!((t.cmd, t.cda), (command::TIC, cfg.arena_base + 5 * 8));
+        drop((p, general));
+        // Status modifier after a read: a skip could pass over the TIC.
+        assert!(walk_simple(&orb, &store.view(), &TranslateConfig::default()).is_none());
+        // A TIC back into a segment already walked.
+        store.write(far + 8, &tic(at(1)).to_bytes()).unwrap();
+        assert!(walk_simple(&orb, &store.view(), &cfg).is_none());
+        same(
+            &translate_with(&orb, &store, &cfg, true),
+            &translate_with(&orb, &store, &cfg, false),
+        )
+        .unwrap();
+        // More segments than allowed.
+        store.write(far + 8, &read(4, false).to_bytes()).unwrap();
+        let two = TranslateConfig {
+            max_segments: 2,
+            ..cfg
+        };
+        assert!(walk_simple(&orb, &store.view(), &two).is_none());
+        assert_eq!(
+            translate_with(&orb, &store, &two, true).err(),
+            Some(E::TooManySegments(2))
+        );
+        assert_eq!(store.stats().pinned_pages, 0);
     }
 }
 
