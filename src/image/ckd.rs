@@ -310,6 +310,19 @@ pub fn home_address(cyl: u16, head: u16) -> [u8; HA_SIZE] {
 /// Checks a track image read from slot (`cyl`, `head`): the home address matches the slot and
 /// every record, plus the end-of-track marker, lies inside the slot.
 pub fn parse_track(buf: &[u8], cyl: u32, head: u32) -> Result<TrackLayout, CkdError> {
+    let mut records = Vec::new();
+    let end = scan_track(buf, cyl, head, |r| records.push(r))?;
+    Ok(TrackLayout { records, end })
+}
+
+/// [`parse_track`]'s checks, handing each record to `each` (no allocation); returns the offset
+/// of the end-of-track marker.
+fn scan_track(
+    buf: &[u8],
+    cyl: u32,
+    head: u32,
+    mut each: impl FnMut(RecordLoc),
+) -> Result<usize, CkdError> {
     let (Ok(c16), Ok(h16)) = (u16::try_from(cyl), u16::try_from(head)) else {
         return Err(CkdError::TrackOutOfRange { cyl, head });
     };
@@ -329,7 +342,6 @@ pub fn parse_track(buf: &[u8], cyl: u32, head: u32) -> Result<TrackLayout, CkdEr
             found: ha,
         });
     }
-    let mut records = Vec::new();
     let mut off = HA_SIZE;
     loop {
         let Some(raw) = buf.get(off..off + COUNT_SIZE) else {
@@ -341,7 +353,7 @@ pub fn parse_track(buf: &[u8], cyl: u32, head: u32) -> Result<TrackLayout, CkdEr
         };
         let raw: &[u8; COUNT_SIZE] = raw.try_into().expect("slice of COUNT_SIZE");
         if *raw == END_OF_TRACK {
-            return Ok(TrackLayout { records, end: off });
+            return Ok(off);
         }
         let count = CountField::from_bytes(raw);
         let next = off + count.total_len();
@@ -353,7 +365,7 @@ pub fn parse_track(buf: &[u8], cyl: u32, head: u32) -> Result<TrackLayout, CkdEr
                 offset: off,
             });
         }
-        records.push(RecordLoc { offset: off, count });
+        each(RecordLoc { offset: off, count });
         off = next;
     }
 }
@@ -378,6 +390,10 @@ pub struct CkdImage {
     /// A read-only shared mapping of the whole file (images opened from a `File`): reads
     /// copy from it with no intermediate buffer; writes stay `pwrite` (coherent with it).
     map: Option<ReadMap>,
+    /// One bit per track slot (cylinder-major): set once [`Self::verify_mapped_track`] found
+    /// the slot well formed, cleared by any write to it through this image, so a track
+    /// switch in a read-only sequence is a bit test, not a parse. Empty when not mapped.
+    checked: Vec<u64>,
 }
 
 impl CkdImage {
@@ -402,6 +418,10 @@ impl CkdImage {
         let mut img = Self::from_backing(Box::new(file), options)?;
         let slots = slot_offset(&img.header, img.cylinders, 0);
         img.map = map.filter(|m| m.len() as u64 >= slots);
+        if img.map.is_some() {
+            let tracks = img.cylinders as usize * img.header.heads as usize;
+            img.checked = vec![0; tracks.div_ceil(64)];
+        }
         Ok(img)
     }
 
@@ -449,6 +469,7 @@ impl CkdImage {
             cylinders,
             options,
             map: None,
+            checked: Vec::new(),
         })
     }
 
@@ -571,6 +592,43 @@ impl CkdImage {
         parse_track(slot, cyl, head).map(Some)
     }
 
+    /// [`Self::check_mapped_track`] remembered: checks slot (`cyl`, `head`) in the mapping
+    /// unless it was found well formed before and not written through this image since.
+    /// Returns the slot's offset in the mapping (for [`Self::mapped_bytes`]), or `Ok(None)`
+    /// if the image is not mapped. A malformed slot is never remembered: it fails each time.
+    /// (Another process writing the file is not seen by the memory; the bytes themselves
+    /// are always read live, and every reader bounds-checks them.)
+    pub fn verify_mapped_track(&mut self, cyl: u32, head: u32) -> Result<Option<usize>, CkdError> {
+        let off = self.check_track(cyl, head)? as usize;
+        let Some(map) = &self.map else {
+            return Ok(None);
+        };
+        let t = cyl as usize * self.header.heads as usize + head as usize;
+        let (word, bit) = (t / 64, 1u64 << (t % 64));
+        if self.checked[word] & bit == 0 {
+            let slot = map
+                .get(off, self.track_size())
+                .ok_or(CkdError::TrackOutOfRange { cyl, head })?;
+            scan_track(slot, cyl, head, |_| {})?;
+            self.checked[word] |= bit;
+        }
+        Ok(Some(off))
+    }
+
+    /// `len` bytes at `offset` of the read-only mapping (offsets as
+    /// [`Self::verify_mapped_track`] returns them): `None` if not mapped or out of range.
+    pub fn mapped_bytes(&self, offset: usize, len: usize) -> Option<&[u8]> {
+        self.map.as_ref()?.get(offset, len)
+    }
+
+    /// Forgets that slot (`cyl`, `head`) was found well formed (it is about to change).
+    fn uncheck(&mut self, cyl: u32, head: u32) {
+        let t = cyl as usize * self.header.heads as usize + head as usize;
+        if let Some(w) = self.checked.get_mut(t / 64) {
+            *w &= !(1u64 << (t % 64));
+        }
+    }
+
     /// The bytes of track slot (`cyl`, `head`) in the read-only mapping: `None` if the image
     /// is not mapped or the track is outside the volume. No copy is made; the slice shows
     /// this image's own writes once they return (writes take `&mut self`, so none runs while
@@ -616,6 +674,8 @@ impl CkdImage {
                 });
             }
         }
+        // Before any byte changes: even a failed write may have left the slot half written.
+        self.uncheck(cyl, head);
         for &(offset, data) in parts {
             self.file
                 .pwrite_all(data, slot + offset as u64)
