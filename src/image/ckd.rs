@@ -1122,6 +1122,48 @@ mod tests {
     }
 
     #[test]
+    fn verified_tracks_are_remembered_until_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("v.ckd");
+        drop(CkdImage::create_3390(&p, 1, Some("VER001")).unwrap());
+        let mut img = CkdImage::open(&p, CkdOpenOptions::default()).unwrap();
+        let at = 512 + 2 * 56832;
+        assert_eq!(img.verify_mapped_track(0, 2).unwrap(), Some(at));
+        assert_eq!(img.mapped_bytes(at, 5).unwrap(), &[0, 0, 0, 0, 2]);
+        assert!(img.mapped_bytes(at, 57 * 56832).is_none());
+        // A write through the image forgets the check: the damage is found next time...
+        img.write_track_range(0, 2, 4, &[3]).unwrap();
+        let bad = |r: Result<Option<usize>, CkdError>| {
+            matches!(
+                r,
+                Err(CkdError::BadHomeAddress {
+                    cyl: 0,
+                    head: 2,
+                    ..
+                })
+            )
+        };
+        assert!(bad(img.verify_mapped_track(0, 2)));
+        // ... and every time after: a malformed slot is never remembered.
+        assert!(bad(img.verify_mapped_track(0, 2)));
+        // Other slots keep their bit; the repaired slot passes again.
+        assert_eq!(img.verify_mapped_track(0, 3).unwrap(), Some(at + 56832));
+        img.write_track_range(0, 2, 4, &[2]).unwrap();
+        assert_eq!(img.verify_mapped_track(0, 2).unwrap(), Some(at));
+        // A write refused by its range check changes nothing: the slot is still well formed.
+        assert!(img.write_track_range(0, 2, 56832, &[1]).is_err());
+        assert_eq!(img.verify_mapped_track(0, 2).unwrap(), Some(at));
+        assert!(matches!(
+            img.verify_mapped_track(1, 0),
+            Err(CkdError::TrackOutOfRange { cyl: 1, head: 0 })
+        ));
+        // Not mapped: None, as check_mapped_track.
+        let f = std::fs::File::open(&p).unwrap();
+        let mut img = CkdImage::from_backing(Box::new(f), CkdOpenOptions::default()).unwrap();
+        assert_eq!(img.verify_mapped_track(0, 0).unwrap(), None);
+    }
+
+    #[test]
     fn ebcdic_label_round_trip() {
         assert_eq!(ebcdic_label("VOL1"), [0xe5, 0xd6, 0xd3, 0xf1]);
         assert_eq!(ebcdic_label("A9 @#$"), [0xc1, 0xf9, 0x40, 0x7c, 0x7b, 0x5b]);

@@ -391,7 +391,9 @@ impl Dasd3390 {
         }
         self.loaded = None;
         let r = if self.mapped {
-            self.image.check_mapped_track(cyl, head).map(|_| ())
+            // Checked once, then remembered until a write to it (a read-only sequence
+            // crossing tracks pays a bit test per track, not a parse).
+            self.image.verify_mapped_track(cyl, head).map(|_| ())
         } else {
             self.image
                 .read_track(cyl, head, &mut self.track)
