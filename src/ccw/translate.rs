@@ -587,6 +587,36 @@ struct CcwReader {
 }
 
 impl CcwReader {
+    /// The slot after a segment of `n` CCWs at `head` that only a status-modifier skip
+    /// reaches, for the fast path: its trap form if it holds no valid CCW (unreadable, past
+    /// the segment limit, invalid, or one no-data CCW too many after `no_data_run`), `None`
+    /// if it does (a valid chain goes on there: the general passes follow it).
+    #[allow(clippy::too_many_arguments)]
+    fn trap_slot(
+        &mut self,
+        store: &StoreView,
+        head: u64,
+        n: usize,
+        max: usize,
+        orb: &Orb,
+        rules: &Rules,
+        no_data_run: usize,
+    ) -> Option<Ccw1> {
+        if n >= max {
+            return Some(Ccw1::default());
+        }
+        let addr = head + CCW_SIZE * n as u64;
+        let Ok(c) = self.read(store, addr, max - n, orb) else {
+            return Some(Ccw1::default());
+        };
+        let transfers = !is_tic(&c) && c.count != 0 && c.cmd != command::NOOP;
+        let run = if transfers { 0 } else { no_data_run + 1 };
+        if validate(&c, addr, rules, false).is_ok() && run <= MAX_NO_DATA_CCWS {
+            return None;
+        }
+        Some(trap_of(&c))
+    }
+
     /// The CCW at `addr` (`left`: CCWs the segment may still hold), fetched as [`walk`]
     /// fetches it; addresses only go up.
     #[inline]
@@ -683,28 +713,10 @@ fn walk_simple(orb: &Orb, store: &StoreView, cfg: &TranslateConfig) -> Option<Si
         segs.push((head, n));
         let Some(target) = tic_to else {
             // Only a trap there keeps the shape simple.
-            let mut trap = None;
-            if sm {
-                let i = n;
-                let addr = head + CCW_SIZE * i as u64;
-                let slot = if i >= max {
-                    Ccw1::default()
-                } else {
-                    match reader.read(store, addr, max - i, orb) {
-                        Err(_) => Ccw1::default(),
-                        Ok(c) => {
-                            let transfers = !is_tic(&c) && c.count != 0 && c.cmd != command::NOOP;
-                            let run = if transfers { 0 } else { no_data_run + 1 };
-                            if validate(&c, addr, &rules, false).is_ok() && run <= MAX_NO_DATA_CCWS
-                            {
-                                return None;
-                            }
-                            trap_of(&c)
-                        }
-                    }
-                };
-                trap = Some(slot);
-            }
+            let trap = match sm {
+                false => None,
+                true => Some(reader.trap_slot(store, head, n, max, orb, &rules, no_data_run)?),
+            };
             return Some(SimpleChain { ccws, segs, trap });
         };
         // A skip over the TIC, a target some segment already holds, or one segment too
@@ -2038,6 +2050,15 @@ mod fast_path {
     const PROG: u64 = 0x1000;
     const LISTS: u64 = 0x8000;
 
+    /// A store with `MEM` bytes of guest memory mapped at 0.
+    fn mem_store() -> IommuStore {
+        let store = IommuStore::new(StoreConfig::default());
+        store
+            .map_dma(0, MEM, Perm::READ_WRITE, Backing::Anonymous)
+            .unwrap();
+        store
+    }
+
     fn same(a: &Result<HostProgram, E>, b: &Result<HostProgram, E>) -> Result<(), String> {
         match (a, b) {
             (Err(x), Err(y)) if x == y => Ok(()),
@@ -2158,8 +2179,7 @@ mod fast_path {
         fn fast_path_matches_the_general_passes(
             (ccws, fmt1, idaw, key, idaws, skey, max) in case()
         ) {
-            let store = IommuStore::new(StoreConfig::default());
-            store.map_dma(0, MEM, Perm::READ_WRITE, Backing::Anonymous).unwrap();
+            let store = mem_store();
             let mut list = Vec::new();
             let midal = idaws.len() % 2 == 1;
             let mut prev_end: Option<u64> = None;
@@ -2271,10 +2291,7 @@ mod fast_path {
         // that way the general passes translate it (speculatively, its pages pinned); for
         // a device that declares only its searches, LR cannot skip: the fast path, three
         // CCWs, nothing after them fetched or pinned.
-        let store = IommuStore::new(StoreConfig::default());
-        store
-            .map_dma(0, MEM, Perm::READ_WRITE, Backing::Anonymous)
-            .unwrap();
+        let store = mem_store();
         let c = |cmd, cc: bool, count, cda: u32| {
             Ccw1 {
                 cmd,
@@ -2333,10 +2350,7 @@ mod fast_path {
 
     #[test]
     fn common_chains_take_the_fast_path() {
-        let store = IommuStore::new(StoreConfig::default());
-        store
-            .map_dma(0, MEM, Perm::READ_WRITE, Backing::Anonymous)
-            .unwrap();
+        let store = mem_store();
         let mut prog = Vec::new();
         for i in 0..8u32 {
             let flags = CcwFlags::new().with_cc(i < 7).with_ida(i % 2 == 1);
@@ -2468,10 +2482,7 @@ mod fast_path {
     /// a TIC back into a segment, or a skip that can jump over the TIC, does not.
     #[test]
     fn tic_chains_take_the_fast_path() {
-        let store = IommuStore::new(StoreConfig::default());
-        store
-            .map_dma(0, MEM, Perm::READ_WRITE, Backing::Anonymous)
-            .unwrap();
+        let store = mem_store();
         let read = |i: u32, cc: bool| Ccw1 {
             cmd: 0x86,
             flags: CcwFlags::new().with_cc(cc).with_ida(true),

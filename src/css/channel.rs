@@ -191,10 +191,11 @@ impl InputSink for Scatter<'_> {
             && !src.is_empty()
             && src.len() <= self.valid
         {
-            let Some(p) = self.pieces.first() else {
-                return;
-            };
-            if !p.skip && src.len() <= p.len {
+            if let Some(p) = self
+                .pieces
+                .first()
+                .filter(|p| !p.skip && src.len() <= p.len)
+            {
                 if let Err(f) = self.mem.write(p.lo, src, self.key) {
                     self.fault = Some((0, f));
                 }

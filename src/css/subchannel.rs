@@ -1001,10 +1001,7 @@ const CLOCK_EVERY_BYTES: u64 = 256 << 10;
 /// interrupts) until nothing is left or the budget is spent, then hands what remains to the
 /// channel thread. Called with `runner` set to `Inline`.
 fn run_inline<'a>(sh: &'a Shared, mut g: MutexGuard<'a, Inner>) {
-    // The budget runs from here; the clock is compared with it only once
-    // `UNTIMED_COMMANDS` commands have run (reading it costs more than a short program's
-    // bookkeeping, and a short program never comes near the budget). A deadline past the
-    // clock's range is no deadline.
+    // The budget runs from here (when the clock is read: `Budget::spent`).
     let mut budget = Budget::new(sh.inline_budget);
     loop {
         // Over budget with status still to present: present it here first (it is cheap and
