@@ -46,7 +46,7 @@
 use thiserror::Error;
 
 use crate::ccw::{command, Ccw0, Ccw1, CcwFlags, CommandKind, IdawFormat, Midaw, CCW_SIZE};
-use crate::css::device::{Command, DataArea, DeviceModel, InputSink};
+use crate::css::device::{Command, DataArea, DeviceModel, InputSink, Outcome};
 use crate::css::memory::{AccessFault, ChannelMemory};
 use crate::orb::{actl, cstat, dstat, fctl, stctl, Orb, Scsw, ScswFlags};
 
@@ -253,6 +253,19 @@ impl InputSink for Scatter<'_> {
     }
 }
 
+/// Stores zeros at transfer offsets `[from, to)`: bytes the device transferred but did not
+/// put read as zeros, as in a buffer.
+#[cold]
+fn store_zeros(sink: &mut Scatter<'_>, from: usize, to: usize) {
+    let zeros = [0u8; 512];
+    let mut at = from;
+    while at < to {
+        let n = (to - at).min(zeros.len());
+        sink.store(at, &zeros[..n]);
+        at += n;
+    }
+}
+
 /// Stores `src` (in transfer order) reversed, so its first byte lands at the highest
 /// address of `[lo, lo + src.len())`. One checked write: a fault stores nothing.
 fn store_reversed(
@@ -348,6 +361,9 @@ struct Core {
     transfers: Vec<Transfer>,
     /// Data bytes the device transferred so far (for the inline time budget).
     moved: u64,
+    /// Whether a command of one CCW and one storage piece takes [`Core::execute_single`]
+    /// (always, but for the test comparing it with the general path).
+    lean: bool,
 }
 
 impl ChannelRun {
@@ -470,6 +486,7 @@ impl Core {
             trace: false,
             transfers: Vec::new(),
             moved: 0,
+            lean: true,
         }
     }
 
@@ -491,6 +508,7 @@ impl Core {
             trace,
             transfers,
             moved,
+            lean: _,
         } = self;
         *o = *orb;
         *idaw = IdawFormat::from_orb(orb.ctl.format2_idaw(), orb.ctl.idaw_2k());
@@ -1056,9 +1074,137 @@ impl Core {
         kind: CommandKind,
         scratch: &mut Scratch,
     ) -> Step {
+        if self.lean && !self.trace && !ccw.flags.cd() {
+            if let Some(s) = self.execute_single(mem, dev, at, ccw, kind, &mut scratch.buf) {
+                return s;
+            }
+        }
         let Scratch { buf, segs, pieces } = scratch;
         let (offered, err) = self.walk(mem, at, ccw, kind, segs, pieces);
         self.transfer(mem.mem, dev, at, ccw, kind, segs, pieces, buf, offered, err)
+    }
+
+    /// The usual command, without the data-chain lists: one validated CCW at `at` (no data
+    /// chaining, no trace) whose data is one storage piece (direct within a 4 KiB page, or
+    /// one IDAW), not read backward, not skipped, and output of at most [`SMALL_OUTPUT`]
+    /// bytes that fetch without fault. It does exactly what `walk` and `transfer` do for
+    /// it (a test runs both on random programs). `None`, with nothing done: any other
+    /// command, or an error in its data address, which the general path reports.
+    #[inline]
+    fn execute_single(
+        &mut self,
+        mem: &Storage<'_>,
+        dev: &mut dyn DeviceModel,
+        at: u32,
+        ccw: Ccw1,
+        kind: CommandKind,
+        buf: &mut Vec<u8>,
+    ) -> Option<Step> {
+        let input = kind.is_input();
+        let count = ccw.count as usize;
+        let key = self.key();
+        if kind == CommandKind::ReadBackward
+            || ccw.flags.mida()
+            || (input && ccw.flags.skp())
+            || (!input && count > SMALL_OUTPUT)
+        {
+            return None;
+        }
+        let piece = if count == 0 {
+            None
+        } else if ccw.flags.ida() {
+            // `resolve_ida`'s first IDAW (no boundary rule), which must cover the count.
+            let a = ccw.cda as u64;
+            if a > self.limit() {
+                return None;
+            }
+            let d = if self.idaw.idaw_size() == 8 {
+                u64::from_be_bytes(mem.fetch::<8>(a, key).ok()?)
+            } else {
+                let w = u32::from_be_bytes(mem.fetch::<4>(a, key).ok()?);
+                if w & 0x8000_0000 != 0 {
+                    return None;
+                }
+                w as u64
+            };
+            let mask = self.idaw.block_size() - 1;
+            if count as u64 > mask + 1 - (d & mask) {
+                return None;
+            }
+            Some(Piece {
+                lo: d,
+                len: count,
+                skip: false,
+            })
+        } else {
+            let a = ccw.cda as u64;
+            if count as u64 > 0x1000 - (a & 0xfff) {
+                return None;
+            }
+            Some(Piece {
+                lo: a,
+                len: count,
+                skip: false,
+            })
+        };
+        let mut small = [0u8; SMALL_OUTPUT];
+        if let (false, Some(p)) = (input, piece) {
+            // A fault here is the general path's to report (it fetches again: a faulting
+            // read stores nothing and changes nothing).
+            mem.mem.read(p.lo, &mut small[..count], key).ok()?;
+        }
+        let cmd = Command {
+            code: ccw.cmd,
+            kind,
+            count,
+            chained: self.chained,
+            prev_code: self.prev_code,
+            seq: self.seq,
+        };
+        let zero_cc = std::mem::take(&mut self.initial_due);
+        let (mut outcome, t, fault) = if input {
+            let mut sink = Scatter {
+                mem: mem.mem,
+                key,
+                pieces: piece.as_slice(),
+                valid: count,
+                back: false,
+                cursor: (0, 0),
+                fault: None,
+                trace: None,
+                buf,
+            };
+            let mut area = DataArea::direct(count, &mut sink);
+            let outcome = dev.execute_area(&cmd, &mut area);
+            let t = outcome.transferred.min(count);
+            let put = area.put_len();
+            if put < t {
+                store_zeros(&mut sink, put, t);
+            }
+            (outcome, t, sink.fault)
+        } else {
+            let outcome = dev.execute_area(&cmd, &mut DataArea::buffer(&mut small[..count]));
+            (outcome, outcome.transferred.min(count), None)
+        };
+        self.device_done(dev, cmd.code, &mut outcome, t);
+        let pci = ccw.flags.pci();
+        // One piece: a store fault is at offset 0, reached when anything was transferred.
+        if let Some((_, f)) = fault.filter(|_| t > 0) {
+            let e = ChainErr {
+                cstat: fault_status(f),
+                cpa: at.wrapping_add(8),
+                start: 0,
+                count: ccw.count,
+            };
+            return Some(self.fail_command(e, 0, pci, outcome.status, zero_cc));
+        }
+        let seg = Seg {
+            ccw: at,
+            flags: ccw.flags,
+            count: ccw.count,
+            start: 0,
+        };
+        Some(self.end_command(ccw.cmd, seg, pci.then_some(at), outcome, t, zero_cc))
     }
 
     /// Runs the device for the command at `at` whose data chain `walk` resolved.
@@ -1171,13 +1317,7 @@ impl Core {
             // Bytes the device transferred but did not put read as zeros (as in a buffer).
             let put = area.put_len();
             if put < t {
-                let zeros = [0u8; 512];
-                let mut at = put;
-                while at < t {
-                    let n = (t - at).min(zeros.len());
-                    sink.store(at, &zeros[..n]);
-                    at += n;
-                }
+                store_zeros(&mut sink, put, t);
             }
             if let Some(stored) = sink.trace.take() {
                 for (lo, n) in stored {
@@ -1221,22 +1361,7 @@ impl Core {
                 "channel command"
             );
         }
-        if outcome.status & dstat::STATUS_MODIFIER != 0
-            && !dev.status_modifier_commands().contains(cmd.code)
-        {
-            // The translator prepared no slot after a chain's end for this command (the
-            // device declared it never ends that way): a skip there would run whatever
-            // follows the host chain. Hold the model to its declaration.
-            tracing::warn!(
-                code = cmd.code,
-                "status modifier from an undeclared command: dropped"
-            );
-            outcome.status &= !dstat::STATUS_MODIFIER;
-        }
-        if t > 0 {
-            self.no_data = 0;
-            self.moved += t as u64;
-        }
+        self.device_done(dev, cmd.code, &mut outcome, t);
         if !input && self.trace {
             // Output moved only what the device consumed (prefetched bytes are not "moved").
             let mut pos = 0usize;
@@ -1267,16 +1392,7 @@ impl Core {
             let pci = segs[..=k.min(segs.len().saturating_sub(1))]
                 .iter()
                 .any(|s| s.flags.pci());
-            self.last_ccw = Some(e.cpa.wrapping_sub(8));
-            let count = (e.start + e.count as usize).saturating_sub(done) as u16;
-            let s = self.final_scsw(
-                e.cpa,
-                outcome.status,
-                e.cstat | if pci { cstat::PCI } else { 0 },
-                count,
-                zero_cc,
-            );
-            return self.finish(s);
+            return self.fail_command(e, done, pci, outcome.status, zero_cc);
         }
 
         // Normal end of the command: the last CCW reached holds the residual count. Data
@@ -1286,7 +1402,60 @@ impl Core {
             .iter()
             .position(|s| s.start + s.count as usize > t)
             .unwrap_or(segs.len() - 1);
-        let seg = segs[k];
+        let pci_at = segs[..=k]
+            .iter()
+            .rev()
+            .find(|s| s.flags.pci())
+            .map(|s| s.ccw);
+        self.end_command(ccw.cmd, segs[k], pci_at, outcome, t, zero_cc)
+    }
+
+    /// What follows every device execution: status modifier from a command the device did
+    /// not declare is dropped, and the bytes moved are counted.
+    #[inline]
+    fn device_done(&mut self, dev: &dyn DeviceModel, code: u8, outcome: &mut Outcome, t: usize) {
+        if outcome.status & dstat::STATUS_MODIFIER != 0
+            && !dev.status_modifier_commands().contains(code)
+        {
+            // The translator prepared no slot after a chain's end for this command (the
+            // device declared it never ends that way): a skip there would run whatever
+            // follows the host chain. Hold the model to its declaration.
+            tracing::warn!(code, "status modifier from an undeclared command: dropped");
+            outcome.status &= !dstat::STATUS_MODIFIER;
+        }
+        if t > 0 {
+            self.no_data = 0;
+            self.moved += t as u64;
+        }
+    }
+
+    /// Ends the program at a chain error or storage fault the device reached: `done` bytes
+    /// were transferred; `pci` when a CCW reached so far had PCI.
+    fn fail_command(&mut self, e: ChainErr, done: usize, pci: bool, ds: u8, zero_cc: bool) -> Step {
+        self.last_ccw = Some(e.cpa.wrapping_sub(8));
+        let count = (e.start + e.count as usize).saturating_sub(done) as u16;
+        let s = self.final_scsw(
+            e.cpa,
+            ds,
+            e.cstat | if pci { cstat::PCI } else { 0 },
+            count,
+            zero_cc,
+        );
+        self.finish(s)
+    }
+
+    /// Ends a command that met no error, `t` bytes transferred: the residual count and
+    /// incorrect length come from `seg` (the last CCW reached), then the program chains or
+    /// ends. `pci_at`: the last CCW up to `seg` with the PCI flag.
+    fn end_command(
+        &mut self,
+        code: u8,
+        seg: Seg,
+        pci_at: Option<u32>,
+        outcome: Outcome,
+        t: usize,
+        zero_cc: bool,
+    ) -> Step {
         let residual = (seg.start + seg.count as usize).saturating_sub(t);
         let mut cs = 0u8;
         if residual > 0 || outcome.more {
@@ -1299,7 +1468,6 @@ impl Core {
                 cs |= cstat::INCORRECT_LENGTH;
             }
         }
-        let pci_seg = segs[..=k].iter().rev().find(|s| s.flags.pci()).copied();
         self.last_ccw = Some(seg.ccw);
         let ds = outcome.status;
         let normal = ds & !dstat::STATUS_MODIFIER == dstat::CHANNEL_END | dstat::DEVICE_END;
@@ -1313,17 +1481,17 @@ impl Core {
             };
             self.next = seg.ccw.wrapping_add(skip);
             self.chained = true;
-            self.prev_code = Some(ccw.cmd);
+            self.prev_code = Some(code);
             self.seq += 1;
-            return match (pci_seg, zero_cc) {
+            return match (pci_at, zero_cc) {
                 (None, false) => Step::Continue,
                 (p, z) => {
-                    let cpa = p.map_or(seg.ccw, |s| s.ccw).wrapping_add(8);
+                    let cpa = p.unwrap_or(seg.ccw).wrapping_add(8);
                     Step::Intermediate(self.intermediate_scsw(cpa, p.is_some(), z))
                 }
             };
         }
-        if pci_seg.is_some() {
+        if pci_at.is_some() {
             cs |= cstat::PCI;
         }
         let s = self.final_scsw(seg.ccw.wrapping_add(8), ds, cs, residual as u16, zero_cc);
