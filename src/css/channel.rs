@@ -1565,3 +1565,287 @@ pub fn run_to_completion(
 ) -> Vec<Scsw> {
     ChannelRun::new(orb).run_until_end(mem, dev, max_steps)
 }
+
+#[cfg(test)]
+mod lean_tests {
+    //! [`Core::execute_single`] against the general path (`walk` + `transfer`): random
+    //! programs run both ways must present the same statuses, leave the same storage and
+    //! drive the device the same way.
+
+    use super::*;
+    use crate::ccw::CommandSet;
+    use crate::css::testdev::Length;
+    use crate::css::{GuestChannelMemory, LoopbackDevice};
+    use crate::orb::OrbControls;
+    use proptest::prelude::*;
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+    /// Mapped storage: [0, MEM); anything above faults.
+    const MEM: usize = 0x10000;
+    const PROG: u32 = 0x1000;
+    const IDAL: u64 = 0x8000;
+
+    #[derive(Debug, Clone)]
+    struct Case {
+        /// cmd, flags, count, cda
+        ccws: Vec<(u8, u8, u16, u32)>,
+        idaws: Vec<u64>,
+        /// key, format 1, format-2 IDAWs, 2K IDAWs, ILS, suspend, initial status, MIDA
+        orb: (u8, bool, bool, bool, bool, bool, bool, bool),
+        length: Length,
+        /// unit check, unit exception, status modifier on these codes
+        status: (Option<u8>, Option<u8>, Option<u8>),
+        declared_all: bool,
+        put_chunk: Option<usize>,
+        keys: Vec<(u64, u8)>,
+    }
+
+    fn code() -> impl Strategy<Value = u8> {
+        prop::sample::select(vec![
+            0x01u8, 0x02, 0x03, 0x04, 0x0c, 0x07, 0x06, 0x08, 0x00, 0xe4, 0x05, 0x0e, 0x02, 0x02,
+            0x01,
+        ])
+    }
+
+    fn flags() -> impl Strategy<Value = u8> {
+        // S and MIDA (the low two bits) rarely; the rest freely.
+        prop_oneof![
+            4 => any::<u8>().prop_map(|f| f & !0x03),
+            1 => any::<u8>(),
+        ]
+    }
+
+    fn count() -> impl Strategy<Value = u16> {
+        prop_oneof![
+            Just(0u16),
+            1..=70u16,
+            Just(4096u16),
+            4000..=4200u16,
+            2040..=2060u16,
+            any::<u16>(),
+        ]
+    }
+
+    fn cda() -> impl Strategy<Value = u32> {
+        prop_oneof![
+            (0..16u32).prop_map(|k| IDAL as u32 + 8 * k),
+            (0..32u32).prop_map(|k| IDAL as u32 + 4 * k),
+            0x2000..0x6000u32,
+            (2..6u32).prop_map(|p| p << 12),
+            (0..8u32).prop_map(|k| PROG + 8 * k),
+            0xff00..0x10100u32,
+            Just(0x2_0000u32),
+            Just(0x7fff_fff8u32),
+            Just(0x0100_0000u32),
+        ]
+    }
+
+    fn idaw() -> impl Strategy<Value = u64> {
+        prop_oneof![
+            0x2000..0x6000u64,
+            (2..6u64).prop_map(|p| p << 12),
+            (4..12u64).prop_map(|p| p << 11),
+            0xf000..0x11000u64,
+            Just(0x8000_2000u64),
+            Just(0x0000_2000_0000_3000u64),
+        ]
+    }
+
+    fn case() -> impl Strategy<Value = Case> {
+        (
+            prop::collection::vec((code(), flags(), count(), cda()), 1..6),
+            prop::collection::vec(idaw(), 16),
+            (
+                0..3u8,
+                prop::bool::weighted(0.8),
+                any::<bool>(),
+                any::<bool>(),
+                any::<bool>(),
+                any::<bool>(),
+                any::<bool>(),
+                any::<bool>(),
+            ),
+            prop_oneof![
+                Just(Length::AsOffered),
+                (0..5000usize).prop_map(Length::Fixed)
+            ],
+            (
+                prop::option::weighted(0.2, code()),
+                prop::option::weighted(0.2, code()),
+                prop::option::weighted(0.3, code()),
+            ),
+            any::<bool>(),
+            prop::option::of(prop::sample::select(vec![1usize, 7, 512, 4096])),
+            prop::collection::vec(
+                (2..6u64, prop::sample::select(vec![0u8, 0x10, 0x18, 0x20])),
+                0..3,
+            ),
+        )
+            .prop_map(
+                |(ccws, idaws, orb, length, status, declared_all, put_chunk, keys)| Case {
+                    ccws,
+                    idaws,
+                    orb,
+                    length,
+                    status,
+                    declared_all,
+                    put_chunk,
+                    keys,
+                },
+            )
+    }
+
+    /// What a run leaves: the steps, all of storage, and the device's record.
+    type Result = (
+        Vec<Step>,
+        Vec<u8>,
+        Vec<u8>,
+        Vec<u8>,
+        Vec<Command>,
+        (u32, u32),
+    );
+
+    fn run(c: &Case, lean: bool) -> Result {
+        let gm = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM)]).unwrap();
+        let fill: Vec<u8> = (0..MEM).map(|i| (i * 7 + i / 251) as u8).collect();
+        gm.write_slice(&fill, GuestAddress(0)).unwrap();
+        let (key, fmt1, c64, i2k, ils, suspend, isi, midaw) = c.orb;
+        for (i, &(cmd, flags, count, cda)) in c.ccws.iter().enumerate() {
+            let flags = CcwFlags::from_bits(flags);
+            let b = if fmt1 {
+                Ccw1 {
+                    cmd,
+                    flags,
+                    count,
+                    cda,
+                }
+                .to_bytes()
+            } else {
+                Ccw0 {
+                    cmd,
+                    cda: cda & 0x00ff_ffff,
+                    flags,
+                    count,
+                }
+                .to_bytes()
+            };
+            gm.write_slice(&b, GuestAddress(PROG as u64 + 8 * i as u64))
+                .unwrap();
+        }
+        for (i, w) in c.idaws.iter().enumerate() {
+            gm.write_slice(&w.to_be_bytes(), GuestAddress(IDAL + 8 * i as u64))
+                .unwrap();
+        }
+        let mut mem = GuestChannelMemory::with_keys(gm);
+        for &(page, k) in &c.keys {
+            mem.set_key(page << 12, k);
+        }
+        let mut dev = LoopbackDevice::new();
+        dev.length = c.length;
+        (
+            dev.unit_check_on,
+            dev.unit_exception_on,
+            dev.status_modifier_on,
+        ) = c.status;
+        if !c.declared_all {
+            dev.declared_status_modifier = CommandSet::of(&[0x02]);
+        }
+        dev.put_chunk = c.put_chunk;
+        let orb = Orb {
+            intparm: 7,
+            ctl: OrbControls::new()
+                .with_key(key)
+                .with_format1(fmt1)
+                .with_format2_idaw(c64)
+                .with_idaw_2k(i2k)
+                .with_incorrect_length_suppression(ils)
+                .with_suspend(suspend)
+                .with_initial_status_interrupt(isi)
+                .with_midaw(midaw),
+            cpa: PROG,
+        };
+        let mut run = ChannelRun::new(&orb);
+        run.core.lean = lean;
+        let mut steps = Vec::new();
+        for _ in 0..12 {
+            let s = run.step(&mem, &mut dev);
+            steps.push(s);
+            if matches!(s, Step::Done(_) | Step::Suspended(_)) {
+                break;
+            }
+        }
+        let mut out = vec![0u8; MEM];
+        mem.memory().read_slice(&mut out, GuestAddress(0)).unwrap();
+        (
+            steps,
+            out,
+            dev.written().to_vec(),
+            dev.produced().to_vec(),
+            dev.commands().to_vec(),
+            dev.counts(),
+        )
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        #[test]
+        fn single_ccw_path_matches_general(c in case()) {
+            let lean = run(&c, true);
+            let general = run(&c, false);
+            prop_assert_eq!(&lean.0, &general.0);
+            prop_assert!(lean.1 == general.1, "storage differs");
+            prop_assert_eq!(&lean.2, &general.2);
+            prop_assert_eq!(&lean.3, &general.3);
+            prop_assert_eq!(&lean.4, &general.4);
+            prop_assert_eq!(lean.5, general.5);
+        }
+    }
+
+    /// A plain read through one IDAW takes the single path (so the comparison above
+    /// compares something), and a data-chained one does not.
+    #[test]
+    fn single_path_is_taken_for_the_usual_read() {
+        let c = Case {
+            ccws: vec![(0x02, 0x04, 4096, IDAL as u32)],
+            idaws: vec![0x3000; 16],
+            orb: (0, true, true, false, false, false, false, false),
+            length: Length::AsOffered,
+            status: (None, None, None),
+            declared_all: true,
+            put_chunk: Some(4096),
+            keys: vec![],
+        };
+        let (steps, out, ..) = run(&c, true);
+        assert!(matches!(steps[..], [Step::Done(s)] if s.count == 0 && s.cstat == 0));
+        assert_eq!(out[0x3000], LoopbackDevice::pattern(0));
+        // The general path's lists stay untouched by the single path.
+        let gm = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM)]).unwrap();
+        let ccw = Ccw1 {
+            cmd: 0x02,
+            flags: CcwFlags::new().with_ida(true),
+            count: 4096,
+            cda: IDAL as u32,
+        };
+        gm.write_slice(&ccw.to_bytes(), GuestAddress(PROG as u64))
+            .unwrap();
+        gm.write_slice(&0x3000u64.to_be_bytes(), GuestAddress(IDAL))
+            .unwrap();
+        let mem = GuestChannelMemory::new(gm);
+        let orb = Orb {
+            intparm: 0,
+            ctl: OrbControls::new()
+                .with_format1(true)
+                .with_format2_idaw(true),
+            cpa: PROG,
+        };
+        let mut dev = LoopbackDevice::new();
+        let mut run = ChannelRun::new(&orb);
+        assert!(matches!(run.step(&mem, &mut dev), Step::Done(_)));
+        assert!(run.scratch.segs.is_empty() && run.scratch.pieces.is_empty());
+        let mut run = ChannelRun::new(&orb);
+        run.core.lean = false;
+        assert!(matches!(run.step(&mem, &mut dev), Step::Done(_)));
+        assert_eq!(run.scratch.segs.len(), 1);
+    }
+}
