@@ -253,10 +253,44 @@ impl InputSink for Scatter<'_> {
     }
 }
 
+/// [`Scatter`] for the usual input command (see [`Core::execute`]): one storage piece of
+/// `len` bytes at `lo`, stored in ascending order, every byte valid, no trace. What
+/// `Scatter` does with such a single piece, without its walk.
+struct OnePiece<'a> {
+    mem: &'a dyn ChannelMemory,
+    key: u8,
+    lo: u64,
+    len: usize,
+    /// The storage fault that stopped the stores (at transfer offset 0: the only piece).
+    fault: Option<AccessFault>,
+    /// The channel's reusable buffer (for `with_buffer`).
+    buf: &'a mut Vec<u8>,
+}
+
+impl InputSink for OnePiece<'_> {
+    fn store(&mut self, off: usize, src: &[u8]) {
+        if self.fault.is_some() || off >= self.len || src.is_empty() {
+            return;
+        }
+        let n = (self.len - off).min(src.len());
+        if let Err(f) = self.mem.write(self.lo + off as u64, &src[..n], self.key) {
+            self.fault = Some(f);
+        }
+    }
+
+    fn take_buffer(&mut self) -> Vec<u8> {
+        std::mem::take(self.buf)
+    }
+
+    fn give_back(&mut self, buf: Vec<u8>) {
+        *self.buf = buf;
+    }
+}
+
 /// Stores zeros at transfer offsets `[from, to)`: bytes the device transferred but did not
 /// put read as zeros, as in a buffer.
 #[cold]
-fn store_zeros(sink: &mut Scatter<'_>, from: usize, to: usize) {
+fn store_zeros(sink: &mut dyn InputSink, from: usize, to: usize) {
     let zeros = [0u8; 512];
     let mut at = from;
     while at < to {
@@ -294,7 +328,7 @@ impl<'a> Storage<'a> {
 
     /// Fetches `N` (a CCW, IDAW or MIDAW) bytes at `addr`: from the image when they lie in
     /// it (what `read` would return), else through `read`.
-    #[inline]
+    #[inline(always)]
     fn fetch<const N: usize>(&self, addr: u64, key: u8) -> Result<[u8; N], AccessFault> {
         let in_image = usize::try_from(addr.wrapping_sub(self.base))
             .ok()
@@ -323,6 +357,44 @@ fn fault_status(f: AccessFault) -> u8 {
     }
 }
 
+/// The ORB's addressing controls, decoded once per start rather than at every use.
+#[derive(Debug, Clone, Copy)]
+struct Mode {
+    fmt1: bool,
+    key: u8,
+    /// Highest address a CCW, IDAL, MIDAL or direct data address may reach.
+    limit: u64,
+    /// Bytes per IDAW.
+    idaw_size: u64,
+    /// Size of the block an IDAW designates, less one.
+    block_mask: u64,
+}
+
+impl Mode {
+    fn of(orb: &Orb) -> Self {
+        let fmt1 = orb.ctl.format1();
+        let idaw = IdawFormat::from_orb(orb.ctl.format2_idaw(), orb.ctl.idaw_2k());
+        Mode {
+            fmt1,
+            key: orb.ctl.key(),
+            limit: if fmt1 { 0x7fff_ffff } else { 0x00ff_ffff },
+            idaw_size: idaw.idaw_size(),
+            block_mask: idaw.block_size() - 1,
+        }
+    }
+}
+
+/// [`CommandKind::of`] for every code: one load per command instead of two matches.
+static KINDS: [CommandKind; 256] = {
+    let mut t = [CommandKind::Invalid; 256];
+    let mut i = 0;
+    while i < 256 {
+        t[i] = CommandKind::of(i as u8);
+        i += 1;
+    }
+    t
+};
+
 /// One started channel program.
 #[derive(Debug, Clone)]
 pub struct ChannelRun {
@@ -345,7 +417,8 @@ struct Scratch {
 #[derive(Debug, Clone)]
 struct Core {
     orb: Orb,
-    idaw: IdawFormat,
+    /// What the ORB says about addressing, decoded once per start.
+    mode: Mode,
     /// Address of the next CCW to fetch.
     next: u32,
     /// Address of the last CCW executed (for the halt CPA).
@@ -473,7 +546,7 @@ impl Core {
     fn new(orb: &Orb) -> Self {
         Core {
             orb: *orb,
-            idaw: IdawFormat::from_orb(orb.ctl.format2_idaw(), orb.ctl.idaw_2k()),
+            mode: Mode::of(orb),
             next: orb.cpa,
             last_ccw: None,
             chained: false,
@@ -495,7 +568,7 @@ impl Core {
         // copy of the whole run per START. The destructuring keeps this in step with `new`.
         let Core {
             orb: o,
-            idaw,
+            mode,
             next,
             last_ccw,
             chained,
@@ -511,7 +584,7 @@ impl Core {
             lean: _,
         } = self;
         *o = *orb;
-        *idaw = IdawFormat::from_orb(orb.ctl.format2_idaw(), orb.ctl.idaw_2k());
+        *mode = Mode::of(orb);
         *next = orb.cpa;
         *last_ccw = None;
         *chained = false;
@@ -527,20 +600,16 @@ impl Core {
     }
 
     fn fmt1(&self) -> bool {
-        self.orb.ctl.format1()
+        self.mode.fmt1
     }
 
     fn key(&self) -> u8 {
-        self.orb.ctl.key()
+        self.mode.key
     }
 
     /// Highest address a CCW, IDAL, MIDAL or direct data address may reach.
     fn limit(&self) -> u64 {
-        if self.fmt1() {
-            0x7fff_ffff
-        } else {
-            0x00ff_ffff
-        }
+        self.mode.limit
     }
 
     /// SCSW word 0 bits the channel copies from the ORB.
@@ -621,6 +690,7 @@ impl Core {
     }
 
     /// Fetches the CCW at `at` (alignment and addressing limit checked).
+    #[inline(always)]
     fn fetch_ccw(&self, mem: &Storage<'_>, at: u32) -> Result<Ccw1, u8> {
         if at & 7 != 0 || at as u64 > self.limit() {
             return Err(cstat::PROGRAM_CHECK);
@@ -636,7 +706,24 @@ impl Core {
     }
 
     /// Fetches the CCW at `at`, following TICs; returns the address of the non-TIC CCW.
+    #[inline(always)]
     fn fetch_following(&mut self, mem: &Storage<'_>, at: u32) -> Result<(u32, Ccw1), Check> {
+        // The usual CCW: no TIC, no fault, the no-data bound not reached. Anything else is
+        // left to the loop, from the start (this changed nothing).
+        if self.no_data < MAX_CCWS_WITHOUT_DATA {
+            if let Ok(ccw) = self.fetch_ccw(mem, at) {
+                if ccw.cmd != command::TIC {
+                    self.no_data += 1;
+                    return Ok((at, ccw));
+                }
+            }
+        }
+        self.fetch_following_loop(mem, at)
+    }
+
+    /// [`Self::fetch_following`] for TICs and checks.
+    #[inline(never)]
+    fn fetch_following_loop(&mut self, mem: &Storage<'_>, at: u32) -> Result<(u32, Ccw1), Check> {
         let mut at = at;
         let mut tic: Option<u32> = None;
         loop {
@@ -688,6 +775,7 @@ impl Core {
     }
 
     /// Checks a CCW's data address (PoP "Designation of Storage Area"; Hercules' checks).
+    #[inline(always)]
     fn check_data_address(&self, ccw: &Ccw1, kind: CommandKind) -> Result<(), u8> {
         let count = ccw.count as u64;
         if count == 0 || (ccw.flags.skp() && kind.is_input()) {
@@ -695,7 +783,7 @@ impl Core {
         }
         let a = ccw.cda as u64;
         let bad = if ccw.flags.ida() {
-            a & (self.idaw.idaw_size() - 1) != 0 || a > self.limit()
+            a & (self.mode.idaw_size - 1) != 0 || a > self.limit()
         } else if ccw.flags.mida() {
             a & 0xf != 0 || a > self.limit()
         } else if kind == CommandKind::ReadBackward {
@@ -802,8 +890,8 @@ impl Core {
         back: bool,
         out: &mut Vec<Piece>,
     ) -> Result<(), u8> {
-        let size = self.idaw.idaw_size();
-        let mask = self.idaw.block_size() - 1;
+        let size = self.mode.idaw_size;
+        let mask = self.mode.block_mask;
         let (limit, key) = (self.limit(), self.key());
         let mut left = count;
         let mut at = idal;
@@ -937,7 +1025,7 @@ impl Core {
             cpa,
             count,
         };
-        let kind = ccw.kind();
+        let kind = KINDS[ccw.cmd as usize];
         if kind == CommandKind::Invalid || kind == CommandKind::Tic {
             return self.finish_check(pc(ccw.count), 0, ccw.flags.pci());
         }
@@ -1065,6 +1153,13 @@ impl Core {
             .unwrap_or(segs.len().saturating_sub(1))
     }
 
+    /// Runs the validated command at `at`: the usual one (one CCW, no data chaining, no
+    /// trace, its data one storage piece: direct within a 4 KiB page or one IDAW; not read
+    /// backward, not skipped; output of at most [`SMALL_OUTPUT`] bytes that fetches without
+    /// fault) without the data-chain lists, doing exactly what `walk` and `transfer` would
+    /// (a test runs both on random programs); any other through [`Self::execute_chain`],
+    /// which also reports every error in the data address.
+    #[inline(always)]
     fn execute(
         &mut self,
         mem: &Storage<'_>,
@@ -1074,85 +1169,38 @@ impl Core {
         kind: CommandKind,
         scratch: &mut Scratch,
     ) -> Step {
-        if self.lean && !self.trace && !ccw.flags.cd() {
-            if let Some(s) = self.execute_single(mem, dev, at, ccw, kind, &mut scratch.buf) {
-                return s;
-            }
-        }
-        let Scratch { buf, segs, pieces } = scratch;
-        let (offered, err) = self.walk(mem, at, ccw, kind, segs, pieces);
-        self.transfer(mem.mem, dev, at, ccw, kind, segs, pieces, buf, offered, err)
-    }
-
-    /// The usual command, without the data-chain lists: one validated CCW at `at` (no data
-    /// chaining, no trace) whose data is one storage piece (direct within a 4 KiB page, or
-    /// one IDAW), not read backward, not skipped, and output of at most [`SMALL_OUTPUT`]
-    /// bytes that fetch without fault. It does exactly what `walk` and `transfer` do for
-    /// it (a test runs both on random programs). `None`, with nothing done: any other
-    /// command, or an error in its data address, which the general path reports.
-    #[inline]
-    fn execute_single(
-        &mut self,
-        mem: &Storage<'_>,
-        dev: &mut dyn DeviceModel,
-        at: u32,
-        ccw: Ccw1,
-        kind: CommandKind,
-        buf: &mut Vec<u8>,
-    ) -> Option<Step> {
         let input = kind.is_input();
         let count = ccw.count as usize;
         let key = self.key();
-        if kind == CommandKind::ReadBackward
+        if !self.lean
+            || self.trace
+            || ccw.flags.cd()
+            || kind == CommandKind::ReadBackward
             || ccw.flags.mida()
             || (input && ccw.flags.skp())
             || (!input && count > SMALL_OUTPUT)
         {
-            return None;
+            return self.execute_chain(mem, dev, at, ccw, kind, scratch);
         }
-        let piece = if count == 0 {
-            None
+        let lo = if count == 0 {
+            0
         } else if ccw.flags.ida() {
             // `resolve_ida`'s first IDAW (no boundary rule), which must cover the count.
-            let a = ccw.cda as u64;
-            if a > self.limit() {
-                return None;
-            }
-            let d = if self.idaw.idaw_size() == 8 {
-                u64::from_be_bytes(mem.fetch::<8>(a, key).ok()?)
-            } else {
-                let w = u32::from_be_bytes(mem.fetch::<4>(a, key).ok()?);
-                if w & 0x8000_0000 != 0 {
-                    return None;
+            match self.first_idaw(mem, ccw.cda as u64) {
+                Some(d)
+                    if count as u64 <= self.mode.block_mask + 1 - (d & self.mode.block_mask) =>
+                {
+                    d
                 }
-                w as u64
-            };
-            let mask = self.idaw.block_size() - 1;
-            if count as u64 > mask + 1 - (d & mask) {
-                return None;
+                _ => return self.execute_chain(mem, dev, at, ccw, kind, scratch),
             }
-            Some(Piece {
-                lo: d,
-                len: count,
-                skip: false,
-            })
         } else {
             let a = ccw.cda as u64;
             if count as u64 > 0x1000 - (a & 0xfff) {
-                return None;
+                return self.execute_chain(mem, dev, at, ccw, kind, scratch);
             }
-            Some(Piece {
-                lo: a,
-                len: count,
-                skip: false,
-            })
+            a
         };
-        let mut small = [0u8; SMALL_OUTPUT];
-        if let (false, Some(p)) = (input, piece) {
-            // A fault here is the general path's to report (it fetches again: a faulting
-            // read stores nothing and changes nothing).
-            mem.mem.read(p.lo, &mut small[..count], key).ok()?;
-        }
         let cmd = Command {
             code: ccw.cmd,
             kind,
@@ -1161,18 +1209,15 @@ impl Core {
             prev_code: self.prev_code,
             seq: self.seq,
         };
-        let zero_cc = std::mem::take(&mut self.initial_due);
-        let (mut outcome, t, fault) = if input {
-            let mut sink = Scatter {
+        let (mut outcome, t, fault, zero_cc) = if input {
+            let zero_cc = std::mem::take(&mut self.initial_due);
+            let mut sink = OnePiece {
                 mem: mem.mem,
                 key,
-                pieces: piece.as_slice(),
-                valid: count,
-                back: false,
-                cursor: (0, 0),
+                lo,
+                len: count,
                 fault: None,
-                trace: None,
-                buf,
+                buf: &mut scratch.buf,
             };
             let mut area = DataArea::direct(count, &mut sink);
             let outcome = dev.execute_area(&cmd, &mut area);
@@ -1181,22 +1226,29 @@ impl Core {
             if put < t {
                 store_zeros(&mut sink, put, t);
             }
-            (outcome, t, sink.fault)
+            (outcome, t, sink.fault, zero_cc)
         } else {
+            let mut small = [0u8; SMALL_OUTPUT];
+            // A fault here is the general path's to report (it fetches again: a faulting
+            // read stores nothing and changes nothing).
+            if count > 0 && mem.mem.read(lo, &mut small[..count], key).is_err() {
+                return self.execute_chain(mem, dev, at, ccw, kind, scratch);
+            }
+            let zero_cc = std::mem::take(&mut self.initial_due);
             let outcome = dev.execute_area(&cmd, &mut DataArea::buffer(&mut small[..count]));
-            (outcome, outcome.transferred.min(count), None)
+            (outcome, outcome.transferred.min(count), None, zero_cc)
         };
         self.device_done(dev, cmd.code, &mut outcome, t);
         let pci = ccw.flags.pci();
         // One piece: a store fault is at offset 0, reached when anything was transferred.
-        if let Some((_, f)) = fault.filter(|_| t > 0) {
+        if let Some(f) = fault.filter(|_| t > 0) {
             let e = ChainErr {
                 cstat: fault_status(f),
                 cpa: at.wrapping_add(8),
                 start: 0,
                 count: ccw.count,
             };
-            return Some(self.fail_command(e, 0, pci, outcome.status, zero_cc));
+            return self.fail_command(e, 0, pci, outcome.status, zero_cc);
         }
         let seg = Seg {
             ccw: at,
@@ -1204,7 +1256,38 @@ impl Core {
             count: ccw.count,
             start: 0,
         };
-        Some(self.end_command(ccw.cmd, seg, pci.then_some(at), outcome, t, zero_cc))
+        self.end_command(ccw.cmd, seg, pci.then_some(at), outcome, t, zero_cc)
+    }
+
+    /// The first IDAW of the IDAL at `idal` when it can be fetched and is valid (as
+    /// `resolve_ida` decodes and checks it).
+    #[inline(always)]
+    fn first_idaw(&self, mem: &Storage<'_>, idal: u64) -> Option<u64> {
+        if idal > self.limit() {
+            return None;
+        }
+        if self.mode.idaw_size == 8 {
+            Some(u64::from_be_bytes(mem.fetch::<8>(idal, self.key()).ok()?))
+        } else {
+            let w = u32::from_be_bytes(mem.fetch::<4>(idal, self.key()).ok()?);
+            (w & 0x8000_0000 == 0).then_some(w as u64)
+        }
+    }
+
+    /// The general command: walks its data chain, then runs the device over it.
+    #[inline(never)]
+    fn execute_chain(
+        &mut self,
+        mem: &Storage<'_>,
+        dev: &mut dyn DeviceModel,
+        at: u32,
+        ccw: Ccw1,
+        kind: CommandKind,
+        scratch: &mut Scratch,
+    ) -> Step {
+        let Scratch { buf, segs, pieces } = scratch;
+        let (offered, err) = self.walk(mem, at, ccw, kind, segs, pieces);
+        self.transfer(mem.mem, dev, at, ccw, kind, segs, pieces, buf, offered, err)
     }
 
     /// Runs the device for the command at `at` whose data chain `walk` resolved.
@@ -1412,7 +1495,7 @@ impl Core {
 
     /// What follows every device execution: status modifier from a command the device did
     /// not declare is dropped, and the bytes moved are counted.
-    #[inline]
+    #[inline(always)]
     fn device_done(&mut self, dev: &dyn DeviceModel, code: u8, outcome: &mut Outcome, t: usize) {
         if outcome.status & dstat::STATUS_MODIFIER != 0
             && !dev.status_modifier_commands().contains(code)
@@ -1447,6 +1530,7 @@ impl Core {
     /// Ends a command that met no error, `t` bytes transferred: the residual count and
     /// incorrect length come from `seg` (the last CCW reached), then the program chains or
     /// ends. `pci_at`: the last CCW up to `seg` with the PCI flag.
+    #[inline(always)]
     fn end_command(
         &mut self,
         code: u8,
