@@ -491,7 +491,27 @@ impl ChannelRun {
     /// Runs the program up to the end of one command (with its data-chained CCWs).
     #[inline]
     pub fn step(&mut self, mem: &dyn ChannelMemory, dev: &mut dyn DeviceModel) -> Step {
-        self.core.step(mem, dev, &mut self.scratch)
+        self.step_while(mem, dev, |_, _| false)
+    }
+
+    /// Steps as [`Self::step`] does, again and again while `more(step, bytes_moved)`
+    /// (asked after every command, with what it returned and [`Self::bytes_moved`] then)
+    /// says so; returns the last step. The subchannel runs commands back to back this
+    /// way, with the program's storage looked up once rather than per command.
+    #[inline]
+    pub(crate) fn step_while(
+        &mut self,
+        mem: &dyn ChannelMemory,
+        dev: &mut dyn DeviceModel,
+        mut more: impl FnMut(Step, u64) -> bool,
+    ) -> Step {
+        let mem = &Storage::new(mem);
+        loop {
+            let s = self.core.step(mem, dev, &mut self.scratch);
+            if !more(s, self.core.moved) {
+                return s;
+            }
+        }
     }
 
     /// Steps until the program ends or suspends (or `max_steps` commands ran) and returns
@@ -999,9 +1019,10 @@ impl Core {
         Ok(())
     }
 
+    #[inline(always)]
     fn step(
         &mut self,
-        mem: &dyn ChannelMemory,
+        mem: &Storage<'_>,
         dev: &mut dyn DeviceModel,
         scratch: &mut Scratch,
     ) -> Step {
@@ -1014,7 +1035,6 @@ impl Core {
             self.started = true;
             dev.start_program();
         }
-        let mem = &Storage::new(mem);
         let (at, ccw) = match self.fetch_following(mem, self.next) {
             Ok(v) => v,
             Err(c) => return self.finish_check(c, 0, false),

@@ -959,14 +959,12 @@ fn step<'a>(
     let seen = sh.seq.load(Ordering::Acquire);
     drop(g);
     let mut moved = exec.run.bytes_moved();
-    let step = guarded("execute", || loop {
-        let s = exec.run.step(&*exec.prog, dev.as_mut());
-        let now = exec.run.bytes_moved();
-        budget.ran(now.wrapping_sub(moved));
-        moved = now;
-        if s != Step::Continue || sh.seq.load(Ordering::Acquire) != seen || budget.spent() {
-            break s;
-        }
+    let step = guarded("execute", || {
+        exec.run.step_while(&*exec.prog, dev.as_mut(), |s, now| {
+            budget.ran(now.wrapping_sub(moved));
+            moved = now;
+            s == Step::Continue && sh.seq.load(Ordering::Acquire) == seen && !budget.spent()
+        })
     });
     let sense = match step {
         Some(Step::Done(s)) if s.dstat & dstat::UNIT_CHECK != 0 => guarded("sense", || dev.sense()),
