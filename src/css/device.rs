@@ -159,6 +159,7 @@ impl<'a> DataArea<'a> {
     }
 
     /// Appends input bytes in transfer order, as many as fit; returns how many were taken.
+    #[inline]
     pub fn put(&mut self, src: &[u8]) -> usize {
         let n = src.len().min(self.remaining());
         if n == 0 {
