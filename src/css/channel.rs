@@ -1906,6 +1906,13 @@ mod lean_tests {
         }
     }
 
+    #[test]
+    fn kind_table_is_command_kind_of() {
+        for c in 0..=255u8 {
+            assert_eq!(KINDS[c as usize], CommandKind::of(c), "code {c:#04x}");
+        }
+    }
+
     /// A plain read through one IDAW takes the single path (so the comparison above
     /// compares something), and a data-chained one does not.
     #[test]
