@@ -434,8 +434,8 @@ struct Core {
     transfers: Vec<Transfer>,
     /// Data bytes the device transferred so far (for the inline time budget).
     moved: u64,
-    /// Whether a command of one CCW and one storage piece takes [`Core::execute_single`]
-    /// (always, but for the test comparing it with the general path).
+    /// Whether a command of one CCW and one storage piece takes the single path of
+    /// [`Core::execute`] (always, but for the test comparing it with the general path).
     lean: bool,
 }
 
@@ -1672,7 +1672,7 @@ pub fn run_to_completion(
 
 #[cfg(test)]
 mod lean_tests {
-    //! [`Core::execute_single`] against the general path (`walk` + `transfer`): random
+    //! The single path of [`Core::execute`] against the general path (`walk` + `transfer`): random
     //! programs run both ways must present the same statuses, leave the same storage and
     //! drive the device the same way.
 
