@@ -1672,9 +1672,9 @@ pub fn run_to_completion(
 
 #[cfg(test)]
 mod lean_tests {
-    //! The single path of [`Core::execute`] against the general path (`walk` + `transfer`): random
-    //! programs run both ways must present the same statuses, leave the same storage and
-    //! drive the device the same way.
+    //! The single path of [`Core::execute`] against the general path (`walk` +
+    //! `transfer`): random programs run both ways must present the same statuses, leave
+    //! the same storage and drive the device the same way.
 
     use super::*;
     use crate::ccw::CommandSet;
