@@ -122,21 +122,30 @@ struct Check;
 
 type Res<T> = Result<T, Check>;
 
-/// The active extent (whole volume unless Define Extent narrowed it).
+/// The active extent (whole volume unless Define Extent narrowed it), as [`track_key`]s.
 #[derive(Debug, Clone, Copy)]
 struct Extent {
-    bcyl: u32,
-    bhead: u32,
-    ecyl: u32,
-    ehead: u32,
+    begin: u64,
+    end: u64,
+}
+
+/// (cylinder, head) as one number ordered as the pair is (cylinder first): an extent check
+/// is one comparison per bound instead of a tuple comparison.
+#[inline]
+fn track_key(cyl: u32, head: u32) -> u64 {
+    (cyl as u64) << 32 | head as u64
 }
 
 impl Extent {
-    fn outside(&self, cyl: u32, head: u32) -> bool {
-        self.before_begin(cyl, head) || (cyl, head) > (self.ecyl, self.ehead)
+    fn new(bcyl: u32, bhead: u32, ecyl: u32, ehead: u32) -> Self {
+        Extent {
+            begin: track_key(bcyl, bhead),
+            end: track_key(ecyl, ehead),
+        }
     }
-    fn before_begin(&self, cyl: u32, head: u32) -> bool {
-        (cyl, head) < (self.bcyl, self.bhead)
+    fn outside(&self, cyl: u32, head: u32) -> bool {
+        let k = track_key(cyl, head);
+        k < self.begin || k > self.end
     }
 }
 
@@ -174,12 +183,7 @@ impl Program {
             fmask: 0,
             gattr: 0,
             blksize: 0,
-            extent: Extent {
-                bcyl: 0,
-                bhead: 0,
-                ecyl: cylinders - 1,
-                ehead: heads - 1,
-            },
+            extent: Extent::new(0, 0, cylinders - 1, heads - 1),
             seek: false,
             locate: false,
             read_ipl: false,
@@ -535,26 +539,27 @@ impl Dasd3390 {
     fn search_count(&mut self, search: &[u8; 5]) -> Res<()> {
         debug_assert!(self.orient == Orient::Index && self.loaded == Some((self.cyl, self.head)));
         let track = self.track();
+        // CCHHR as the top five bytes of a count word.
+        let want = u64::from_be_bytes([
+            search[0], search[1], search[2], search[3], search[4], 0, 0, 0,
+        ]);
         let mut pos = self.pos;
         // The last count field read: (record, key length, data length).
         let mut last: Option<(u8, usize, usize)> = None;
         let end = loop {
-            if let Some((_, kl, dl)) = last {
-                pos += kl + dl;
-            }
-            let Some(raw) = track.get(pos..pos + COUNT_SIZE) else {
+            let Some(w) = count_word(track, pos) else {
                 break None;
             };
-            let raw: [u8; COUNT_SIZE] = raw.try_into().expect("count slice");
             pos += COUNT_SIZE;
-            if raw == END_OF_TRACK {
+            if w == EOT_WORD {
                 break Some(false);
             }
-            let c = CountField::from_bytes(&raw);
-            last = Some((c.rec, c.key_len as usize, c.data_len as usize));
-            if raw[..5] == search[..] {
+            let (rec, kl, dl) = count_parts(w);
+            last = Some((rec, kl, dl));
+            if w >> 24 == want >> 24 {
                 break Some(true);
             }
+            pos += kl + dl;
         };
         self.pos = pos;
         if let Some((rec, kl, dl)) = last {
@@ -905,7 +910,7 @@ impl Dasd3390 {
         let be = |i: usize| u16::from_be_bytes([data[i], data[i + 1]]) as u32;
         let (bcyl, bhead, ecyl, ehead) = (be(8), be(10), be(12), be(14));
         let ext = self.prog.extent;
-        if (bcyl, bhead) > (ecyl, ehead)
+        if track_key(bcyl, bhead) > track_key(ecyl, ehead)
             || bhead >= self.heads
             || ehead >= self.heads
             || ext.outside(bcyl, bhead)
@@ -922,12 +927,7 @@ impl Dasd3390 {
         p.fmask = fmask;
         p.gattr = gattr;
         p.blksize = blksize;
-        p.extent = Extent {
-            bcyl,
-            bhead,
-            ecyl,
-            ehead,
-        };
+        p.extent = Extent::new(bcyl, bhead, ecyl, ehead);
         p.extent_defined = true;
         Ok(())
     }
