@@ -1524,7 +1524,7 @@ fn with_ux(mut o: Outcome, ux: bool) -> Outcome {
 }
 
 impl Dasd3390 {
-    /// `execute_area` for everything [`Self::read_data_fast`] leaves (kept out of line so
+    /// `execute_area` for everything the Read Data fast path leaves (kept out of line so
     /// the fast path does not pay the general path's register saves).
     #[inline(never)]
     fn execute_general(&mut self, cmd: &Command, data: &mut DataArea<'_>) -> Outcome {
@@ -1567,37 +1567,39 @@ impl Dasd3390 {
         }
     }
 
-    /// All of `execute_area` for a Read Data (0x06, 0x86) in the common case of a long
-    /// chain: the device is ready and on its loaded track, oriented after a data field with
-    /// a user record (not R0) next, or at the count or key of the record to read, and the
-    /// data lies inside the slot (or at the end of the track: [`Self::read_data_next_track`]).
-    /// The track is borrowed once and the device state stored once. `None`, with nothing
-    /// changed, leaves every other case (R0, a sequence error, a damaged slot) to the
-    /// general path, which does exactly what this does in the cases it takes.
+    /// Whether a Read Data (0x06, 0x86) may take the fast path at all: the device is ready
+    /// and on its loaded track, and the command is allowed here (what `dispatch` and
+    /// `cmd_read_data` check first).
     #[inline]
-    fn read_data_fast(&mut self, cmd: &Command, data: &mut DataArea<'_>) -> Option<Outcome> {
+    fn read_data_licensed(&self, cmd: &Command) -> bool {
         let p = &self.prog;
         let op = p.op();
-        if !self.ready
-            || p.reject_next
-            || cmd.kind != crate::ccw::CommandKind::Read
-            || !(p.seek || p.locate || p.read_ipl)
-            || (p.lcount > 0 && !(op == OP_READ || (op == OP_READ16 && is_mt(cmd.code))))
-            || self.loaded != Some((self.cyl, self.head))
-        {
-            return None;
-        }
+        self.ready
+            && !p.reject_next
+            && cmd.kind == crate::ccw::CommandKind::Read
+            && (p.seek || p.locate || p.read_ipl)
+            && (p.lcount == 0 || op == OP_READ || (op == OP_READ16 && is_mt(cmd.code)))
+            && self.loaded == Some((self.cyl, self.head))
+    }
+
+    /// The data field a licensed Read Data reads in the common case of a long chain, with
+    /// the state it leaves (data end, record, key and data lengths): the device is oriented
+    /// after a data field with a user record (not R0) next, or at the count or key of the
+    /// record to read, and the data lies inside the slot. The track is borrowed once.
+    /// `None` leaves every other case (the end of the track, R0, a damaged slot) to
+    /// [`Self::read_data_next_track`] or the general path, which does exactly what the fast
+    /// path does in the cases it takes.
+    #[inline]
+    #[allow(clippy::type_complexity)]
+    fn next_data_field(&self) -> Option<(&[u8], usize, u8, usize, usize)> {
         let track = self.track();
         let mut pos = self.pos;
         let (rec, kl, dl) = match self.orient {
             Orient::Data => {
                 let w = count_word(track, pos)?;
-                if w == EOT_WORD {
-                    return self.read_data_next_track(cmd.code, data);
-                }
                 let (rec, kl, dl) = count_parts(w);
-                // R0 is skipped: the general path's business.
-                if rec == 0 {
+                // R0 is skipped, and the end of the track (record 0xFF) moves on, elsewhere.
+                if rec == 0 || w == EOT_WORD {
                     return None;
                 }
                 pos += COUNT_SIZE + kl;
@@ -1611,13 +1613,10 @@ impl Dasd3390 {
             _ => return None,
         };
         let src = track.get(pos..pos + dl)?;
-        let out = with_ux(input(data, src), dl == 0);
-        self.read_data_done(pos + dl, rec, kl, dl);
-        self.prog.index_passed = false;
-        Some(out)
+        Some((src, pos + dl, rec, kl, dl))
     }
 
-    /// [`Self::read_data_fast`] at the end of the track: a multitrack read in a Locate
+    /// The fast path at the end of the track: a multitrack Read Data in a Locate
     /// Record domain on a mapped image moves on to the next track of the extent (what
     /// `read_count`'s `mt_advance` does there: no end-of-cylinder or file mask check in a
     /// domain, the index point not yet passed by this command), if that slot is well
@@ -1625,7 +1624,12 @@ impl Dasd3390 {
     /// the slot's remembered check, otherwise.
     #[inline(never)]
     fn read_data_next_track(&mut self, code: u8, data: &mut DataArea<'_>) -> Option<Outcome> {
-        if !self.mapped || !is_mt(code) || self.prog.lcount == 0 {
+        if !self.mapped
+            || !is_mt(code)
+            || self.prog.lcount == 0
+            || self.orient != Orient::Data
+            || count_word(self.track(), self.pos)? != EOT_WORD
+        {
             return None;
         }
         let t = self.cyl * self.heads + self.head + 1;
@@ -1708,8 +1712,14 @@ impl DeviceModel for Dasd3390 {
     }
 
     fn execute_area(&mut self, cmd: &Command, data: &mut DataArea<'_>) -> Outcome {
-        if cmd.code & 0x7F == 0x06 {
-            if let Some(o) = self.read_data_fast(cmd, data) {
+        if cmd.code & 0x7F == 0x06 && self.read_data_licensed(cmd) {
+            if let Some((src, end, rec, kl, dl)) = self.next_data_field() {
+                let out = with_ux(input(data, src), dl == 0);
+                self.read_data_done(end, rec, kl, dl);
+                self.prog.index_passed = false;
+                return out;
+            }
+            if let Some(o) = self.read_data_next_track(cmd.code, data) {
                 return o;
             }
         }
