@@ -1557,7 +1557,7 @@ impl Dasd3390 {
     #[inline]
     fn end_command(&mut self, f: u8) {
         // What licenses a write outside a Locate Record domain lasts only until the next
-        // command of another kind (checked in `execute_area`, reset here, as Hercules does).
+        // command of another kind (checked by the commands, reset here, as Hercules does).
         let p = &mut self.prog;
         p.ha_equal &= f & CF_KEEP_HA != 0;
         p.id_equal &= f & CF_KEEP_ID != 0;
