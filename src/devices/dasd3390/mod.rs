@@ -1553,6 +1553,28 @@ impl Dasd3390 {
         out
     }
 
+    /// Define Extent (0x63) and Locate Record (0x47), which start every ECKD chain:
+    /// `execute_general` for them alone, in a frame of their own.
+    #[inline(never)]
+    fn execute_extent_locate(&mut self, cmd: &Command, data: &mut DataArea<'_>) -> Outcome {
+        if !self.ready || self.prog.reject_next || cmd.kind != crate::ccw::CommandKind::Control {
+            return self.execute_general(cmd, data);
+        }
+        // A control command: the index point counts again.
+        self.prog.index_passed = false;
+        let r = if cmd.code == 0x63 {
+            self.define_extent(data.output()).map(|()| 16)
+        } else {
+            self.locate_record(data.output(), false).map(|()| 16)
+        };
+        let out = match r {
+            Ok(n) => Outcome::done(n),
+            Err(Check) => Outcome::unit_check(),
+        };
+        self.end_command(CODE_FLAGS[cmd.code as usize]);
+        out
+    }
+
     /// What every command does last, by its [`CODE_FLAGS`] entry.
     #[inline]
     fn end_command(&mut self, f: u8) {
@@ -1722,6 +1744,9 @@ impl DeviceModel for Dasd3390 {
             if let Some(o) = self.read_data_next_track(cmd.code, data) {
                 return o;
             }
+        }
+        if matches!(cmd.code, 0x63 | 0x47) {
+            return self.execute_extent_locate(cmd, data);
         }
         self.execute_general(cmd, data)
     }
