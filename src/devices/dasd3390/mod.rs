@@ -122,21 +122,30 @@ struct Check;
 
 type Res<T> = Result<T, Check>;
 
-/// The active extent (whole volume unless Define Extent narrowed it).
+/// The active extent (whole volume unless Define Extent narrowed it), as [`track_key`]s.
 #[derive(Debug, Clone, Copy)]
 struct Extent {
-    bcyl: u32,
-    bhead: u32,
-    ecyl: u32,
-    ehead: u32,
+    begin: u64,
+    end: u64,
+}
+
+/// (cylinder, head) as one number ordered as the pair is (cylinder first): an extent check
+/// is one comparison per bound instead of a tuple comparison.
+#[inline]
+fn track_key(cyl: u32, head: u32) -> u64 {
+    (cyl as u64) << 32 | head as u64
 }
 
 impl Extent {
-    fn outside(&self, cyl: u32, head: u32) -> bool {
-        self.before_begin(cyl, head) || (cyl, head) > (self.ecyl, self.ehead)
+    fn new(bcyl: u32, bhead: u32, ecyl: u32, ehead: u32) -> Self {
+        Extent {
+            begin: track_key(bcyl, bhead),
+            end: track_key(ecyl, ehead),
+        }
     }
-    fn before_begin(&self, cyl: u32, head: u32) -> bool {
-        (cyl, head) < (self.bcyl, self.bhead)
+    fn outside(&self, cyl: u32, head: u32) -> bool {
+        let k = track_key(cyl, head);
+        k < self.begin || k > self.end
     }
 }
 
@@ -174,12 +183,7 @@ impl Program {
             fmask: 0,
             gattr: 0,
             blksize: 0,
-            extent: Extent {
-                bcyl: 0,
-                bhead: 0,
-                ecyl: cylinders - 1,
-                ehead: heads - 1,
-            },
+            extent: Extent::new(0, 0, cylinders - 1, heads - 1),
             seek: false,
             locate: false,
             read_ipl: false,
@@ -226,8 +230,11 @@ pub struct Dasd3390 {
     /// place, and a Read Data copies from the page cache straight into storage).
     track: Vec<u8>,
     mapped: bool,
-    /// The slot `track()` shows when mapped (the last one loaded).
-    slot: (u32, u32),
+    /// Offset in the image's mapping of the slot `track()` shows when mapped (the last
+    /// one loaded): found once per track switch, so reading the track is one bounds check.
+    slot_off: usize,
+    /// Track slot size.
+    tsize: usize,
     loaded: Option<(u32, u32)>,
     cyl: u32,
     head: u32,
@@ -296,7 +303,9 @@ impl Dasd3390 {
                 vec![0; image.track_size()]
             },
             mapped,
-            slot: (0, 0),
+            // Slot (0, 0), as before any load.
+            slot_off: crate::image::ckd::DEVHDR_SIZE,
+            tsize: image.track_size(),
             cylinders,
             heads: h.heads,
             dev_model: model_for(cylinders),
@@ -378,7 +387,7 @@ impl Dasd3390 {
     fn track(&self) -> &[u8] {
         if self.mapped {
             self.image
-                .mapped_slot(self.slot.0, self.slot.1)
+                .mapped_bytes(self.slot_off, self.tsize)
                 .unwrap_or_default()
         } else {
             &self.track
@@ -393,15 +402,17 @@ impl Dasd3390 {
         let r = if self.mapped {
             // Checked once, then remembered until a write to it (a read-only sequence
             // crossing tracks pays a bit test per track, not a parse).
-            self.image.verify_mapped_track(cyl, head).map(|_| ())
+            self.image.verify_mapped_track(cyl, head)
         } else {
             self.image
                 .read_track(cyl, head, &mut self.track)
-                .map(|_| ())
+                .map(|_| None)
         };
         match r {
-            Ok(()) => {
-                self.slot = (cyl, head);
+            Ok(off) => {
+                if let Some(off) = off {
+                    self.slot_off = off;
+                }
                 self.loaded = Some((cyl, head));
                 Ok(())
             }
@@ -528,26 +539,27 @@ impl Dasd3390 {
     fn search_count(&mut self, search: &[u8; 5]) -> Res<()> {
         debug_assert!(self.orient == Orient::Index && self.loaded == Some((self.cyl, self.head)));
         let track = self.track();
+        // CCHHR as the top five bytes of a count word.
+        let want = u64::from_be_bytes([
+            search[0], search[1], search[2], search[3], search[4], 0, 0, 0,
+        ]);
         let mut pos = self.pos;
         // The last count field read: (record, key length, data length).
         let mut last: Option<(u8, usize, usize)> = None;
         let end = loop {
-            if let Some((_, kl, dl)) = last {
-                pos += kl + dl;
-            }
-            let Some(raw) = track.get(pos..pos + COUNT_SIZE) else {
+            let Some(w) = count_word(track, pos) else {
                 break None;
             };
-            let raw: [u8; COUNT_SIZE] = raw.try_into().expect("count slice");
             pos += COUNT_SIZE;
-            if raw == END_OF_TRACK {
+            if w == EOT_WORD {
                 break Some(false);
             }
-            let c = CountField::from_bytes(&raw);
-            last = Some((c.rec, c.key_len as usize, c.data_len as usize));
-            if raw[..5] == search[..] {
+            let (rec, kl, dl) = count_parts(w);
+            last = Some((rec, kl, dl));
+            if w >> 24 == want >> 24 {
                 break Some(true);
             }
+            pos += kl + dl;
         };
         self.pos = pos;
         if let Some((rec, kl, dl)) = last {
@@ -898,7 +910,7 @@ impl Dasd3390 {
         let be = |i: usize| u16::from_be_bytes([data[i], data[i + 1]]) as u32;
         let (bcyl, bhead, ecyl, ehead) = (be(8), be(10), be(12), be(14));
         let ext = self.prog.extent;
-        if (bcyl, bhead) > (ecyl, ehead)
+        if track_key(bcyl, bhead) > track_key(ecyl, ehead)
             || bhead >= self.heads
             || ehead >= self.heads
             || ext.outside(bcyl, bhead)
@@ -915,12 +927,7 @@ impl Dasd3390 {
         p.fmask = fmask;
         p.gattr = gattr;
         p.blksize = blksize;
-        p.extent = Extent {
-            bcyl,
-            bhead,
-            ecyl,
-            ehead,
-        };
+        p.extent = Extent::new(bcyl, bhead, ecyl, ehead);
         p.extent_defined = true;
         Ok(())
     }
@@ -1516,22 +1523,11 @@ fn with_ux(mut o: Outcome, ux: bool) -> Outcome {
     o
 }
 
-impl DeviceModel for Dasd3390 {
-    /// Only the searches (Search ID Equal/High/Equal-or-High, Search Home Address, and
-    /// their multitrack forms) end with status modifier, when they match.
-    fn status_modifier_commands(&self) -> CommandSet {
-        CommandSet::of(&[0x31, 0x51, 0x71, 0xB1, 0xD1, 0xF1, 0x39, 0xB9])
-    }
-
-    fn start_program(&mut self) {
-        self.prog = Program::new(self.cylinders, self.heads);
-    }
-
-    fn execute(&mut self, cmd: &Command, data: &mut [u8]) -> Outcome {
-        self.execute_area(cmd, &mut DataArea::buffer(data))
-    }
-
-    fn execute_area(&mut self, cmd: &Command, data: &mut DataArea<'_>) -> Outcome {
+impl Dasd3390 {
+    /// `execute_area` for everything the Read Data fast path leaves (kept out of line so
+    /// the fast path does not pay the general path's register saves).
+    #[inline(never)]
+    fn execute_general(&mut self, cmd: &Command, data: &mut DataArea<'_>) -> Outcome {
         let code = cmd.code;
         if !self.ready && code != 0x04 && code != 0xE4 {
             self.check(SENSE_IR, 0, FORMAT_0, 0);
@@ -1553,8 +1549,37 @@ impl DeviceModel for Dasd3390 {
             Ok(o) => o,
             Err(Check) => Outcome::unit_check(),
         };
+        self.end_command(f);
+        out
+    }
+
+    /// Define Extent (0x63) and Locate Record (0x47), which start every ECKD chain:
+    /// `execute_general` for them alone, in a frame of their own.
+    #[inline(never)]
+    fn execute_extent_locate(&mut self, cmd: &Command, data: &mut DataArea<'_>) -> Outcome {
+        if !self.ready || self.prog.reject_next || cmd.kind != crate::ccw::CommandKind::Control {
+            return self.execute_general(cmd, data);
+        }
+        // A control command: the index point counts again.
+        self.prog.index_passed = false;
+        let r = if cmd.code == 0x63 {
+            self.define_extent(data.output()).map(|()| 16)
+        } else {
+            self.locate_record(data.output(), false).map(|()| 16)
+        };
+        let out = match r {
+            Ok(n) => Outcome::done(n),
+            Err(Check) => Outcome::unit_check(),
+        };
+        self.end_command(CODE_FLAGS[cmd.code as usize]);
+        out
+    }
+
+    /// What every command does last, by its [`CODE_FLAGS`] entry.
+    #[inline]
+    fn end_command(&mut self, f: u8) {
         // What licenses a write outside a Locate Record domain lasts only until the next
-        // command of another kind (checked above, reset here, as Hercules does).
+        // command of another kind (checked by the commands, reset here, as Hercules does).
         let p = &mut self.prog;
         p.ha_equal &= f & CF_KEEP_HA != 0;
         p.id_equal &= f & CF_KEEP_ID != 0;
@@ -1562,7 +1587,168 @@ impl DeviceModel for Dasd3390 {
         if p.lcount > 0 && f & CF_NO_LCOUNT == 0 {
             p.lcount -= 1;
         }
-        out
+    }
+
+    /// Whether a Read Data (0x06, 0x86) may take the fast path at all: the device is ready
+    /// and on its loaded track, and the command is allowed here (what `dispatch` and
+    /// `cmd_read_data` check first).
+    #[inline]
+    fn read_data_licensed(&self, cmd: &Command) -> bool {
+        let p = &self.prog;
+        let op = p.op();
+        self.ready
+            && !p.reject_next
+            && cmd.kind == crate::ccw::CommandKind::Read
+            && (p.seek || p.locate || p.read_ipl)
+            && (p.lcount == 0 || op == OP_READ || (op == OP_READ16 && is_mt(cmd.code)))
+            && self.loaded == Some((self.cyl, self.head))
+    }
+
+    /// The data field a licensed Read Data reads in the common case of a long chain, with
+    /// the state it leaves (data end, record, key and data lengths): the device is oriented
+    /// after a data field with a user record (not R0) next, or at the count or key of the
+    /// record to read, and the data lies inside the slot. The track is borrowed once.
+    /// `None` leaves every other case (the end of the track, R0, a damaged slot) to
+    /// [`Self::read_data_next_track`] or the general path, which does exactly what the fast
+    /// path does in the cases it takes.
+    #[inline]
+    #[allow(clippy::type_complexity)]
+    fn next_data_field(&self) -> Option<(&[u8], usize, u8, usize, usize)> {
+        let track = self.track();
+        let mut pos = self.pos;
+        let (rec, kl, dl) = match self.orient {
+            Orient::Data => {
+                let w = count_word(track, pos)?;
+                let (rec, kl, dl) = count_parts(w);
+                // R0 is skipped, and the end of the track (record 0xFF) moves on, elsewhere.
+                if rec == 0 || w == EOT_WORD {
+                    return None;
+                }
+                pos += COUNT_SIZE + kl;
+                (rec, kl, dl)
+            }
+            Orient::Count => {
+                pos += self.kl;
+                (self.rec, self.kl, self.dl)
+            }
+            Orient::Key => (self.rec, self.kl, self.dl),
+            _ => return None,
+        };
+        let src = track.get(pos..pos + dl)?;
+        Some((src, pos + dl, rec, kl, dl))
+    }
+
+    /// The fast path at the end of the track: a multitrack Read Data in a Locate
+    /// Record domain on a mapped image moves on to the next track of the extent (what
+    /// `read_count`'s `mt_advance` does there: no end-of-cylinder or file mask check in a
+    /// domain, the index point not yet passed by this command), if that slot is well
+    /// formed, and reads the first record after its R0. `None`, with nothing changed but
+    /// the slot's remembered check, otherwise.
+    #[inline(never)]
+    fn read_data_next_track(&mut self, code: u8, data: &mut DataArea<'_>) -> Option<Outcome> {
+        if !self.mapped
+            || !is_mt(code)
+            || self.prog.lcount == 0
+            || self.orient != Orient::Data
+            || count_word(self.track(), self.pos)? != EOT_WORD
+        {
+            return None;
+        }
+        let t = self.cyl * self.heads + self.head + 1;
+        let (cyl, head) = (t / self.heads, t % self.heads);
+        if cyl >= self.cylinders || self.prog.extent.outside(cyl, head) {
+            return None;
+        }
+        let off = self.image.verify_mapped_track(cyl, head).ok()??;
+        let track = self.image.mapped_bytes(off, self.tsize)?;
+        let mut pos = HA_SIZE;
+        let mut w = count_word(track, pos)?;
+        if w != EOT_WORD && count_parts(w).0 == 0 {
+            let (_, kl, dl) = count_parts(w);
+            pos += COUNT_SIZE + kl + dl;
+            w = count_word(track, pos)?;
+        }
+        let (rec, kl, dl) = count_parts(w);
+        // A second end of track or R0 is the general path's business.
+        if w == EOT_WORD || rec == 0 {
+            return None;
+        }
+        pos += COUNT_SIZE + kl;
+        let src = track.get(pos..pos + dl)?;
+        let out = with_ux(input(data, src), dl == 0);
+        (self.cyl, self.head) = (cyl, head);
+        self.loaded = Some((cyl, head));
+        self.slot_off = off;
+        self.read_data_done(pos + dl, rec, kl, dl);
+        // Passing the index point on the way is remembered, as `read_count` does.
+        self.prog.index_passed = true;
+        Some(out)
+    }
+
+    /// The state a Read Data leaves: after the data of record `rec` (`kl`, `dl`), data
+    /// field ending at `end`; then the end of the command.
+    #[inline]
+    fn read_data_done(&mut self, end: usize, rec: u8, kl: usize, dl: usize) {
+        self.pos = end;
+        (self.rec, self.kl, self.dl) = (rec, kl, dl);
+        self.orient = Orient::Data;
+        self.end_command(READ_DATA_FLAGS);
+    }
+}
+
+/// [`CODE_FLAGS`] of Read Data, both forms (checked in the tests).
+const READ_DATA_FLAGS: u8 = code_flags(0x06);
+
+/// The end-of-track marker as [`count_word`] reads it.
+const EOT_WORD: u64 = u64::from_be_bytes(END_OF_TRACK);
+
+/// The count field at `pos` of a track image as one big-endian word, if it lies inside.
+#[inline]
+fn count_word(track: &[u8], pos: usize) -> Option<u64> {
+    let raw: [u8; COUNT_SIZE] = track
+        .get(pos..pos.checked_add(COUNT_SIZE)?)?
+        .try_into()
+        .ok()?;
+    Some(u64::from_be_bytes(raw))
+}
+
+/// Record number, key length and data length of a count word (CC HH R KL DL).
+#[inline]
+fn count_parts(w: u64) -> (u8, usize, usize) {
+    ((w >> 24) as u8, (w >> 16) as u8 as usize, w as u16 as usize)
+}
+
+impl DeviceModel for Dasd3390 {
+    /// Only the searches (Search ID Equal/High/Equal-or-High, Search Home Address, and
+    /// their multitrack forms) end with status modifier, when they match.
+    fn status_modifier_commands(&self) -> CommandSet {
+        CommandSet::of(&[0x31, 0x51, 0x71, 0xB1, 0xD1, 0xF1, 0x39, 0xB9])
+    }
+
+    fn start_program(&mut self) {
+        self.prog = Program::new(self.cylinders, self.heads);
+    }
+
+    fn execute(&mut self, cmd: &Command, data: &mut [u8]) -> Outcome {
+        self.execute_area(cmd, &mut DataArea::buffer(data))
+    }
+
+    fn execute_area(&mut self, cmd: &Command, data: &mut DataArea<'_>) -> Outcome {
+        if cmd.code & 0x7F == 0x06 && self.read_data_licensed(cmd) {
+            if let Some((src, end, rec, kl, dl)) = self.next_data_field() {
+                let out = with_ux(input(data, src), dl == 0);
+                self.read_data_done(end, rec, kl, dl);
+                self.prog.index_passed = false;
+                return out;
+            }
+            if let Some(o) = self.read_data_next_track(cmd.code, data) {
+                return o;
+            }
+        }
+        if matches!(cmd.code, 0x63 | 0x47) {
+            return self.execute_extent_locate(cmd, data);
+        }
+        self.execute_general(cmd, data)
     }
 
     fn sense(&self) -> Vec<u8> {

@@ -1044,3 +1044,130 @@ fn mapped_and_pread_images_behave_alike() {
         std::fs::read(&plain.path).unwrap()
     );
 }
+
+#[test]
+fn read_data_fast_path_flags_are_read_datas() {
+    assert_eq!(READ_DATA_FLAGS, CODE_FLAGS[0x06]);
+    assert_eq!(READ_DATA_FLAGS, CODE_FLAGS[0x86]);
+    assert_eq!(EOT_WORD, u64::MAX);
+    assert_eq!(
+        count_parts(u64::from_be_bytes([0, 1, 0, 2, 3, 4, 0x10, 0x01])),
+        (3, 4, 0x1001)
+    );
+    assert_eq!(count_word(&[0xFF; 12], 4), Some(EOT_WORD));
+    assert_eq!(count_word(&[0xFF; 12], 5), None);
+    assert_eq!(count_word(&[0xFF; 12], usize::MAX), None);
+}
+
+/// Read Data's fast path (the track borrowed once, the next track of a multitrack read
+/// entered without the general path) against the general one: a write to the track being
+/// read is seen by the next read, in the same Locate Record domain's program and across
+/// domains and tracks; the index point passed on the way, the end of the extent and a
+/// track with nothing after R0 end as before. The mapped device takes the fast track
+/// switch, the `pread` one does not: both must agree, and with the expected bytes.
+#[test]
+fn writes_are_read_at_once_and_multitrack_reads_agree() {
+    /// Outcome, bytes, and the sense after a unit check.
+    type Step = (Outcome, Vec<u8>, Vec<u8>);
+    fn step(p: &mut Prog<'_>, code: u8, buf: Vec<u8>) -> Step {
+        let (o, b) = p.io(code, buf);
+        let s = if o.status & UNIT_CHECK != 0 {
+            p.dev.sense()
+        } else {
+            Vec::new()
+        };
+        (o, b, s)
+    }
+    fn fill(head: u16, rec: u8) -> u8 {
+        0x10 * head as u8 + rec
+    }
+    fn script(dev: &mut Dasd3390) -> Vec<Step> {
+        for head in 0..2u16 {
+            let mut p = Prog::new(dev);
+            p.ok(0x63, de(0xC0, 1, 0, 1, 1, 4096));
+            p.ok(0x47, lr(0x03, 3, 1, head, 0, 4096));
+            for r in 1..=3u8 {
+                p.ok(0x1D, ckd(1, head, r, &[], &[fill(head, r); 4096]));
+            }
+        }
+        let mut out = Vec::new();
+        let mut p = Prog::new(dev);
+        out.push(step(&mut p, 0x63, de(0xC0, 1, 0, 1, 1, 4096)));
+        out.push(step(&mut p, 0x47, lr(0x06, 1, 1, 0, 1, 4096)));
+        out.push(step(&mut p, 0x86, vec![0; 4096])); // 2: (1,0) R1
+        out.push(step(&mut p, 0x47, lr(0x01, 1, 1, 0, 2, 4096)));
+        out.push(step(&mut p, 0x85, vec![0xEE; 4096]));
+        out.push(step(&mut p, 0x47, lr(0x06, 3, 1, 0, 2, 4096)));
+        out.push(step(&mut p, 0x86, vec![0; 4096])); // 6: (1,0) R2, just written
+        out.push(step(&mut p, 0x86, vec![0; 4096])); // 7: (1,0) R3
+        out.push(step(&mut p, 0x86, vec![0; 4096])); // 8: (1,1) R1, next track
+        out.push(step(&mut p, 0x47, lr(0x01, 1, 1, 1, 2, 4096)));
+        out.push(step(&mut p, 0x85, vec![0xDD; 4096]));
+        out.push(step(&mut p, 0x47, lr(0x06, 2, 1, 1, 1, 4096)));
+        out.push(step(&mut p, 0x86, vec![0; 4096])); // 12: (1,1) R1
+        out.push(step(&mut p, 0x86, vec![0; 4096])); // 13: (1,1) R2, just written
+                                                     // The index point passed by the track switch stays passed for single-track Read
+                                                     // Counts: the end of the new track is no record found, not a wrap.
+        let mut p = Prog::new(dev);
+        out.push(step(&mut p, 0x63, de(0x40, 1, 0, 1, 1, 4096)));
+        out.push(step(&mut p, 0x47, lr(0x06, 6, 1, 0, 3, 4096)));
+        out.push(step(&mut p, 0x86, vec![0; 4096])); // 16: (1,0) R3
+        out.push(step(&mut p, 0x86, vec![0; 4096])); // 17: (1,1) R1
+        out.push(step(&mut p, 0x12, vec![0; 8])); // 18: R2's count
+        out.push(step(&mut p, 0x12, vec![0; 8])); // 19: R3's count
+        out.push(step(&mut p, 0x12, vec![0; 8])); // 20: no record found
+                                                  // The end of the extent: file protected.
+        let mut p = Prog::new(dev);
+        out.push(step(&mut p, 0x63, de(0x40, 1, 0, 1, 1, 4096)));
+        out.push(step(&mut p, 0x47, lr(0x06, 3, 1, 1, 3, 4096)));
+        out.push(step(&mut p, 0x86, vec![0; 4096])); // 23: (1,1) R3
+        out.push(step(&mut p, 0x86, vec![0; 4096])); // 24: file protected
+                                                     // A next track with only R0: no record found.
+        let mut p = Prog::new(dev);
+        out.push(step(&mut p, 0x63, de(0x40, 1, 0, 1, 2, 4096)));
+        out.push(step(&mut p, 0x47, lr(0x06, 3, 1, 1, 3, 4096)));
+        out.push(step(&mut p, 0x86, vec![0; 4096])); // 27: (1,1) R3
+        out.push(step(&mut p, 0x86, vec![0; 4096])); // 28: no record found
+        out
+    }
+    let mapped = vol();
+    let plain = vol();
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&plain.path)
+        .unwrap();
+    let img = CkdImage::from_backing(Box::new(file), CkdOpenOptions::default()).unwrap();
+    let mut plain_dev = Dasd3390::new(img, 0).unwrap();
+    let mut mapped_dev = mapped.dev;
+    assert!(mapped_dev.image().is_mapped());
+    let a = script(&mut mapped_dev);
+    let b = script(&mut plain_dev);
+    assert_eq!(a, b);
+    let data = |i: usize, byte: u8| {
+        assert_eq!(a[i].0.status, OK, "step {i}: {:02x?}", a[i].2);
+        assert_eq!(a[i].1, vec![byte; 4096], "step {i}");
+    };
+    data(2, fill(0, 1));
+    data(6, 0xEE);
+    data(7, fill(0, 3));
+    data(8, fill(1, 1));
+    data(12, fill(1, 1));
+    data(13, 0xDD);
+    data(16, fill(0, 3));
+    data(17, fill(1, 1));
+    assert_eq!(a[18].1, [0, 1, 0, 1, 2, 0, 0x10, 0]);
+    assert_eq!(a[19].1, [0, 1, 0, 1, 3, 0, 0x10, 0]);
+    assert_eq!(a[20].0.status, UC);
+    assert_eq!(a[20].2[1], SENSE1_NRF);
+    data(23, fill(1, 3));
+    assert_eq!(a[24].0.status, UC);
+    assert_eq!(a[24].2[1], SENSE1_FP);
+    data(27, fill(1, 3));
+    assert_eq!(a[28].0.status, UC);
+    assert_eq!(a[28].2[1], SENSE1_NRF);
+    assert!(a
+        .iter()
+        .enumerate()
+        .all(|(i, s)| matches!(i, 20 | 24 | 28) || s.0.status & UNIT_CHECK == 0));
+}
