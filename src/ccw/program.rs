@@ -428,7 +428,12 @@ impl ChannelMemory for HostProgram {
             }
             return Ok(());
         }
-        self.check_pages(addr, buf.len(), key, false)?;
+        match single_pin_page(self, addr, buf.len()) {
+            Some(Some((_, skey))) if key_allows(key, skey, false) => {}
+            Some(Some(_)) => return Err(AccessFault::Protection(addr)),
+            Some(None) => return Err(AccessFault::Addressing(addr)),
+            None => self.check_pages(addr, buf.len(), key, false)?,
+        }
         // The usual small sizes (control data) are fixed-size copies: no call.
         let (src, dst, n) = (addr as *const u8, buf.as_mut_ptr(), buf.len());
         // SAFETY: check_pages proved every byte of [addr, addr + len) lies in a page this
@@ -449,7 +454,12 @@ impl ChannelMemory for HostProgram {
             // The channel never stores into its own program.
             return Err(AccessFault::Addressing(addr));
         }
-        self.check_pages(addr, data.len(), key, true)?;
+        match single_pin_page(self, addr, data.len()) {
+            Some(Some((true, skey))) if key_allows(key, skey, true) => {}
+            Some(Some((true, _))) => return Err(AccessFault::Protection(addr)),
+            Some(_) => return Err(AccessFault::Addressing(addr)),
+            None => self.check_pages(addr, data.len(), key, true)?,
+        }
         // SAFETY: as in `read`, and every page was pinned for writing (checked above).
         unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), addr as *mut u8, data.len()) };
         Ok(())
@@ -459,6 +469,21 @@ impl ChannelMemory for HostProgram {
         // `read` answers a fetch inside the image from it, whatever the key.
         Some((self.base as u64, &self.image))
     }
+}
+
+/// For a piece `[addr, addr + len)` inside one page of a program holding a single pin of at
+/// most two runs and no page list (every small program): the page's (writable, key) if the
+/// pin holds it, `Some(None)` if not, as `HostProgram::page_of` would answer; `None` for
+/// anything else (ask `check_pages`). One lookup, inline: the piece a channel moves is
+/// usually a CCW's data inside one page.
+#[inline]
+fn single_pin_page(p: &HostProgram, addr: u64, len: usize) -> Option<Option<(bool, u8)>> {
+    let in_one_page = len != 0 && (addr % PAGE_SIZE) + len as u64 <= PAGE_SIZE;
+    if !in_one_page || !p.pins.rest.is_empty() || p.pages.get().is_some() {
+        return None;
+    }
+    let found = p.pins.first.as_ref()?.page_at(addr)?;
+    Some(found.map(|(_, _, writable, key)| (writable, key)))
 }
 
 impl fmt::Debug for HostProgram {

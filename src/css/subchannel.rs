@@ -771,9 +771,9 @@ fn next_work(g: &mut Inner, seq: &AtomicU64) -> Work {
         } else {
             g.actl &= !actl::START_PENDING;
         }
-        // Decide again at once, under the same lock: nobody waits on a start (no
-        // `done` wake-up needed), and a turn of the caller's loop costs more than this.
-        return next_work(g, seq);
+        // Go on at once, under the same lock: nobody waits on a start (no `done` wake-up
+        // needed). Nothing checked above changed (no status, halt or clear came with the
+        // start), so the program is what is left to decide on.
     }
     let runnable =
         g.exec.is_some() && (g.actl & actl::SUSPENDED == 0 || g.actl & actl::RESUME_PENDING != 0);

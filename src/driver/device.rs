@@ -267,7 +267,11 @@ impl DerefMut for Locked<'_> {
 
 impl Drop for Locked<'_> {
     fn drop(&mut self) {
-        self.after.0.drain(&mut self.g);
+        // Usually there is nothing to drain (a read, a request that presented no status):
+        // decided here without a call. `drain` looks at the queue the same way.
+        if self.g.inline_irb.is_some() || self.after.0.queued.load(Ordering::SeqCst) != 0 {
+            self.after.0.drain(&mut self.g);
+        }
     }
 }
 
@@ -369,14 +373,24 @@ impl Shared {
     fn drain(&self, st: &mut Inner) {
         // Presented before anything its START left in the queue (see `interrupt`).
         if let Some(irb) = st.inline_irb.take() {
-            self.handle(st, Pending::Irb(irb));
+            self.fsm_interrupt(st, irb);
         }
         while let Some(ev) = self.pop() {
             self.handle(st, ev);
         }
     }
 
+    #[inline]
     fn drain_after_unlock(&self) {
+        // Pairs with the fence in `push` (see there). The queue is usually empty: no call.
+        fence(Ordering::SeqCst);
+        if self.queued.load(Ordering::SeqCst) != 0 {
+            self.drain_after_unlock_slow();
+        }
+    }
+
+    #[cold]
+    fn drain_after_unlock_slow(&self) {
         loop {
             // Pairs with the fence in `push` (see there).
             fence(Ordering::SeqCst);

@@ -8,7 +8,7 @@ use super::fsm::State;
 use super::regions::{CCW_IO_REGION_SIZE, IO_ORB_OFFSET, IO_RET_CODE_OFFSET, IO_SCSW_OFFSET};
 use crate::ccw::{translate, ChannelStatus};
 use crate::orb::{fctl, stctl, Irb, Orb, Scsw, ScswFlags};
-use crate::orb::{ORB_SIZE, SCSW_SIZE};
+use crate::orb::{IRB_SIZE, ORB_SIZE, SCSW_SIZE};
 
 /// Stores `ret` (0 or a negative errno) in the region's host-order `ret_code`.
 pub(super) fn set_ret_code(region: &mut [u8; CCW_IO_REGION_SIZE], ret: i32) {
@@ -79,14 +79,26 @@ impl Shared {
     pub(super) fn read_io_region(&self, offset: u64, buf: &mut [u8]) -> Result<usize, DeviceError> {
         let r = region_range(offset, buf.len(), CCW_IO_REGION_SIZE)?;
         let st = self.lock();
-        buf.copy_from_slice(&st.io_region[r]);
+        let src = &st.io_region[r];
+        // The usual read (the IRB) as a fixed-size copy: no call.
+        match (
+            <&mut [u8; IRB_SIZE]>::try_from(&mut *buf),
+            <&[u8; IRB_SIZE]>::try_from(src),
+        ) {
+            (Ok(d), Ok(s)) => *d = *s,
+            _ => buf.copy_from_slice(src),
+        }
         Ok(buf.len())
     }
 
     pub(super) fn write_io_region(&self, offset: u64, data: &[u8]) -> Result<usize, DeviceError> {
         let r = region_range(offset, data.len(), CCW_IO_REGION_SIZE)?;
         let mut st = self.try_lock().ok_or(DeviceError::Again)?;
-        st.io_region[r].copy_from_slice(data);
+        // The usual write (the whole region, as QEMU writes it) as a fixed-size copy.
+        match <&[u8; CCW_IO_REGION_SIZE]>::try_from(data) {
+            Ok(all) => st.io_region = *all,
+            Err(_) => st.io_region[r].copy_from_slice(data),
+        }
         self.fsm_event(&mut st, super::fsm::Event::IoReq);
         self.mirror_io(&st);
         write_result(ret_code(&st.io_region), data.len())
