@@ -727,7 +727,8 @@ impl Drop for EmulatedSubchannel {
 
 /// What the channel thread does next, decided under the lock.
 enum Work {
-    Deliver(EventSink, SubchannelEvent),
+    /// Status or a channel report is pending: [`deliver`] takes it, still under the lock.
+    Deliver(EventSink),
     Step(Exec, Box<dyn DeviceModel>),
     Idle(u64),
     Again,
@@ -745,10 +746,11 @@ fn next_work(g: &mut Inner, seq: &AtomicU64) -> Work {
         return Work::Again;
     }
     // The sink is cloned only when there is something to deliver (an `Arc` clone and drop
-    // per loop turn otherwise).
-    if g.sink.is_some() && (g.pending.is_some() || !g.crws.is_empty()) {
-        if let (Some(sink), Some(ev)) = (g.sink.clone(), g.take_event()) {
-            return Work::Deliver(sink, ev);
+    // per loop turn otherwise). The event stays in `Inner` until `deliver` takes it: the IRB
+    // is not moved through `Work`.
+    if g.pending.is_some() || !g.crws.is_empty() {
+        if let Some(sink) = g.sink.clone() {
+            return Work::Deliver(sink);
         }
     }
     if g.actl & actl::HALT_PENDING != 0 {
@@ -853,13 +855,16 @@ fn finish_step(g: &mut Inner, mut exec: Exec, step: Option<Step>, sense: Option<
     }
 }
 
-/// Hands one event to the sink with the lock released; returns the lock.
+/// Takes the pending event (lock held, as [`next_work`] left it) and hands it to the sink with
+/// the lock released; returns the lock.
 fn deliver<'a>(
     sh: &'a Shared,
-    g: MutexGuard<'a, Inner>,
+    mut g: MutexGuard<'a, Inner>,
     sink: EventSink,
-    ev: SubchannelEvent,
 ) -> MutexGuard<'a, Inner> {
+    let Some(ev) = g.take_event() else {
+        return g;
+    };
     drop(g);
     if catch_unwind(AssertUnwindSafe(|| sink(ev))).is_err() {
         tracing::error!(devno = sh.devno, "subchannel event sink panicked");
@@ -1010,7 +1015,7 @@ fn run_inline<'a>(sh: &'a Shared, mut g: MutexGuard<'a, Inner>) {
         match next_work(&mut g, &sh.seq) {
             Work::Exit => break,
             Work::Again => sh.done.notify_all(),
-            Work::Deliver(sink, ev) => g = deliver(sh, g, sink, ev),
+            Work::Deliver(sink) => g = deliver(sh, g, sink),
             Work::Step(exec, dev) => g = step(sh, g, exec, dev, &mut budget),
             Work::Idle(_) => {
                 // Nothing left for anybody (the program ended or is suspended).
@@ -1049,9 +1054,9 @@ fn channel_thread(sh: Arc<Shared>) {
                 // Wake clear() callers whose request was just performed.
                 sh.done.notify_all();
             }
-            Work::Deliver(sink, ev) => {
+            Work::Deliver(sink) => {
                 g.runner = Runner::Channel;
-                g = deliver(&sh, g, sink, ev);
+                g = deliver(&sh, g, sink);
             }
             Work::Step(exec, dev) => {
                 g.runner = Runner::Channel;
