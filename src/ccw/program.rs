@@ -604,4 +604,106 @@ mod tests {
         let g = m.to_guest_scsw(&s);
         assert_eq!((g.cpa, g.count), (0x2010, 305));
     }
+
+    /// The one-page lookup of `read`/`write` answers as the general check does, for every
+    /// kind of piece: in a read-only or a writable page, keyed or not, fetch-protected or not,
+    /// crossing into an unpinned page, outside every pin, empty.
+    #[test]
+    fn one_page_accesses_answer_as_the_general_check() {
+        use crate::ccw::{translate, CcwFlags, TranslateConfig};
+        use crate::css::ChannelMemory;
+        use crate::iommu_store::{Backing, IommuStore, Perm, StoreConfig};
+
+        let store = IommuStore::new(StoreConfig::default());
+        store
+            .map_dma(0x1000, 0x10000, Perm::READ_WRITE, Backing::Anonymous)
+            .unwrap();
+        // WRITE 16 bytes from 0x3000 (read-only pin), READ a page into 0x5000 (writable).
+        let ccws = [
+            Ccw1 {
+                cmd: 0x01,
+                flags: CcwFlags::new().with_cc(true),
+                count: 16,
+                cda: 0x3000,
+            },
+            Ccw1 {
+                cmd: 0x02,
+                flags: CcwFlags::new(),
+                count: 0x1000,
+                cda: 0x5000,
+            },
+        ];
+        for (i, c) in ccws.iter().enumerate() {
+            store.write(0x2000 + 8 * i as u64, &c.to_bytes()).unwrap();
+        }
+        // Both pages keyed 3; the data page fetch-protected too.
+        store.set_storage_key(0x3000, 0x30).unwrap();
+        store.set_storage_key(0x5000, 0x38).unwrap();
+        store.write(0x3000, &[0x11; 16]).unwrap();
+        let orb = Orb {
+            intparm: 0,
+            ctl: OrbControls::new().with_format1(true),
+            cpa: 0x2000,
+        };
+        let p = translate(&orb, &store, &TranslateConfig::default()).unwrap();
+        assert!(
+            p.pins.rest.is_empty(),
+            "one pin: the one-page lookup applies"
+        );
+        // The host addresses of the two pages (the IDAWs), found without building the page
+        // list (which would turn the one-page lookup off).
+        let hosts: Vec<u64> = p.idaws().map(|(_, h)| h).collect();
+        let (out, inp) = (hosts[0], hosts[1]);
+        assert_eq!(p.host_to_guest(out), Some(0x3000));
+        assert_eq!(p.host_to_guest(inp), Some(0x5000));
+        assert!(p.pages.get().is_none());
+        let mut cases = 0;
+        for base in [out, inp, inp + 0x1000, 0xffff_ffff_ffff_f000] {
+            for off in [0u64, 8, 0xff0, 0xff8, 0xfff] {
+                for len in [0usize, 1, 8, 16, 0x10] {
+                    for key in [0u8, 3, 4] {
+                        let a = base + off;
+                        let mut buf = vec![0u8; len];
+                        assert_eq!(
+                            p.read(a, &mut buf, key),
+                            p.check_pages(a, len, key, false),
+                            "read {a:#x}+{len} key {key}"
+                        );
+                        let data = vec![0x22u8; len];
+                        assert_eq!(
+                            p.write(a, &data, key),
+                            p.check_pages(a, len, key, true),
+                            "write {a:#x}+{len} key {key}"
+                        );
+                        cases += 1;
+                    }
+                }
+            }
+        }
+        assert_eq!(cases, 300);
+        assert!(
+            p.pages.get().is_none(),
+            "every lookup above was the one-page one"
+        );
+        // The answers themselves, byte for byte where they succeed.
+        let mut b = [0u8; 16];
+        assert_eq!(p.read(out, &mut b, 4), Ok(()), "not fetch-protected");
+        assert_eq!(b, [0x11; 16]);
+        assert_eq!(p.write(out, &[1], 0), Err(AccessFault::Addressing(out)));
+        assert_eq!(
+            p.write(inp + 8, &[1], 4),
+            Err(AccessFault::Protection(inp + 8))
+        );
+        assert_eq!(p.read(inp, &mut b, 4), Err(AccessFault::Protection(inp)));
+        assert_eq!(
+            p.write(inp + 0xff8, &[1; 16], 3),
+            Err(AccessFault::Addressing(inp + 0x1000)),
+            "crossing into an unpinned page"
+        );
+        p.write(inp + 0xff0, &[0x33; 16], 3).unwrap();
+        drop(p);
+        let mut g = [0u8; 16];
+        store.read(0x5ff0, &mut g).unwrap();
+        assert_eq!(g, [0x33; 16]);
+    }
 }
