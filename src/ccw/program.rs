@@ -381,6 +381,9 @@ impl HostProgram {
     }
 
     /// Resolves `[addr, addr + len)` to pieces of pinned pages, checking access and key.
+    /// Out of line: `read` and `write` answer the usual piece without it, and so save no
+    /// registers for it.
+    #[inline(never)]
     fn check_pages(&self, addr: u64, len: usize, key: u8, store: bool) -> Result<(), AccessFault> {
         let mut a = addr;
         let end = addr
