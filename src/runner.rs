@@ -203,6 +203,12 @@ impl Stack {
     /// it; returns the counter.
     pub fn wait_irq(&self, how: Wait, timeout: Duration) -> Result<u64, RunError> {
         if let Some(l) = &self.latch {
+            // Usually signalled already (an inline START presents its interrupt before it
+            // returns): taken here, without a call, whichever way the caller waits.
+            match l.take() {
+                0 => {}
+                n => return Ok(n),
+            }
             return match how {
                 Wait::Block => l.wait(timeout).ok_or(RunError::Timeout(timeout)),
                 Wait::Spin => {
