@@ -434,8 +434,9 @@ impl Shared {
         let done = Done;
         let cc = self.backend.start(program);
         drop(done);
-        if let Some(irb) = INLINE_IRB.with(Cell::take) {
-            st.inline_irb = Some(irb);
+        let irb = INLINE_IRB.with(Cell::take);
+        if irb.is_some() {
+            st.inline_irb = irb;
         }
         cc
     }
@@ -444,15 +445,13 @@ impl Shared {
 impl SubchannelEvents for Shared {
     fn interrupt(&self, irb: Irb) {
         if STARTING.with(|s| std::ptr::eq(s.get(), self)) {
-            let kept = INLINE_IRB.with(|slot| match slot.take() {
-                None => {
+            // Only the first is kept; looking at the slot copies nothing but its tag.
+            let kept = INLINE_IRB.with(|slot| {
+                let free = slot.get().is_none();
+                if free {
                     slot.set(Some(irb));
-                    true
                 }
-                first => {
-                    slot.set(first);
-                    false
-                }
+                free
             });
             if kept {
                 return;
