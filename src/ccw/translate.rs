@@ -165,6 +165,11 @@ fn translate_with(
     let store = &store.view();
     // 2K guest IDAWs can only be carried by 2K host IDAWs; everything else goes in 4K ones.
     let guest_fmt = IdawFormat::from_orb(ctl.format2_idaw(), ctl.idaw_2k());
+    if fast {
+        if let Some(p) = translate_short(orb, store, cfg, guest_fmt) {
+            return Ok(p);
+        }
+    }
     if let Some(chain) = walk_simple(orb, store, cfg).filter(|_| fast) {
         let uses_2k = guest_fmt.block_size() == 2048 && chain.ccws.iter().any(|c| c.flags.ida());
         let mut b = Builder::new(
@@ -555,6 +560,175 @@ fn walk(orb: &Orb, store: &StoreView, cfg: &TranslateConfig) -> Result<Vec<Segme
         segments.push(Segment { head, ccws });
     }
     Ok(segments)
+}
+
+/// CCWs at most in a [`translate_short`] program.
+const SHORT_CCWS: usize = 8;
+
+// A short program can never hold too many no-data CCWs in a row.
+const _: () = assert!(SHORT_CCWS <= MAX_NO_DATA_CCWS);
+
+/// The shortest fast path, for the commonest program: one segment of at most
+/// [`SHORT_CCWS`] command-chained CCWs in one page (no TIC, no data chaining, no trap slot
+/// after it), each one without data, direct, or with a one-IDAW IDAL. Its host program is
+/// the one [`Builder::build_simple`] builds for it (the same bytes, pins and maps), made in
+/// one pass over fixed-size, stack-held state: no [`SimpleChain`], no [`Builder`], no list
+/// cache. `None` (nothing kept pinned) for anything else, every error included: the other
+/// paths then decide.
+fn translate_short(
+    orb: &Orb,
+    store: &StoreView,
+    cfg: &TranslateConfig,
+    guest_fmt: IdawFormat,
+) -> Option<HostProgram> {
+    let ctl = &orb.ctl;
+    let (fmt1, key) = (ctl.format1(), ctl.key());
+    let head = orb.cpa as u64;
+    // (At most what the general walk may hold in one segment, within the page.)
+    let in_page = ((PAGE_SIZE - head % PAGE_SIZE) / CCW_SIZE) as usize;
+    let fetched = in_page.min(cfg.max_segment_ccws).min(SHORT_CCWS);
+    if cfg.max_segments == 0 || fetched == 0 {
+        return None;
+    }
+    let mut raw = [0u8; SHORT_CCWS * CCW_SIZE as usize];
+    fetch(store, head, &mut raw[..fetched * CCW_SIZE as usize], key).ok()?;
+    let rules = Rules::of(orb);
+    // The guest CCWs (format 1) up to the chain's end.
+    let mut ccws = [Ccw1::default(); SHORT_CCWS];
+    let mut n = 0usize;
+    let mut ida = false;
+    loop {
+        if n == fetched {
+            return None;
+        }
+        let addr = head + CCW_SIZE * n as u64;
+        let at = n * CCW_SIZE as usize;
+        let c = decode(&raw[at..at + CCW_SIZE as usize], fmt1);
+        if is_tic(&c) || c.flags.cd() || validate(&c, addr, &rules, false).is_err() {
+            return None;
+        }
+        ccws[n] = c;
+        n += 1;
+        ida |= c.flags.ida();
+        if !c.flags.cc() {
+            break;
+        }
+    }
+    // A status-modifier skip from the CCW before the last reaches the slot after the chain:
+    // a trap slot, for the other fast path.
+    if n >= 2 && cfg.status_modifier.contains(ccws[n - 2].cmd) {
+        return None;
+    }
+    let host_block = if guest_fmt.block_size() == 2048 && ida {
+        2048
+    } else {
+        4096
+    };
+    let mut idaws: InlineVec<u64, 8> = InlineVec::default();
+    let mut runs: InlineVec<(u64, u64, u8), 4> = InlineVec::default();
+    // Host CCWs; a data CCW's `cda` the index of its first IDAW until the IDAWs are placed.
+    let mut host = [Ccw1::default(); SHORT_CCWS];
+    for (i, (c, h)) in ccws[..n].iter().zip(&mut host).enumerate() {
+        let kind = kind_of(c.cmd);
+        let input = kind.is_input();
+        let flags = c.flags.with_ida(false).with_mida(false);
+        let skips = input && c.flags.skp();
+        *h = Ccw1 {
+            cmd: c.cmd,
+            flags,
+            count: c.count,
+            cda: 0,
+        };
+        if c.count == 0 || skips {
+            continue;
+        }
+        // (A NOOP with a count is checked by the other paths; MIDAWs are theirs too.)
+        if c.cmd == command::NOOP || c.flags.mida() {
+            return None;
+        }
+        let backward = kind == CommandKind::ReadBackward;
+        let piece = if c.flags.ida() {
+            let list = one_idaw_list(c, guest_fmt, fmt1)?;
+            let idaw = if guest_fmt.idaw_size() == 4 {
+                let mut b = [0u8; 4];
+                fetch(store, list, &mut b, key).ok()?;
+                Idaw(u32::from_be_bytes(b) as u64)
+            } else {
+                let mut b = [0u8; 8];
+                fetch(store, list, &mut b, key).ok()?;
+                Idaw(u64::from_be_bytes(b))
+            };
+            one_idaw_piece_of(c, guest_fmt, backward, idaw)?
+        } else {
+            direct_piece(fmt1, head + CCW_SIZE * i as u64, c, backward).ok()?
+        };
+        h.flags = flags.with_ida(true);
+        h.cda = idaws.len() as u32;
+        push_run_to(&mut runs, &piece, backward, access(input));
+        push_idaws(&mut idaws, &piece, host_block, backward);
+    }
+    let ccw_bytes = n * CCW_SIZE as usize;
+    let size = ccw_bytes + idaws.len() * 8;
+    if size as u64 > cfg.arena_size as u64 {
+        return None;
+    }
+    // Pinned as [`Builder::pin_runs`] pins them: ascending, disjoint runs in one call (a
+    // program touching no data pins nothing).
+    let mut pins = Pins::default();
+    if !runs.is_empty() {
+        if !runs.windows(2).all(|w| w[0].1 < w[1].0) {
+            runs = sorted_runs(&runs)?;
+        }
+        let pinned = store.pin_runs(&pin_calls(&runs)).ok()?;
+        let mut ext = Extents::default();
+        for (iova, host, n, _) in pinned.runs() {
+            add_run_to_extents(&mut ext, iova, host, n);
+        }
+        // (Unordered extents, a page pinned twice: the other paths rebuild them.)
+        if !ext.windows(2).all(|w| w[0].1 < w[1].0) {
+            return None;
+        }
+        idaws_through(&mut idaws, &ext).ok()?;
+        pins.push(pinned);
+    }
+    let base = cfg.arena_base;
+    let idaw_base = base.wrapping_add(ccw_bytes as u32);
+    let mut image = Vec::with_capacity(size);
+    for h in &host[..n] {
+        let mut h = *h;
+        if h.flags.ida() {
+            h.cda = idaw_base.wrapping_add(h.cda * 8);
+        }
+        image.extend_from_slice(&h.to_bytes());
+    }
+    for w in idaws.iter() {
+        image.extend_from_slice(&Idaw(*w).to_format2_bytes());
+    }
+    let host_orb = host_orb(orb, host_block, base);
+    Some(HostProgram {
+        orb: host_orb,
+        guest_orb: *orb,
+        base,
+        image,
+        ccw_bytes,
+        segments: Segments::One(SegmentInfo {
+            guest: head,
+            host: base,
+            len: n,
+        }),
+        mapper: ScswMapper {
+            host_cpa: host_orb.cpa,
+            guest_orb: *orb,
+            origins: Origins::One(Origin {
+                host: base,
+                guest: head as u32,
+                residual_extra: 0,
+                len: n as u32,
+            }),
+        },
+        pages: Default::default(),
+        pins,
+    })
 }
 
 /// The common program shape, translated by a fast path: chain segments of command-chained
@@ -1027,15 +1201,7 @@ impl<'a> Builder<'a> {
     #[inline]
     fn one_idaw_piece(&mut self, c: &Ccw1, backward: bool) -> Option<Piece> {
         let fmt = self.guest_fmt;
-        let list = c.cda as u64;
-        let fmt1 = self.orb.ctl.format1();
-        if !c.flags.ida()
-            || list & (fmt.idaw_size() - 1) != 0
-            || list > 0x7fff_ffff
-            || (!fmt1 && list > 0xff_ffff)
-        {
-            return None;
-        }
+        let list = one_idaw_list(c, fmt, self.orb.ctl.format1())?;
         let key = self.orb.ctl.key();
         let idaw = if fmt.idaw_size() == 4 {
             Idaw(u32::from_be_bytes(self.lists.get::<4>(self.store, list, key).ok()?) as u64)
@@ -1044,21 +1210,7 @@ impl<'a> Builder<'a> {
                 self.lists.get::<8>(self.store, list, key).ok()?,
             ))
         };
-        if !idaw.is_valid(fmt) {
-            return None;
-        }
-        let mask = fmt.block_size() - 1;
-        let first_len = if backward {
-            (idaw.0 & mask) + 1
-        } else {
-            fmt.block_size() - (idaw.0 & mask)
-        };
-        let count = c.count as u64;
-        (count <= first_len).then_some(Piece {
-            addr: idaw.0,
-            len: c.count as u32,
-            skip: false,
-        })
+        one_idaw_piece_of(c, fmt, backward, idaw)
     }
 
     /// Records the guest pages a piece touches as a run of pages, joined to the last run when
@@ -1066,16 +1218,7 @@ impl<'a> Builder<'a> {
     /// run; a page in a run is pinned once, as the page list would pin it).
     #[inline(always)]
     fn push_run(&mut self, p: &Piece, backward: bool, acc: u8) {
-        let (lo, hi) = piece_bounds(p, backward);
-        let (first, last) = (lo & !(PAGE_SIZE - 1), hi & !(PAGE_SIZE - 1));
-        if let Some(r) = self.runs.last_mut() {
-            // (The same page again, or the next one.)
-            if r.2 == acc && first >= r.1 && first - r.1 <= PAGE_SIZE {
-                r.1 = last;
-                return;
-            }
-        }
-        self.runs.push((first, last, acc));
+        push_run_to(&mut self.runs, p, backward, acc);
     }
 
     /// Pins the pages of `runs` as [`Builder::pin_pages`] would pin them as a page list:
@@ -1099,25 +1242,7 @@ impl<'a> Builder<'a> {
                 }
             }
         }
-        // Every run in one pin call (one snapshot lookup per mapping, one value to keep),
-        // each run as its own calls of at most 512 pages would pin it.
-        let mut calls: InlineVec<(u64, u64, Perm), 4> = InlineVec::default();
-        for &(first, last, acc) in runs.iter() {
-            let perm = Perm {
-                read: acc & 1 != 0,
-                write: acc & 2 != 0,
-            };
-            let mut page = first;
-            let mut left = ((last - first) >> PAGE_SHIFT) + 1;
-            while left > 0 {
-                let n = left.min(MAX_PIN_PAGES as u64);
-                calls.push((page, n, perm));
-                left -= n;
-                if left > 0 {
-                    page += n << PAGE_SHIFT;
-                }
-            }
-        }
+        let calls = pin_calls(&runs);
         let Some(&(head, _, _)) = calls.first() else {
             // No data: nothing to pin.
             return Ok(());
@@ -1174,21 +1299,7 @@ impl<'a> Builder<'a> {
             rebuilt = v;
             &rebuilt
         };
-        let mut cur = 0usize;
-        for w in self.idaws.iter_mut() {
-            let page = *w & !(PAGE_SIZE - 1);
-            let hit = |e: &(u64, u64, u64)| e.0 <= page && page <= e.1;
-            if !ext.get(cur).is_some_and(hit) {
-                cur = ext.partition_point(|e| e.1 < page);
-                // Every IDAW's page was pinned above; never build an IDAW from a guess.
-                if !ext.get(cur).is_some_and(hit) {
-                    return Err(E::Unmapped(page));
-                }
-            }
-            let e = ext[cur];
-            *w = e.2 + (*w - e.0);
-        }
-        Ok(())
+        idaws_through(&mut self.idaws, ext)
     }
 
     /// A TIC: its target is a slot of some segment (the walk fetched it).
@@ -1412,27 +1523,9 @@ impl<'a> Builder<'a> {
     /// The storage of a direct-addressed data CCW (count not zero), within the format's
     /// addressing limit.
     fn direct_piece(&self, at: u64, c: &Ccw1, backward: bool) -> Result<Piece, E> {
-        let count = c.count as u64;
-        let limit: u64 = if self.orb.ctl.format1() {
-            0x7fff_ffff
-        } else {
-            0x00ff_ffff
-        };
-        let a = c.cda as u64;
-        let ok = if backward {
-            a <= limit && a + 1 >= count
-        } else {
-            a <= limit && a + count - 1 <= limit
-        };
-        if !ok {
-            return Err(E::DataAddress(at));
-        }
-        Ok(Piece {
-            addr: a,
-            len: c.count as u32,
-            skip: false,
-        })
+        direct_piece(self.orb.ctl.format1(), at, c, backward)
     }
+
 
     /// The guest storage a data CCW designates, in transfer order.
     fn pieces(&mut self, g: &GuestCcw, backward: bool, pieces: &mut Scratch) -> Result<(), E> {
@@ -1872,6 +1965,125 @@ fn push_pages(out: &mut Vec<(u64, u8)>, pieces: &[Piece], backward: bool, acc: u
 
 /// log2 of [`PAGE_SIZE`].
 const PAGE_SHIFT: u32 = PAGE_SIZE.trailing_zeros();
+
+/// The storage of a direct-addressed data CCW at `at` (count not zero), within the
+/// addressing limit of its format (`fmt1`).
+#[inline]
+fn direct_piece(fmt1: bool, at: u64, c: &Ccw1, backward: bool) -> Result<Piece, E> {
+    let count = c.count as u64;
+    let limit: u64 = if fmt1 { 0x7fff_ffff } else { 0x00ff_ffff };
+    let a = c.cda as u64;
+    let ok = if backward {
+        a <= limit && a + 1 >= count
+    } else {
+        a <= limit && a + count - 1 <= limit
+    };
+    if !ok {
+        return Err(E::DataAddress(at));
+    }
+    Ok(Piece {
+        addr: a,
+        len: c.count as u32,
+        skip: false,
+    })
+}
+
+/// The IDAL address of an IDA CCW whose list [`Builder::pieces`] could read without an
+/// error of its own (aligned, addressable); `None` for anything else.
+#[inline]
+fn one_idaw_list(c: &Ccw1, fmt: IdawFormat, fmt1: bool) -> Option<u64> {
+    let list = c.cda as u64;
+    let bad = !c.flags.ida()
+        || list & (fmt.idaw_size() - 1) != 0
+        || list > 0x7fff_ffff
+        || (!fmt1 && list > 0xff_ffff);
+    (!bad).then_some(list)
+}
+
+/// The one piece of an IDA CCW whose first IDAW, `idaw`, covers its count (the common
+/// one-IDAW IDAL), as [`Builder::pieces`] finds it; `None` for anything else.
+#[inline]
+fn one_idaw_piece_of(c: &Ccw1, fmt: IdawFormat, backward: bool, idaw: Idaw) -> Option<Piece> {
+    if !idaw.is_valid(fmt) {
+        return None;
+    }
+    let mask = fmt.block_size() - 1;
+    let first_len = if backward {
+        (idaw.0 & mask) + 1
+    } else {
+        fmt.block_size() - (idaw.0 & mask)
+    };
+    let count = c.count as u64;
+    (count <= first_len).then_some(Piece {
+        addr: idaw.0,
+        len: c.count as u32,
+        skip: false,
+    })
+}
+
+/// Records the guest pages a piece touches as a run of pages, joined to the last run when
+/// it continues it (or its last page) with the same access (sequential programs make one
+/// run; a page in a run is pinned once, as the page list would pin it).
+#[inline(always)]
+fn push_run_to(runs: &mut InlineVec<(u64, u64, u8), 4>, p: &Piece, backward: bool, acc: u8) {
+    let (lo, hi) = piece_bounds(p, backward);
+    let (first, last) = (lo & !(PAGE_SIZE - 1), hi & !(PAGE_SIZE - 1));
+    if let Some(r) = runs.last_mut() {
+        // (The same page again, or the next one.)
+        if r.2 == acc && first >= r.1 && first - r.1 <= PAGE_SIZE {
+            r.1 = last;
+            return;
+        }
+    }
+    runs.push((first, last, acc));
+}
+
+/// The pin calls for ascending, disjoint page runs: every run in one pin call (one snapshot
+/// lookup per mapping, one value to keep), each run as its own calls of at most 512 pages
+/// would pin it.
+#[inline]
+fn pin_calls(runs: &[(u64, u64, u8)]) -> InlineVec<(u64, u64, Perm), 4> {
+    let mut calls: InlineVec<(u64, u64, Perm), 4> = InlineVec::default();
+    for &(first, last, acc) in runs.iter() {
+        let perm = Perm {
+            read: acc & 1 != 0,
+            write: acc & 2 != 0,
+        };
+        let mut page = first;
+        let mut left = ((last - first) >> PAGE_SHIFT) + 1;
+        while left > 0 {
+            let n = left.min(MAX_PIN_PAGES as u64);
+            calls.push((page, n, perm));
+            left -= n;
+            if left > 0 {
+                page += n << PAGE_SHIFT;
+            }
+        }
+    }
+    calls
+}
+
+/// Guest -> host for every IDAW, through pinned extents ascending and disjoint. IDAWs
+/// mostly follow each other page by page, so the extent of the last one found is tried
+/// before a binary search.
+#[inline]
+fn idaws_through(idaws: &mut [u64], ext: &[(u64, u64, u64)]) -> Result<(), E> {
+    let mut cur = 0usize;
+    for w in idaws.iter_mut() {
+        let page = *w & !(PAGE_SIZE - 1);
+        let hit = |e: &(u64, u64, u64)| e.0 <= page && page <= e.1;
+        if !ext.get(cur).is_some_and(hit) {
+            cur = ext.partition_point(|e| e.1 < page);
+            // Every IDAW's page was pinned; never build an IDAW from a guess.
+            if !ext.get(cur).is_some_and(hit) {
+                return Err(E::Unmapped(page));
+            }
+        }
+        let e = ext[cur];
+        *w = e.2 + (*w - e.0);
+    }
+    Ok(())
+}
 
 /// Lowest and highest byte of a piece (in transfer order `addr` is the first byte: the
 /// highest for read backward). The walk and the data checks keep pieces inside the space.
