@@ -166,7 +166,7 @@ fn translate_with(
     // 2K guest IDAWs can only be carried by 2K host IDAWs; everything else goes in 4K ones.
     let guest_fmt = IdawFormat::from_orb(ctl.format2_idaw(), ctl.idaw_2k());
     if fast {
-        if let Some(p) = translate_short(orb, store, cfg, guest_fmt) {
+        if let Some(p) = translate_short(orb, store, cfg) {
             return Ok(p);
         }
     }
@@ -565,26 +565,26 @@ fn walk(orb: &Orb, store: &StoreView, cfg: &TranslateConfig) -> Result<Vec<Segme
 /// CCWs at most in a [`translate_short`] program.
 const SHORT_CCWS: usize = 8;
 
-// A short program can never hold too many no-data CCWs in a row.
-const _: () = assert!(SHORT_CCWS <= MAX_NO_DATA_CCWS);
+/// IDAWs at most in a [`translate_short`] program.
+const SHORT_IDAWS: usize = 16;
+
+// A short program can never hold too many no-data CCWs in a row, nor pin too many pages in
+// one run (each CCW touches at most 17 pages).
+const _: () = assert!(SHORT_CCWS <= MAX_NO_DATA_CCWS && SHORT_CCWS * 17 <= MAX_PIN_PAGES);
 
 /// The shortest fast path, for the commonest program: one segment of at most
 /// [`SHORT_CCWS`] command-chained CCWs in one page (no TIC, no data chaining, no trap slot
-/// after it), each one without data, direct, or with a one-IDAW IDAL. Its host program is
-/// the one [`Builder::build_simple`] builds for it (the same bytes, pins and maps), made in
-/// one pass over fixed-size, stack-held state: no [`SimpleChain`], no [`Builder`], no list
-/// cache. `None` (nothing kept pinned) for anything else, every error included: the other
-/// paths then decide.
-fn translate_short(
-    orb: &Orb,
-    store: &StoreView,
-    cfg: &TranslateConfig,
-    guest_fmt: IdawFormat,
-) -> Option<HostProgram> {
+/// after it), each one without data, direct, or with a one-IDAW IDAL of 4K IDAWs. Its host
+/// program is the one [`Builder::build_simple`] builds for it (the same bytes, pins and
+/// maps), made in one pass over fixed-size state on the stack: no [`SimpleChain`], no
+/// [`Builder`], no list cache. `None` (nothing kept pinned) for anything else, every error
+/// included: the other paths then decide.
+fn translate_short(orb: &Orb, store: &StoreView, cfg: &TranslateConfig) -> Option<HostProgram> {
     let ctl = &orb.ctl;
     let (fmt1, key) = (ctl.format1(), ctl.key());
+    let guest_fmt = IdawFormat::from_orb(ctl.format2_idaw(), ctl.idaw_2k());
     let head = orb.cpa as u64;
-    // (At most what the general walk may hold in one segment, within the page.)
+    // At most what the general walk may hold in one segment, within the page.
     let in_page = ((PAGE_SIZE - head % PAGE_SIZE) / CCW_SIZE) as usize;
     let fetched = in_page.min(cfg.max_segment_ccws).min(SHORT_CCWS);
     if cfg.max_segments == 0 || fetched == 0 {
@@ -593,102 +593,125 @@ fn translate_short(
     let mut raw = [0u8; SHORT_CCWS * CCW_SIZE as usize];
     fetch(store, head, &mut raw[..fetched * CCW_SIZE as usize], key).ok()?;
     let rules = Rules::of(orb);
-    // The guest CCWs (format 1) up to the chain's end.
-    let mut ccws = [Ccw1::default(); SHORT_CCWS];
+    // Host CCWs: a data CCW's `cda` the index of its first IDAW until the IDAWs are placed.
+    let mut host = [Ccw1::default(); SHORT_CCWS];
+    // IDAWs (guest addresses until pinned); page runs (first, last, access), as
+    // [`Builder::push_run`] records them.
+    let mut idaws = [0u64; SHORT_IDAWS];
+    let mut nidaws = 0usize;
+    let mut runs = [(0u64, 0u64, 0u8); SHORT_CCWS];
+    let mut nruns = 0usize;
     let mut n = 0usize;
-    let mut ida = false;
-    loop {
-        if n == fetched {
-            return None;
-        }
-        let addr = head + CCW_SIZE * n as u64;
-        let at = n * CCW_SIZE as usize;
-        let c = decode(&raw[at..at + CCW_SIZE as usize], fmt1);
+    let mut prev_cmd = 0u8;
+    for (i, (raw, h)) in raw
+        .chunks_exact(CCW_SIZE as usize)
+        .zip(&mut host)
+        .take(fetched)
+        .enumerate()
+    {
+        let addr = head + CCW_SIZE * i as u64;
+        let c = decode(raw, fmt1);
         if is_tic(&c) || c.flags.cd() || validate(&c, addr, &rules, false).is_err() {
             return None;
         }
-        ccws[n] = c;
-        n += 1;
-        ida |= c.flags.ida();
-        if !c.flags.cc() {
-            break;
+        // 2K guest IDAWs make a program of 2K host ones (even for a CCW without data): the
+        // other paths.
+        if c.flags.ida() && guest_fmt != IdawFormat::Format2 {
+            return None;
         }
-    }
-    // A status-modifier skip from the CCW before the last reaches the slot after the chain:
-    // a trap slot, for the other fast path.
-    if n >= 2 && cfg.status_modifier.contains(ccws[n - 2].cmd) {
-        return None;
-    }
-    let host_block = if guest_fmt.block_size() == 2048 && ida {
-        2048
-    } else {
-        4096
-    };
-    let mut idaws: InlineVec<u64, 8> = InlineVec::default();
-    let mut runs: InlineVec<(u64, u64, u8), 4> = InlineVec::default();
-    // Host CCWs; a data CCW's `cda` the index of its first IDAW until the IDAWs are placed.
-    let mut host = [Ccw1::default(); SHORT_CCWS];
-    for (i, (c, h)) in ccws[..n].iter().zip(&mut host).enumerate() {
         let kind = kind_of(c.cmd);
         let input = kind.is_input();
         let flags = c.flags.with_ida(false).with_mida(false);
-        let skips = input && c.flags.skp();
         *h = Ccw1 {
             cmd: c.cmd,
             flags,
             count: c.count,
             cda: 0,
         };
-        if c.count == 0 || skips {
-            continue;
-        }
         // (A NOOP with a count is checked by the other paths; MIDAWs are theirs too.)
-        if c.cmd == command::NOOP || c.flags.mida() {
-            return None;
-        }
-        let backward = kind == CommandKind::ReadBackward;
-        let piece = if c.flags.ida() {
-            let list = one_idaw_list(c, guest_fmt, fmt1)?;
-            let idaw = if guest_fmt.idaw_size() == 4 {
-                let mut b = [0u8; 4];
-                fetch(store, list, &mut b, key).ok()?;
-                Idaw(u32::from_be_bytes(b) as u64)
-            } else {
+        if c.count != 0 && !(input && c.flags.skp()) {
+            if c.cmd == command::NOOP || c.flags.mida() {
+                return None;
+            }
+            let backward = kind == CommandKind::ReadBackward;
+            let piece = if c.flags.ida() {
+                let list = one_idaw_list(&c, guest_fmt, fmt1)?;
                 let mut b = [0u8; 8];
                 fetch(store, list, &mut b, key).ok()?;
-                Idaw(u64::from_be_bytes(b))
+                one_idaw_piece_of(&c, guest_fmt, backward, Idaw(u64::from_be_bytes(b)))?
+            } else {
+                direct_piece(fmt1, addr, &c, backward).ok()?
             };
-            one_idaw_piece_of(c, guest_fmt, backward, idaw)?
-        } else {
-            direct_piece(fmt1, head + CCW_SIZE * i as u64, c, backward).ok()?
-        };
-        h.flags = flags.with_ida(true);
-        h.cda = idaws.len() as u32;
-        push_run_to(&mut runs, &piece, backward, access(input));
-        push_idaws(&mut idaws, &piece, host_block, backward);
+            h.flags = flags.with_ida(true);
+            h.cda = nidaws as u32;
+            let (lo, hi) = piece_bounds(&piece, backward);
+            // One IDAW a 4K block: the first byte transferred there (see [`push_idaws`]).
+            let (first, last) = (lo >> PAGE_SHIFT, hi >> PAGE_SHIFT);
+            let blocks = (last - first + 1) as usize;
+            let ws = idaws.get_mut(nidaws..nidaws + blocks)?;
+            ws[0] = piece.addr;
+            for (k, w) in ws[1..].iter_mut().enumerate() {
+                *w = if backward {
+                    ((last - 1 - k as u64) << PAGE_SHIFT) + (PAGE_SIZE - 1)
+                } else {
+                    (first + 1 + k as u64) << PAGE_SHIFT
+                };
+            }
+            nidaws += blocks;
+            let (first, last, acc) = (first << PAGE_SHIFT, last << PAGE_SHIFT, access(input));
+            match runs[..nruns].last_mut() {
+                // (The same page again, or the next one.)
+                Some(r) if r.2 == acc && first >= r.1 && first - r.1 <= PAGE_SIZE => r.1 = last,
+                _ => {
+                    runs[nruns] = (first, last, acc);
+                    nruns += 1;
+                }
+            }
+        }
+        n = i + 1;
+        if !c.flags.cc() {
+            break;
+        }
+        prev_cmd = c.cmd;
+    }
+    // The chain goes on past what was fetched, or a status-modifier skip from the CCW before
+    // the last reaches the slot after it (a trap slot, for the other fast path).
+    if n == 0 || host[n - 1].flags.cc() || (n >= 2 && cfg.status_modifier.contains(prev_cmd)) {
+        return None;
     }
     let ccw_bytes = n * CCW_SIZE as usize;
-    let size = ccw_bytes + idaws.len() * 8;
+    let size = ccw_bytes + nidaws * 8;
     if size as u64 > cfg.arena_size as u64 {
         return None;
     }
-    // Pinned as [`Builder::pin_runs`] pins them: ascending, disjoint runs in one call (a
-    // program touching no data pins nothing).
+    // Pinned as [`Builder::pin_runs`] pins them: ascending, disjoint runs (each of at most
+    // 512 pages here) in one call; a program touching no data pins nothing.
     let mut pins = Pins::default();
-    if !runs.is_empty() {
+    if nruns != 0 {
+        let mut runs = &runs[..nruns];
+        let sorted;
         if !runs.windows(2).all(|w| w[0].1 < w[1].0) {
-            runs = sorted_runs(&runs)?;
+            sorted = sorted_runs(runs)?;
+            runs = &sorted;
         }
-        let pinned = store.pin_runs(&pin_calls(&runs)).ok()?;
-        let mut ext = Extents::default();
-        for (iova, host, n, _) in pinned.runs() {
-            add_run_to_extents(&mut ext, iova, host, n);
+        let mut calls = [(0u64, 0u64, Perm::default()); SHORT_CCWS];
+        for (call, &(first, last, acc)) in calls.iter_mut().zip(runs) {
+            let perm = Perm {
+                read: acc & 1 != 0,
+                write: acc & 2 != 0,
+            };
+            *call = (first, ((last - first) >> PAGE_SHIFT) + 1, perm);
         }
-        // (Unordered extents, a page pinned twice: the other paths rebuild them.)
-        if !ext.windows(2).all(|w| w[0].1 < w[1].0) {
-            return None;
+        let pinned = store.pin_runs(&calls[..runs.len()]).ok()?;
+        // Guest -> host through the pinned runs (a page is in one of them: they are
+        // disjoint, each pinned once).
+        for w in &mut idaws[..nidaws] {
+            let page = *w & !(PAGE_SIZE - 1);
+            let (iova, host, _, _) = pinned
+                .runs()
+                .find(|&(iova, _, n, _)| page >= iova && (page - iova) >> PAGE_SHIFT < n)?;
+            *w = host + (*w - iova);
         }
-        idaws_through(&mut idaws, &ext).ok()?;
         pins.push(pinned);
     }
     let base = cfg.arena_base;
@@ -701,10 +724,10 @@ fn translate_short(
         }
         image.extend_from_slice(&h.to_bytes());
     }
-    for w in idaws.iter() {
+    for w in &idaws[..nidaws] {
         image.extend_from_slice(&Idaw(*w).to_format2_bytes());
     }
-    let host_orb = host_orb(orb, host_block, base);
+    let host_orb = host_orb(orb, 4096, base);
     Some(HostProgram {
         orb: host_orb,
         guest_orb: *orb,
