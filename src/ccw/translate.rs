@@ -703,16 +703,28 @@ fn translate_short(orb: &Orb, store: &StoreView, cfg: &TranslateConfig) -> Optio
             *call = (first, ((last - first) >> PAGE_SHIFT) + 1, perm);
         }
         let pinned = store.pin_runs(&calls[..runs.len()]).ok()?;
-        // Guest -> host through the pinned runs (a page is in one of them: they are
-        // disjoint, each pinned once).
+        // Guest -> host through the pinned runs (guest page, pages, host page): a page is
+        // in one of them (they are disjoint, each pinned once).
+        let mut ext = [(0u64, 0u64, 0u64); SHORT_CCWS];
+        let mut next = 0;
+        for (iova, host, n, _) in pinned.runs() {
+            *ext.get_mut(next)? = (iova, n, host);
+            next += 1;
+        }
+        let ext = &ext[..next];
+        let mut cur = 0;
         for w in &mut idaws[..nidaws] {
             let page = *w & !(PAGE_SIZE - 1);
-            let (iova, host, _, _) = pinned
-                .runs()
-                .find(|&(iova, _, n, _)| page >= iova && (page - iova) >> PAGE_SHIFT < n)?;
+            let hit = |&(iova, n, _): &(u64, u64, u64)| {
+                page >= iova && (page - iova) >> PAGE_SHIFT < n
+            };
+            if !ext.get(cur).is_some_and(hit) {
+                cur = ext.iter().position(hit)?;
+            }
+            let (iova, _, host) = ext[cur];
             *w = host + (*w - iova);
         }
-        pins.push(pinned);
+        pins = Pins::one(pinned);
     }
     let base = cfg.arena_base;
     let idaw_base = base.wrapping_add(ccw_bytes as u32);
