@@ -144,11 +144,23 @@ pub fn translate(orb: &Orb, store: &IommuStore, cfg: &TranslateConfig) -> Result
     translate_with(orb, store, cfg, true)
 }
 
-/// [`translate`], with or without the fast path (tests compare the two).
+/// [`translate`], with or without the fast paths (tests compare them).
 fn translate_with(
     orb: &Orb,
     store: &IommuStore,
     cfg: &TranslateConfig,
+    fast: bool,
+) -> Result<HostProgram, E> {
+    translate_in(orb, store, cfg, fast, fast)
+}
+
+/// [`translate`], with or without [`translate_short`] (`short`) and the other fast path
+/// (`fast`).
+fn translate_in(
+    orb: &Orb,
+    store: &IommuStore,
+    cfg: &TranslateConfig,
+    short: bool,
     fast: bool,
 ) -> Result<HostProgram, E> {
     let ctl = &orb.ctl;
@@ -165,7 +177,7 @@ fn translate_with(
     let store = &store.view();
     // 2K guest IDAWs can only be carried by 2K host IDAWs; everything else goes in 4K ones.
     let guest_fmt = IdawFormat::from_orb(ctl.format2_idaw(), ctl.idaw_2k());
-    if fast {
+    if short {
         if let Some(p) = translate_short(orb, store, cfg) {
             return Ok(p);
         }
@@ -715,9 +727,8 @@ fn translate_short(orb: &Orb, store: &StoreView, cfg: &TranslateConfig) -> Optio
         let mut cur = 0;
         for w in &mut idaws[..nidaws] {
             let page = *w & !(PAGE_SIZE - 1);
-            let hit = |&(iova, n, _): &(u64, u64, u64)| {
-                page >= iova && (page - iova) >> PAGE_SHIFT < n
-            };
+            let hit =
+                |&(iova, n, _): &(u64, u64, u64)| page >= iova && (page - iova) >> PAGE_SHIFT < n;
             if !ext.get(cur).is_some_and(hit) {
                 cur = ext.iter().position(hit)?;
             }
@@ -1560,7 +1571,6 @@ impl<'a> Builder<'a> {
     fn direct_piece(&self, at: u64, c: &Ccw1, backward: bool) -> Result<Piece, E> {
         direct_piece(self.orb.ctl.format1(), at, c, backward)
     }
-
 
     /// The guest storage a data CCW designates, in transfer order.
     fn pieces(&mut self, g: &GuestCcw, backward: bool, pieces: &mut Scratch) -> Result<(), E> {
@@ -2525,8 +2535,170 @@ mod fast_path {
             if let Err(e) = same(&fast, &general) {
                 prop_assert!(false, "{}", e);
             }
-            drop((fast, general));
+            // Each fast path alone, too (the short one takes the short programs first).
+            let simple = translate_in(&orb, &store, &cfg, false, true);
+            if let Err(e) = same(&simple, &general) {
+                prop_assert!(false, "simple: {}", e);
+            }
+            if let Some(short) = translate_short(&orb, &store.view(), &cfg) {
+                if let Err(e) = same(&Ok(short), &general) {
+                    prop_assert!(false, "short: {}", e);
+                }
+            }
+            drop((fast, general, simple));
             prop_assert_eq!(store.stats().pinned_pages, 0);
+        }
+    }
+
+    /// The short path takes the commonest programs (the 4 KiB DASD read: DE, LR, Read Data
+    /// through a one-IDAW IDAL; direct, backward, multi-page, no-data and skipping CCWs) and
+    /// leaves every other shape to the other paths; either way the result is the general
+    /// passes' one, byte for byte, and nothing stays pinned.
+    #[test]
+    fn the_short_path_takes_short_chains_only() {
+        let store = mem_store();
+        let ccw = |cmd, flags: CcwFlags, count, cda| Ccw1 {
+            cmd,
+            flags,
+            count,
+            cda,
+        };
+        let cc = CcwFlags::new().with_cc(true);
+        let end = CcwFlags::new();
+        // One IDAW into the middle of a page, one crossing into the next page.
+        let mut list = Vec::new();
+        list.extend(0x1_2000u64.to_be_bytes());
+        list.extend(0x1_3800u64.to_be_bytes());
+        store.write(LISTS, &list).unwrap();
+        let searches = TranslateConfig {
+            status_modifier: CommandSet::of(&[0x31, 0x39]),
+            ..TranslateConfig::default()
+        };
+        let orb = |fmt2: bool, i2k: bool| Orb {
+            intparm: 3,
+            ctl: OrbControls::new()
+                .with_format1(true)
+                .with_format2_idaw(fmt2)
+                .with_idaw_2k(i2k),
+            cpa: PROG as u32,
+        };
+        let dasd = [
+            ccw(0x63, cc, 16, 0x1_0000),
+            ccw(0x47, cc, 16, 0x1_0010),
+            ccw(0x86, end.with_ida(true), 4096, LISTS as u32),
+        ];
+        let ida = end.with_ida(true);
+        // (program, config, ORB: format-2 IDAWs, 2K; the short path takes it)
+        type Case<'a> = (Vec<Ccw1>, &'a TranslateConfig, (bool, bool), bool);
+        let any = TranslateConfig::default();
+        let two = TranslateConfig {
+            max_segment_ccws: 2,
+            ..searches
+        };
+        let cases: Vec<Case> = vec![
+            (dasd.to_vec(), &searches, (true, false), true),
+            // Direct: a read across three pages, a read backward ending in a page.
+            (
+                vec![ccw(0x02, end, 0x2001, 0x1_0fff)],
+                &any,
+                (true, false),
+                true,
+            ),
+            (
+                vec![ccw(0x0c, end, 0x1800, 0x1_27ff)],
+                &any,
+                (true, false),
+                true,
+            ),
+            // No data: count 0, and input the skip flag suppresses; then a write.
+            (
+                vec![
+                    ccw(0x03, cc, 0, 0),
+                    ccw(0x02, cc.with_skp(true).with_sli(true), 80, 0x1_5000),
+                    ccw(0x01, end, 80, 0x1_5000),
+                ],
+                &searches,
+                (true, false),
+                true,
+            ),
+            // Format-1 IDAWs, but no CCW using them.
+            (
+                vec![ccw(0x02, end, 64, 0x1_6000)],
+                &any,
+                (false, false),
+                true,
+            ),
+            // A device whose every command may skip: a trap slot after the end.
+            (dasd.to_vec(), &any, (true, false), false),
+            // 2K IDAWs, even on a CCW without data.
+            (
+                vec![ccw(0x03, ida, 0, LISTS as u32)],
+                &any,
+                (true, true),
+                false,
+            ),
+            // An IDAL of two IDAWs; a NOOP with a count; a TIC; data chaining.
+            (
+                vec![ccw(0x02, ida, 4096, LISTS as u32 + 8)],
+                &any,
+                (true, false),
+                false,
+            ),
+            (
+                vec![ccw(0x03, end, 8, 0x1_5000)],
+                &any,
+                (true, false),
+                false,
+            ),
+            (
+                vec![
+                    ccw(0x02, cc, 8, 0x1_5000),
+                    ccw(0x08, end, 0, PROG as u32 + 16),
+                    ccw(0x02, end, 8, 0x1_5000),
+                ],
+                &searches,
+                (true, false),
+                false,
+            ),
+            (
+                vec![
+                    ccw(0x02, end.with_cd(true), 8, 0x1_5000),
+                    ccw(0x02, end, 8, 0x1_5008),
+                ],
+                &searches,
+                (true, false),
+                false,
+            ),
+            // Nine CCWs; a chain longer than a segment may be.
+            (
+                (0..9)
+                    .map(|i| ccw(0x02, if i < 8 { cc } else { end }, 8, 0x1_5000))
+                    .collect(),
+                &searches,
+                (true, false),
+                false,
+            ),
+            (dasd.to_vec(), &two, (true, false), false),
+        ];
+        for (i, (prog, cfg, (fmt2, i2k), short)) in cases.iter().enumerate() {
+            let bytes: Vec<u8> = prog.iter().flat_map(|c| c.to_bytes()).collect();
+            store.write(PROG, &bytes).unwrap();
+            let orb = orb(*fmt2, *i2k);
+            let general = translate_with(&orb, &store, cfg, false);
+            let taken = translate_short(&orb, &store.view(), cfg);
+            assert_eq!(taken.is_some(), *short, "case {i}");
+            if let Some(p) = taken {
+                assert_eq!(
+                    p.pin_count(),
+                    general.as_ref().unwrap().pin_count(),
+                    "case {i}"
+                );
+                same(&Ok(p), &general).unwrap_or_else(|e| panic!("case {i}: {e}"));
+            }
+            let fast = translate_with(&orb, &store, cfg, true);
+            same(&fast, &general).unwrap_or_else(|e| panic!("case {i}: {e}"));
+            drop((fast, general));
+            assert_eq!(store.stats().pinned_pages, 0, "case {i}");
         }
     }
 
