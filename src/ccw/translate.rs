@@ -698,11 +698,12 @@ fn translate_short(orb: &Orb, store: &StoreView, cfg: &TranslateConfig) -> Optio
     }
     // Pinned as [`Builder::pin_runs`] pins them: ascending, disjoint runs (each of at most
     // 512 pages here) in one call; a program touching no data pins nothing.
-    let mut pins = Pins::default();
-    if nruns != 0 {
+    let pins = if nruns == 0 {
+        Pins::default()
+    } else {
         let mut runs = &runs[..nruns];
         let sorted;
-        if !runs.windows(2).all(|w| w[0].1 < w[1].0) {
+        if !(1..nruns).all(|k| runs[k - 1].1 < runs[k].0) {
             sorted = sorted_runs(runs)?;
             runs = &sorted;
         }
@@ -735,8 +736,8 @@ fn translate_short(orb: &Orb, store: &StoreView, cfg: &TranslateConfig) -> Optio
             let (iova, _, host) = ext[cur];
             *w = host + (*w - iova);
         }
-        pins = Pins::one(pinned);
-    }
+        Pins::one(pinned)
+    };
     let base = cfg.arena_base;
     let idaw_base = base.wrapping_add(ccw_bytes as u32);
     let mut image = Vec::with_capacity(size);
