@@ -604,6 +604,13 @@ fn translate_short(orb: &Orb, store: &StoreView, cfg: &TranslateConfig) -> Optio
     }
     let mut raw = [0u8; SHORT_CCWS * CCW_SIZE as usize];
     fetch(store, head, &mut raw[..fetched * CCW_SIZE as usize], key).ok()?;
+    // A longer chain leaves at once (its flags byte: byte 1 in format 1, 4 in format 0).
+    let flags_at = if fmt1 { 1 } else { 4 };
+    let chain = raw
+        .chunks_exact(CCW_SIZE as usize)
+        .take(fetched)
+        .position(|c| !CcwFlags::from_bits(c[flags_at]).cc())?
+        + 1;
     let rules = Rules::of(orb);
     // Host CCWs: a data CCW's `cda` the index of its first IDAW until the IDAWs are placed.
     let mut host = [Ccw1::default(); SHORT_CCWS];
@@ -618,7 +625,7 @@ fn translate_short(orb: &Orb, store: &StoreView, cfg: &TranslateConfig) -> Optio
     for (i, (raw, h)) in raw
         .chunks_exact(CCW_SIZE as usize)
         .zip(&mut host)
-        .take(fetched)
+        .take(chain)
         .enumerate()
     {
         let addr = head + CCW_SIZE * i as u64;
@@ -2701,6 +2708,27 @@ mod fast_path {
             drop((fast, general));
             assert_eq!(store.stats().pinned_pages, 0, "case {i}");
         }
+        // Format 0 too.
+        let bytes: Vec<u8> = dasd
+            .iter()
+            .flat_map(|c| {
+                Ccw0 {
+                    cmd: c.cmd,
+                    cda: c.cda,
+                    flags: c.flags,
+                    count: c.count,
+                }
+                .to_bytes()
+            })
+            .collect();
+        store.write(PROG, &bytes).unwrap();
+        let orb0 = Orb {
+            ctl: orb(true, false).ctl.with_format1(false),
+            ..orb(true, false)
+        };
+        let p = translate_short(&orb0, &store.view(), &searches).expect("short");
+        same(&Ok(p), &translate_with(&orb0, &store, &searches, false)).unwrap();
+        assert_eq!(store.stats().pinned_pages, 0);
     }
 
     /// The fast path does take the common shapes (else the comparison above proves little).
