@@ -604,13 +604,6 @@ fn translate_short(orb: &Orb, store: &StoreView, cfg: &TranslateConfig) -> Optio
     }
     let mut raw = [0u8; SHORT_CCWS * CCW_SIZE as usize];
     fetch(store, head, &mut raw[..fetched * CCW_SIZE as usize], key).ok()?;
-    // A longer chain leaves at once (its flags byte: byte 1 in format 1, 4 in format 0).
-    let flags_at = if fmt1 { 1 } else { 4 };
-    let chain = raw
-        .chunks_exact(CCW_SIZE as usize)
-        .take(fetched)
-        .position(|c| !CcwFlags::from_bits(c[flags_at]).cc())?
-        + 1;
     let rules = Rules::of(orb);
     // Host CCWs: a data CCW's `cda` the index of its first IDAW until the IDAWs are placed.
     let mut host = [Ccw1::default(); SHORT_CCWS];
@@ -625,7 +618,7 @@ fn translate_short(orb: &Orb, store: &StoreView, cfg: &TranslateConfig) -> Optio
     for (i, (raw, h)) in raw
         .chunks_exact(CCW_SIZE as usize)
         .zip(&mut host)
-        .take(chain)
+        .take(fetched)
         .enumerate()
     {
         let addr = head + CCW_SIZE * i as u64;
