@@ -177,6 +177,14 @@ pub(crate) struct Pins {
 }
 
 impl Pins {
+    /// The pins of a program pinned in one call.
+    pub(crate) fn one(p: PinnedPages) -> Self {
+        Pins {
+            first: Some(p),
+            rest: Vec::new(),
+        }
+    }
+
     pub(crate) fn push(&mut self, p: PinnedPages) {
         if self.first.is_none() {
             self.first = Some(p);

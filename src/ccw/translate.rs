@@ -144,11 +144,23 @@ pub fn translate(orb: &Orb, store: &IommuStore, cfg: &TranslateConfig) -> Result
     translate_with(orb, store, cfg, true)
 }
 
-/// [`translate`], with or without the fast path (tests compare the two).
+/// [`translate`], with or without the fast paths (tests compare them).
 fn translate_with(
     orb: &Orb,
     store: &IommuStore,
     cfg: &TranslateConfig,
+    fast: bool,
+) -> Result<HostProgram, E> {
+    translate_in(orb, store, cfg, fast, fast)
+}
+
+/// [`translate`], with or without [`translate_short`] (`short`) and the other fast path
+/// (`fast`).
+fn translate_in(
+    orb: &Orb,
+    store: &IommuStore,
+    cfg: &TranslateConfig,
+    short: bool,
     fast: bool,
 ) -> Result<HostProgram, E> {
     let ctl = &orb.ctl;
@@ -165,6 +177,11 @@ fn translate_with(
     let store = &store.view();
     // 2K guest IDAWs can only be carried by 2K host IDAWs; everything else goes in 4K ones.
     let guest_fmt = IdawFormat::from_orb(ctl.format2_idaw(), ctl.idaw_2k());
+    if short {
+        if let Some(p) = translate_short(orb, store, cfg) {
+            return Ok(p);
+        }
+    }
     if let Some(chain) = walk_simple(orb, store, cfg).filter(|_| fast) {
         let uses_2k = guest_fmt.block_size() == 2048 && chain.ccws.iter().any(|c| c.flags.ida());
         let mut b = Builder::new(
@@ -555,6 +572,210 @@ fn walk(orb: &Orb, store: &StoreView, cfg: &TranslateConfig) -> Result<Vec<Segme
         segments.push(Segment { head, ccws });
     }
     Ok(segments)
+}
+
+/// CCWs at most in a [`translate_short`] program.
+const SHORT_CCWS: usize = 8;
+
+/// IDAWs at most in a [`translate_short`] program.
+const SHORT_IDAWS: usize = 16;
+
+// A short program can never hold too many no-data CCWs in a row, nor pin too many pages in
+// one run (each CCW touches at most 17 pages).
+const _: () = assert!(SHORT_CCWS <= MAX_NO_DATA_CCWS && SHORT_CCWS * 17 <= MAX_PIN_PAGES);
+
+/// The shortest fast path, for the commonest program: one segment of at most
+/// [`SHORT_CCWS`] command-chained CCWs in one page (no TIC, no data chaining, no trap slot
+/// after it), each one without data, direct, or with a one-IDAW IDAL of 4K IDAWs. Its host
+/// program is the one [`Builder::build_simple`] builds for it (the same bytes, pins and
+/// maps), made in one pass over fixed-size state on the stack: no [`SimpleChain`], no
+/// [`Builder`], no list cache. `None` (nothing kept pinned) for anything else, every error
+/// included: the other paths then decide.
+fn translate_short(orb: &Orb, store: &StoreView, cfg: &TranslateConfig) -> Option<HostProgram> {
+    let ctl = &orb.ctl;
+    let (fmt1, key) = (ctl.format1(), ctl.key());
+    let guest_fmt = IdawFormat::from_orb(ctl.format2_idaw(), ctl.idaw_2k());
+    let head = orb.cpa as u64;
+    // At most what the general walk may hold in one segment, within the page.
+    let in_page = ((PAGE_SIZE - head % PAGE_SIZE) / CCW_SIZE) as usize;
+    let fetched = in_page.min(cfg.max_segment_ccws).min(SHORT_CCWS);
+    if cfg.max_segments == 0 || fetched == 0 {
+        return None;
+    }
+    let mut raw = [0u8; SHORT_CCWS * CCW_SIZE as usize];
+    fetch(store, head, &mut raw[..fetched * CCW_SIZE as usize], key).ok()?;
+    let rules = Rules::of(orb);
+    // Host CCWs: a data CCW's `cda` the index of its first IDAW until the IDAWs are placed.
+    let mut host = [Ccw1::default(); SHORT_CCWS];
+    // IDAWs (guest addresses until pinned); page runs (first, last, access), as
+    // [`Builder::push_run`] records them.
+    let mut idaws = [0u64; SHORT_IDAWS];
+    let mut nidaws = 0usize;
+    let mut runs = [(0u64, 0u64, 0u8); SHORT_CCWS];
+    let mut nruns = 0usize;
+    let mut n = 0usize;
+    let mut prev_cmd = 0u8;
+    for (i, (raw, h)) in raw
+        .chunks_exact(CCW_SIZE as usize)
+        .zip(&mut host)
+        .take(fetched)
+        .enumerate()
+    {
+        let addr = head + CCW_SIZE * i as u64;
+        let c = decode(raw, fmt1);
+        if is_tic(&c) || c.flags.cd() || validate(&c, addr, &rules, false).is_err() {
+            return None;
+        }
+        // 2K guest IDAWs make a program of 2K host ones (even for a CCW without data): the
+        // other paths.
+        if c.flags.ida() && guest_fmt != IdawFormat::Format2 {
+            return None;
+        }
+        let kind = kind_of(c.cmd);
+        let input = kind.is_input();
+        let flags = c.flags.with_ida(false).with_mida(false);
+        *h = Ccw1 {
+            cmd: c.cmd,
+            flags,
+            count: c.count,
+            cda: 0,
+        };
+        // (A NOOP with a count is checked by the other paths; MIDAWs are theirs too.)
+        if c.count != 0 && !(input && c.flags.skp()) {
+            if c.cmd == command::NOOP || c.flags.mida() {
+                return None;
+            }
+            let backward = kind == CommandKind::ReadBackward;
+            let piece = if c.flags.ida() {
+                let list = one_idaw_list(&c, guest_fmt, fmt1)?;
+                let mut b = [0u8; 8];
+                fetch(store, list, &mut b, key).ok()?;
+                one_idaw_piece_of(&c, guest_fmt, backward, Idaw(u64::from_be_bytes(b)))?
+            } else {
+                direct_piece(fmt1, addr, &c, backward).ok()?
+            };
+            h.flags = flags.with_ida(true);
+            h.cda = nidaws as u32;
+            let (lo, hi) = piece_bounds(&piece, backward);
+            // One IDAW a 4K block: the first byte transferred there (see [`push_idaws`]).
+            let (first, last) = (lo >> PAGE_SHIFT, hi >> PAGE_SHIFT);
+            let blocks = (last - first + 1) as usize;
+            let ws = idaws.get_mut(nidaws..nidaws + blocks)?;
+            ws[0] = piece.addr;
+            for (k, w) in ws[1..].iter_mut().enumerate() {
+                *w = if backward {
+                    ((last - 1 - k as u64) << PAGE_SHIFT) + (PAGE_SIZE - 1)
+                } else {
+                    (first + 1 + k as u64) << PAGE_SHIFT
+                };
+            }
+            nidaws += blocks;
+            let (first, last, acc) = (first << PAGE_SHIFT, last << PAGE_SHIFT, access(input));
+            match runs[..nruns].last_mut() {
+                // (The same page again, or the next one.)
+                Some(r) if r.2 == acc && first >= r.1 && first - r.1 <= PAGE_SIZE => r.1 = last,
+                _ => {
+                    runs[nruns] = (first, last, acc);
+                    nruns += 1;
+                }
+            }
+        }
+        n = i + 1;
+        if !c.flags.cc() {
+            break;
+        }
+        prev_cmd = c.cmd;
+    }
+    // The chain goes on past what was fetched, or a status-modifier skip from the CCW before
+    // the last reaches the slot after it (a trap slot, for the other fast path).
+    if n == 0 || host[n - 1].flags.cc() || (n >= 2 && cfg.status_modifier.contains(prev_cmd)) {
+        return None;
+    }
+    let ccw_bytes = n * CCW_SIZE as usize;
+    let size = ccw_bytes + nidaws * 8;
+    if size as u64 > cfg.arena_size as u64 {
+        return None;
+    }
+    // Pinned as [`Builder::pin_runs`] pins them: ascending, disjoint runs (each of at most
+    // 512 pages here) in one call; a program touching no data pins nothing.
+    let pins = if nruns == 0 {
+        Pins::default()
+    } else {
+        let mut runs = &runs[..nruns];
+        let sorted;
+        if !(1..nruns).all(|k| runs[k - 1].1 < runs[k].0) {
+            sorted = sorted_runs(runs)?;
+            runs = &sorted;
+        }
+        let mut calls = [(0u64, 0u64, Perm::default()); SHORT_CCWS];
+        for (call, &(first, last, acc)) in calls.iter_mut().zip(runs) {
+            let perm = Perm {
+                read: acc & 1 != 0,
+                write: acc & 2 != 0,
+            };
+            *call = (first, ((last - first) >> PAGE_SHIFT) + 1, perm);
+        }
+        let pinned = store.pin_runs(&calls[..runs.len()]).ok()?;
+        // Guest -> host through the pinned runs (guest page, pages, host page): a page is
+        // in one of them (they are disjoint, each pinned once).
+        let mut ext = [(0u64, 0u64, 0u64); SHORT_CCWS];
+        let mut next = 0;
+        for (iova, host, n, _) in pinned.runs() {
+            *ext.get_mut(next)? = (iova, n, host);
+            next += 1;
+        }
+        let ext = &ext[..next];
+        let mut cur = 0;
+        for w in &mut idaws[..nidaws] {
+            let page = *w & !(PAGE_SIZE - 1);
+            let hit =
+                |&(iova, n, _): &(u64, u64, u64)| page >= iova && (page - iova) >> PAGE_SHIFT < n;
+            if !ext.get(cur).is_some_and(hit) {
+                cur = ext.iter().position(hit)?;
+            }
+            let (iova, _, host) = ext[cur];
+            *w = host + (*w - iova);
+        }
+        Pins::one(pinned)
+    };
+    let base = cfg.arena_base;
+    let idaw_base = base.wrapping_add(ccw_bytes as u32);
+    let mut image = Vec::with_capacity(size);
+    for h in &host[..n] {
+        let mut h = *h;
+        if h.flags.ida() {
+            h.cda = idaw_base.wrapping_add(h.cda * 8);
+        }
+        image.extend_from_slice(&h.to_bytes());
+    }
+    for w in &idaws[..nidaws] {
+        image.extend_from_slice(&Idaw(*w).to_format2_bytes());
+    }
+    let host_orb = host_orb(orb, 4096, base);
+    Some(HostProgram {
+        orb: host_orb,
+        guest_orb: *orb,
+        base,
+        image,
+        ccw_bytes,
+        segments: Segments::One(SegmentInfo {
+            guest: head,
+            host: base,
+            len: n,
+        }),
+        mapper: ScswMapper {
+            host_cpa: host_orb.cpa,
+            guest_orb: *orb,
+            origins: Origins::One(Origin {
+                host: base,
+                guest: head as u32,
+                residual_extra: 0,
+                len: n as u32,
+            }),
+        },
+        pages: Default::default(),
+        pins,
+    })
 }
 
 /// The common program shape, translated by a fast path: chain segments of command-chained
@@ -1027,15 +1248,7 @@ impl<'a> Builder<'a> {
     #[inline]
     fn one_idaw_piece(&mut self, c: &Ccw1, backward: bool) -> Option<Piece> {
         let fmt = self.guest_fmt;
-        let list = c.cda as u64;
-        let fmt1 = self.orb.ctl.format1();
-        if !c.flags.ida()
-            || list & (fmt.idaw_size() - 1) != 0
-            || list > 0x7fff_ffff
-            || (!fmt1 && list > 0xff_ffff)
-        {
-            return None;
-        }
+        let list = one_idaw_list(c, fmt, self.orb.ctl.format1())?;
         let key = self.orb.ctl.key();
         let idaw = if fmt.idaw_size() == 4 {
             Idaw(u32::from_be_bytes(self.lists.get::<4>(self.store, list, key).ok()?) as u64)
@@ -1044,21 +1257,7 @@ impl<'a> Builder<'a> {
                 self.lists.get::<8>(self.store, list, key).ok()?,
             ))
         };
-        if !idaw.is_valid(fmt) {
-            return None;
-        }
-        let mask = fmt.block_size() - 1;
-        let first_len = if backward {
-            (idaw.0 & mask) + 1
-        } else {
-            fmt.block_size() - (idaw.0 & mask)
-        };
-        let count = c.count as u64;
-        (count <= first_len).then_some(Piece {
-            addr: idaw.0,
-            len: c.count as u32,
-            skip: false,
-        })
+        one_idaw_piece_of(c, fmt, backward, idaw)
     }
 
     /// Records the guest pages a piece touches as a run of pages, joined to the last run when
@@ -1066,16 +1265,7 @@ impl<'a> Builder<'a> {
     /// run; a page in a run is pinned once, as the page list would pin it).
     #[inline(always)]
     fn push_run(&mut self, p: &Piece, backward: bool, acc: u8) {
-        let (lo, hi) = piece_bounds(p, backward);
-        let (first, last) = (lo & !(PAGE_SIZE - 1), hi & !(PAGE_SIZE - 1));
-        if let Some(r) = self.runs.last_mut() {
-            // (The same page again, or the next one.)
-            if r.2 == acc && first >= r.1 && first - r.1 <= PAGE_SIZE {
-                r.1 = last;
-                return;
-            }
-        }
-        self.runs.push((first, last, acc));
+        push_run_to(&mut self.runs, p, backward, acc);
     }
 
     /// Pins the pages of `runs` as [`Builder::pin_pages`] would pin them as a page list:
@@ -1099,25 +1289,7 @@ impl<'a> Builder<'a> {
                 }
             }
         }
-        // Every run in one pin call (one snapshot lookup per mapping, one value to keep),
-        // each run as its own calls of at most 512 pages would pin it.
-        let mut calls: InlineVec<(u64, u64, Perm), 4> = InlineVec::default();
-        for &(first, last, acc) in runs.iter() {
-            let perm = Perm {
-                read: acc & 1 != 0,
-                write: acc & 2 != 0,
-            };
-            let mut page = first;
-            let mut left = ((last - first) >> PAGE_SHIFT) + 1;
-            while left > 0 {
-                let n = left.min(MAX_PIN_PAGES as u64);
-                calls.push((page, n, perm));
-                left -= n;
-                if left > 0 {
-                    page += n << PAGE_SHIFT;
-                }
-            }
-        }
+        let calls = pin_calls(&runs);
         let Some(&(head, _, _)) = calls.first() else {
             // No data: nothing to pin.
             return Ok(());
@@ -1174,21 +1346,7 @@ impl<'a> Builder<'a> {
             rebuilt = v;
             &rebuilt
         };
-        let mut cur = 0usize;
-        for w in self.idaws.iter_mut() {
-            let page = *w & !(PAGE_SIZE - 1);
-            let hit = |e: &(u64, u64, u64)| e.0 <= page && page <= e.1;
-            if !ext.get(cur).is_some_and(hit) {
-                cur = ext.partition_point(|e| e.1 < page);
-                // Every IDAW's page was pinned above; never build an IDAW from a guess.
-                if !ext.get(cur).is_some_and(hit) {
-                    return Err(E::Unmapped(page));
-                }
-            }
-            let e = ext[cur];
-            *w = e.2 + (*w - e.0);
-        }
-        Ok(())
+        idaws_through(&mut self.idaws, ext)
     }
 
     /// A TIC: its target is a slot of some segment (the walk fetched it).
@@ -1412,26 +1570,7 @@ impl<'a> Builder<'a> {
     /// The storage of a direct-addressed data CCW (count not zero), within the format's
     /// addressing limit.
     fn direct_piece(&self, at: u64, c: &Ccw1, backward: bool) -> Result<Piece, E> {
-        let count = c.count as u64;
-        let limit: u64 = if self.orb.ctl.format1() {
-            0x7fff_ffff
-        } else {
-            0x00ff_ffff
-        };
-        let a = c.cda as u64;
-        let ok = if backward {
-            a <= limit && a + 1 >= count
-        } else {
-            a <= limit && a + count - 1 <= limit
-        };
-        if !ok {
-            return Err(E::DataAddress(at));
-        }
-        Ok(Piece {
-            addr: a,
-            len: c.count as u32,
-            skip: false,
-        })
+        direct_piece(self.orb.ctl.format1(), at, c, backward)
     }
 
     /// The guest storage a data CCW designates, in transfer order.
@@ -1873,6 +2012,125 @@ fn push_pages(out: &mut Vec<(u64, u8)>, pieces: &[Piece], backward: bool, acc: u
 /// log2 of [`PAGE_SIZE`].
 const PAGE_SHIFT: u32 = PAGE_SIZE.trailing_zeros();
 
+/// The storage of a direct-addressed data CCW at `at` (count not zero), within the
+/// addressing limit of its format (`fmt1`).
+#[inline]
+fn direct_piece(fmt1: bool, at: u64, c: &Ccw1, backward: bool) -> Result<Piece, E> {
+    let count = c.count as u64;
+    let limit: u64 = if fmt1 { 0x7fff_ffff } else { 0x00ff_ffff };
+    let a = c.cda as u64;
+    let ok = if backward {
+        a <= limit && a + 1 >= count
+    } else {
+        a <= limit && a + count - 1 <= limit
+    };
+    if !ok {
+        return Err(E::DataAddress(at));
+    }
+    Ok(Piece {
+        addr: a,
+        len: c.count as u32,
+        skip: false,
+    })
+}
+
+/// The IDAL address of an IDA CCW whose list [`Builder::pieces`] could read without an
+/// error of its own (aligned, addressable); `None` for anything else.
+#[inline]
+fn one_idaw_list(c: &Ccw1, fmt: IdawFormat, fmt1: bool) -> Option<u64> {
+    let list = c.cda as u64;
+    let bad = !c.flags.ida()
+        || list & (fmt.idaw_size() - 1) != 0
+        || list > 0x7fff_ffff
+        || (!fmt1 && list > 0xff_ffff);
+    (!bad).then_some(list)
+}
+
+/// The one piece of an IDA CCW whose first IDAW, `idaw`, covers its count (the common
+/// one-IDAW IDAL), as [`Builder::pieces`] finds it; `None` for anything else.
+#[inline]
+fn one_idaw_piece_of(c: &Ccw1, fmt: IdawFormat, backward: bool, idaw: Idaw) -> Option<Piece> {
+    if !idaw.is_valid(fmt) {
+        return None;
+    }
+    let mask = fmt.block_size() - 1;
+    let first_len = if backward {
+        (idaw.0 & mask) + 1
+    } else {
+        fmt.block_size() - (idaw.0 & mask)
+    };
+    let count = c.count as u64;
+    (count <= first_len).then_some(Piece {
+        addr: idaw.0,
+        len: c.count as u32,
+        skip: false,
+    })
+}
+
+/// Records the guest pages a piece touches as a run of pages, joined to the last run when
+/// it continues it (or its last page) with the same access (sequential programs make one
+/// run; a page in a run is pinned once, as the page list would pin it).
+#[inline(always)]
+fn push_run_to(runs: &mut InlineVec<(u64, u64, u8), 4>, p: &Piece, backward: bool, acc: u8) {
+    let (lo, hi) = piece_bounds(p, backward);
+    let (first, last) = (lo & !(PAGE_SIZE - 1), hi & !(PAGE_SIZE - 1));
+    if let Some(r) = runs.last_mut() {
+        // (The same page again, or the next one.)
+        if r.2 == acc && first >= r.1 && first - r.1 <= PAGE_SIZE {
+            r.1 = last;
+            return;
+        }
+    }
+    runs.push((first, last, acc));
+}
+
+/// The pin calls for ascending, disjoint page runs: every run in one pin call (one snapshot
+/// lookup per mapping, one value to keep), each run as its own calls of at most 512 pages
+/// would pin it.
+#[inline]
+fn pin_calls(runs: &[(u64, u64, u8)]) -> InlineVec<(u64, u64, Perm), 4> {
+    let mut calls: InlineVec<(u64, u64, Perm), 4> = InlineVec::default();
+    for &(first, last, acc) in runs.iter() {
+        let perm = Perm {
+            read: acc & 1 != 0,
+            write: acc & 2 != 0,
+        };
+        let mut page = first;
+        let mut left = ((last - first) >> PAGE_SHIFT) + 1;
+        while left > 0 {
+            let n = left.min(MAX_PIN_PAGES as u64);
+            calls.push((page, n, perm));
+            left -= n;
+            if left > 0 {
+                page += n << PAGE_SHIFT;
+            }
+        }
+    }
+    calls
+}
+
+/// Guest -> host for every IDAW, through pinned extents ascending and disjoint. IDAWs
+/// mostly follow each other page by page, so the extent of the last one found is tried
+/// before a binary search.
+#[inline]
+fn idaws_through(idaws: &mut [u64], ext: &[(u64, u64, u64)]) -> Result<(), E> {
+    let mut cur = 0usize;
+    for w in idaws.iter_mut() {
+        let page = *w & !(PAGE_SIZE - 1);
+        let hit = |e: &(u64, u64, u64)| e.0 <= page && page <= e.1;
+        if !ext.get(cur).is_some_and(hit) {
+            cur = ext.partition_point(|e| e.1 < page);
+            // Every IDAW's page was pinned; never build an IDAW from a guess.
+            if !ext.get(cur).is_some_and(hit) {
+                return Err(E::Unmapped(page));
+            }
+        }
+        let e = ext[cur];
+        *w = e.2 + (*w - e.0);
+    }
+    Ok(())
+}
+
 /// Lowest and highest byte of a piece (in transfer order `addr` is the first byte: the
 /// highest for read backward). The walk and the data checks keep pieces inside the space.
 #[inline]
@@ -2278,9 +2536,192 @@ mod fast_path {
             if let Err(e) = same(&fast, &general) {
                 prop_assert!(false, "{}", e);
             }
-            drop((fast, general));
+            // Each fast path alone, too (the short one takes the short programs first).
+            let simple = translate_in(&orb, &store, &cfg, false, true);
+            if let Err(e) = same(&simple, &general) {
+                prop_assert!(false, "simple: {}", e);
+            }
+            if let Some(short) = translate_short(&orb, &store.view(), &cfg) {
+                if let Err(e) = same(&Ok(short), &general) {
+                    prop_assert!(false, "short: {}", e);
+                }
+            }
+            drop((fast, general, simple));
             prop_assert_eq!(store.stats().pinned_pages, 0);
         }
+    }
+
+    /// The short path takes the commonest programs (the 4 KiB DASD read: DE, LR, Read Data
+    /// through a one-IDAW IDAL; direct, backward, multi-page, no-data and skipping CCWs) and
+    /// leaves every other shape to the other paths; either way the result is the general
+    /// passes' one, byte for byte, and nothing stays pinned.
+    #[test]
+    fn the_short_path_takes_short_chains_only() {
+        let store = mem_store();
+        let ccw = |cmd, flags: CcwFlags, count, cda| Ccw1 {
+            cmd,
+            flags,
+            count,
+            cda,
+        };
+        let cc = CcwFlags::new().with_cc(true);
+        let end = CcwFlags::new();
+        // One IDAW into the middle of a page, one crossing into the next page.
+        let mut list = Vec::new();
+        list.extend(0x1_2000u64.to_be_bytes());
+        list.extend(0x1_3800u64.to_be_bytes());
+        store.write(LISTS, &list).unwrap();
+        let searches = TranslateConfig {
+            status_modifier: CommandSet::of(&[0x31, 0x39]),
+            ..TranslateConfig::default()
+        };
+        let orb = |fmt2: bool, i2k: bool| Orb {
+            intparm: 3,
+            ctl: OrbControls::new()
+                .with_format1(true)
+                .with_format2_idaw(fmt2)
+                .with_idaw_2k(i2k),
+            cpa: PROG as u32,
+        };
+        let dasd = [
+            ccw(0x63, cc, 16, 0x1_0000),
+            ccw(0x47, cc, 16, 0x1_0010),
+            ccw(0x86, end.with_ida(true), 4096, LISTS as u32),
+        ];
+        let ida = end.with_ida(true);
+        // (program, config, ORB: format-2 IDAWs, 2K; the short path takes it)
+        type Case<'a> = (Vec<Ccw1>, &'a TranslateConfig, (bool, bool), bool);
+        let any = TranslateConfig::default();
+        let two = TranslateConfig {
+            max_segment_ccws: 2,
+            ..searches
+        };
+        let cases: Vec<Case> = vec![
+            (dasd.to_vec(), &searches, (true, false), true),
+            // Direct: a read across three pages, a read backward ending in a page.
+            (
+                vec![ccw(0x02, end, 0x2001, 0x1_0fff)],
+                &any,
+                (true, false),
+                true,
+            ),
+            (
+                vec![ccw(0x0c, end, 0x1800, 0x1_27ff)],
+                &any,
+                (true, false),
+                true,
+            ),
+            // No data: count 0, and input the skip flag suppresses; then a write.
+            (
+                vec![
+                    ccw(0x03, cc, 0, 0),
+                    ccw(0x02, cc.with_skp(true).with_sli(true), 80, 0x1_5000),
+                    ccw(0x01, end, 80, 0x1_5000),
+                ],
+                &searches,
+                (true, false),
+                true,
+            ),
+            // Format-1 IDAWs, but no CCW using them.
+            (
+                vec![ccw(0x02, end, 64, 0x1_6000)],
+                &any,
+                (false, false),
+                true,
+            ),
+            // A device whose every command may skip: a trap slot after the end.
+            (dasd.to_vec(), &any, (true, false), false),
+            // 2K IDAWs, even on a CCW without data.
+            (
+                vec![ccw(0x03, ida, 0, LISTS as u32)],
+                &any,
+                (true, true),
+                false,
+            ),
+            // An IDAL of two IDAWs; a NOOP with a count; a TIC; data chaining.
+            (
+                vec![ccw(0x02, ida, 4096, LISTS as u32 + 8)],
+                &any,
+                (true, false),
+                false,
+            ),
+            (
+                vec![ccw(0x03, end, 8, 0x1_5000)],
+                &any,
+                (true, false),
+                false,
+            ),
+            (
+                vec![
+                    ccw(0x02, cc, 8, 0x1_5000),
+                    ccw(0x08, end, 0, PROG as u32 + 16),
+                    ccw(0x02, end, 8, 0x1_5000),
+                ],
+                &searches,
+                (true, false),
+                false,
+            ),
+            (
+                vec![
+                    ccw(0x02, end.with_cd(true), 8, 0x1_5000),
+                    ccw(0x02, end, 8, 0x1_5008),
+                ],
+                &searches,
+                (true, false),
+                false,
+            ),
+            // Nine CCWs; a chain longer than a segment may be.
+            (
+                (0..9)
+                    .map(|i| ccw(0x02, if i < 8 { cc } else { end }, 8, 0x1_5000))
+                    .collect(),
+                &searches,
+                (true, false),
+                false,
+            ),
+            (dasd.to_vec(), &two, (true, false), false),
+        ];
+        for (i, (prog, cfg, (fmt2, i2k), short)) in cases.iter().enumerate() {
+            let bytes: Vec<u8> = prog.iter().flat_map(|c| c.to_bytes()).collect();
+            store.write(PROG, &bytes).unwrap();
+            let orb = orb(*fmt2, *i2k);
+            let general = translate_with(&orb, &store, cfg, false);
+            let taken = translate_short(&orb, &store.view(), cfg);
+            assert_eq!(taken.is_some(), *short, "case {i}");
+            if let Some(p) = taken {
+                assert_eq!(
+                    p.pin_count(),
+                    general.as_ref().unwrap().pin_count(),
+                    "case {i}"
+                );
+                same(&Ok(p), &general).unwrap_or_else(|e| panic!("case {i}: {e}"));
+            }
+            let fast = translate_with(&orb, &store, cfg, true);
+            same(&fast, &general).unwrap_or_else(|e| panic!("case {i}: {e}"));
+            drop((fast, general));
+            assert_eq!(store.stats().pinned_pages, 0, "case {i}");
+        }
+        // Format 0 too.
+        let bytes: Vec<u8> = dasd
+            .iter()
+            .flat_map(|c| {
+                Ccw0 {
+                    cmd: c.cmd,
+                    cda: c.cda,
+                    flags: c.flags,
+                    count: c.count,
+                }
+                .to_bytes()
+            })
+            .collect();
+        store.write(PROG, &bytes).unwrap();
+        let orb0 = Orb {
+            ctl: orb(true, false).ctl.with_format1(false),
+            ..orb(true, false)
+        };
+        let p = translate_short(&orb0, &store.view(), &searches).expect("short");
+        same(&Ok(p), &translate_with(&orb0, &store, &searches, false)).unwrap();
+        assert_eq!(store.stats().pinned_pages, 0);
     }
 
     /// The fast path does take the common shapes (else the comparison above proves little).
