@@ -327,6 +327,9 @@ pub(super) fn try_pin_runs(
     snap: &Snapshot,
     runs: &[(u64, u64, Perm)],
 ) -> Result<PinnedPages, Fail> {
+    if let Some(p) = try_pin_fast(snap, runs) {
+        return Ok(p);
+    }
     // Built at the first run, so a failure before it holds nothing (and a later failure
     // releases what it holds when dropped).
     let mut out: Option<PinnedPages> = None;
@@ -342,6 +345,80 @@ pub(super) fn try_pin_runs(
         out.with_extra(|e| e.keys = keys_out);
     }
     Ok(out)
+}
+
+/// The common case of [`try_pin_runs`], its outcome for a fraction of the work: one or two
+/// runs, each inside one mapping and one allocated leaf of its pin counts, with no storage
+/// keys recorded there (no key leaf). `None`, holding nothing, whenever anything else holds,
+/// failures included: the general path then redoes the attempt and gives its outcome.
+fn try_pin_fast(snap: &Snapshot, runs: &[(u64, u64, Perm)]) -> Option<PinnedPages> {
+    let (&(iova, n, perm), rest) = runs.split_first()?;
+    if rest.len() > 1 {
+        return None;
+    }
+    let head = pin_fast(snap, iova, n, perm)?;
+    let second = match rest.first() {
+        None => None,
+        Some(&(iova, n2, perm)) => match pin_fast(snap, iova, n2, perm) {
+            Some(s) => Some(s),
+            None => {
+                head.release();
+                return None;
+            }
+        },
+    };
+    Some(PinnedPages {
+        len: (n + second.as_ref().map_or(0, Segment::n)) as usize,
+        head,
+        second,
+        extra: OnceLock::new(),
+    })
+}
+
+/// One run of [`try_pin_fast`] as a segment (see there); `None` holding nothing.
+#[inline]
+fn pin_fast(snap: &Snapshot, iova: u64, n: u64, perm: Perm) -> Option<Segment> {
+    let b = &snap.find_region(GuestAddress(iova))?.0;
+    let sh = &b.shared;
+    // (The region found holds `iova`.)
+    let off = iova - sh.iova;
+    if n > (sh.size - off) / PAGE_SIZE || !sh.perm.allows(perm) {
+        return None;
+    }
+    let first = off / PAGE_SIZE;
+    let counts = sh.pins.chunk(first, n as usize)?;
+    if sh.keys.chunk(first, n as usize).is_some() {
+        return None;
+    }
+    // Add, then check: an unmap sets `dying` before reading `total`.
+    sh.total.fetch_add(n, Ordering::SeqCst);
+    if sh.dying.load(Ordering::SeqCst) || !b.valid.load(Ordering::SeqCst) {
+        sh.release_total(n);
+        return None;
+    }
+    let inc = PIN_ONE + if perm.write { PIN_WRITE } else { 0 };
+    for (k, c) in counts.iter().enumerate() {
+        if c.fetch_add(inc, Ordering::SeqCst) & 0xffff_ffff >= PIN_MAX {
+            // A count at its limit (never in practice): undo what this run took.
+            for c in &counts[..=k] {
+                c.fetch_sub(inc, Ordering::SeqCst);
+            }
+            sh.release_total(n);
+            return None;
+        }
+    }
+    if perm.write && sh.globals.tracking.load(Ordering::SeqCst) {
+        b.dirty()
+            .set_addr_range(off as usize, (n * PAGE_SIZE) as usize);
+    }
+    Some(Segment {
+        region: Arc::clone(b),
+        iova,
+        host: b.host_base() + off,
+        // (n <= 512: one leaf.)
+        n: n as u32,
+        write: perm.write,
+    })
 }
 
 /// Pins `npages` pages from `iova` for `perm`, appending their runs to `out` and their
