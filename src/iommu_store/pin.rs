@@ -1,5 +1,6 @@
 //! Page pinning: the translator's hot path. No store lock is taken unless the snapshot is
-//! stale; each page costs one atomic add on its count.
+//! stale; a run costs one atomic add on its mapping's total, and for write one on each
+//! page's count.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -7,7 +8,7 @@ use std::sync::{Arc, OnceLock};
 use vm_memory::{GuestAddress, GuestMemoryBackend};
 
 use super::error::StoreError;
-use super::region::{Backed, PIN_MAX, PIN_ONE, PIN_WRITE};
+use super::region::{Backed, Shared, PIN_MAX};
 use super::types::{Perm, MAX_PIN_PAGES, PAGE_SIZE};
 use super::{IommuStore, Snapshot};
 
@@ -49,29 +50,36 @@ impl Segment {
     }
 
     fn release(&self) {
+        if self.write {
+            self.unpin_write();
+        }
+        // Last: an unmap waiting for the total to reach 0 sees the page counts cleared.
+        self.region.shared.release_total(self.n());
+    }
+
+    /// The per-page half of releasing a run pinned for write.
+    fn unpin_write(&self) {
         let sh = &self.region.shared;
-        let dec = PIN_ONE + if self.write { PIN_WRITE } else { 0 };
         let (first, n) = (self.first(), self.n());
         // A run inside one leaf (the usual case): its counts directly, no leaf walk.
         match sh.pins.chunk(first, n as usize) {
             Some(counts) => {
                 for c in counts {
-                    c.fetch_sub(dec, Ordering::SeqCst);
+                    c.fetch_sub(1, Ordering::SeqCst);
                 }
             }
             None => {
                 sh.pins.run_or_init(first, n, |_, c| {
-                    c.fetch_sub(dec, Ordering::SeqCst);
+                    c.fetch_sub(1, Ordering::SeqCst);
                 });
             }
         }
-        if self.write && sh.globals.tracking.load(Ordering::SeqCst) {
+        if sh.globals.tracking.load(Ordering::SeqCst) {
             // The device may have stored until now.
             self.region
                 .dirty()
                 .set_addr_range((first * PAGE_SIZE) as usize, (n * PAGE_SIZE) as usize);
         }
-        sh.release_total(n);
     }
 }
 
@@ -348,8 +356,8 @@ pub(super) fn try_pin_runs(
 }
 
 /// The common case of [`try_pin_runs`], its outcome for a fraction of the work: one or two
-/// runs, each inside one mapping and one allocated leaf of its pin counts, with no storage
-/// keys recorded there (no key leaf). `None`, holding nothing, whenever anything else holds,
+/// runs, each inside one mapping (and for write in one allocated leaf of its pin counts),
+/// with no storage keys recorded there (no key leaf). `None`, holding nothing, whenever anything else holds,
 /// failures included: the general path then redoes the attempt and gives its outcome.
 fn try_pin_fast(snap: &Snapshot, runs: &[(u64, u64, Perm)]) -> Option<PinnedPages> {
     let (&(iova, n, perm), rest) = runs.split_first()?;
@@ -386,7 +394,12 @@ fn pin_fast(snap: &Snapshot, iova: u64, n: u64, perm: Perm) -> Option<Segment> {
         return None;
     }
     let first = off / PAGE_SIZE;
-    let counts = sh.pins.chunk(first, n as usize)?;
+    // Pins for read are counted in the total only.
+    let counts = if perm.write {
+        sh.pins.chunk(first, n as usize)?
+    } else {
+        &[]
+    };
     if sh.keys.chunk(first, n as usize).is_some() {
         return None;
     }
@@ -396,12 +409,11 @@ fn pin_fast(snap: &Snapshot, iova: u64, n: u64, perm: Perm) -> Option<Segment> {
         sh.release_total(n);
         return None;
     }
-    let inc = PIN_ONE + if perm.write { PIN_WRITE } else { 0 };
     for (k, c) in counts.iter().enumerate() {
-        if c.fetch_add(inc, Ordering::SeqCst) & 0xffff_ffff >= PIN_MAX {
+        if c.fetch_add(1, Ordering::SeqCst) >= PIN_MAX {
             // A count at its limit (never in practice): undo what this run took.
             for c in &counts[..=k] {
-                c.fetch_sub(inc, Ordering::SeqCst);
+                c.fetch_sub(1, Ordering::SeqCst);
             }
             sh.release_total(n);
             return None;
@@ -431,7 +443,6 @@ fn pin_into(
     npages: u64,
     perm: Perm,
 ) -> Result<(), Fail> {
-    let inc = PIN_ONE + if perm.write { PIN_WRITE } else { 0 };
     let mut len = out.as_ref().map_or(0, |p| p.len);
     let mut cur = iova;
     let mut left = npages;
@@ -457,39 +468,18 @@ fn pin_into(
             return Err(Fail::Retry(cur));
         }
         let base = b.host_base();
-        let mut taken = 0u64;
-        let mut overflow = false;
-        // Pages pinned before this mapping.
-        let before = len;
-        let keys_out = &mut *keys_out;
-        // One leaf of pin counts (and of storage keys) at a time.
-        let mut per_leaf = |idx0: u64, counts: &[AtomicU64]| {
-            if overflow {
-                return;
-            }
-            let mut got = 0usize;
-            for c in counts {
-                if c.fetch_add(inc, Ordering::SeqCst) & 0xffff_ffff >= PIN_MAX {
-                    c.fetch_sub(inc, Ordering::SeqCst);
-                    overflow = true;
-                    break;
-                }
-                got += 1;
-            }
-            // Keys are recorded only once a leaf of them exists (else every key is 0).
-            if let Some(keys) = sh.keys.chunk(idx0, got) {
-                keys_out.resize(before + taken as usize, 0);
-                keys_out.extend(keys.iter().map(|k| k.load(Ordering::Relaxed)));
-            }
-            taken += got as u64;
+        // Pins for read are counted in the total only; pins for write also per page.
+        let taken = if perm.write {
+            pin_counts(sh, first, n)
+        } else {
+            n
         };
-        // A run inside one existing leaf (the usual case): no leaf walk.
-        match sh.pins.chunk(first, n as usize) {
-            Some(counts) => per_leaf(first, counts),
-            None => {
-                sh.pins.chunks_or_init(first, n, per_leaf);
-            }
-        }
+        // Keys are recorded only once a leaf of them exists (else every key is 0).
+        let before = len;
+        sh.keys.for_each_present(first, taken, |idx, k| {
+            keys_out.resize(before + (idx - first) as usize, 0);
+            keys_out.push(k.load(Ordering::Relaxed));
+        });
         if taken < n {
             // Return the untaken part of the total; the taken part goes with the segment.
             sh.release_total(n - taken);
@@ -534,6 +524,34 @@ fn pin_into(
         cur = cur.wrapping_add(n * PAGE_SIZE);
     }
     Ok(())
+}
+
+/// Adds a write pin to the counts of pages `first..first + n` of `sh`, in order, up to the
+/// first at its limit; returns how many were taken.
+fn pin_counts(sh: &Shared, first: u64, n: u64) -> u64 {
+    let mut taken = 0u64;
+    let mut overflow = false;
+    let mut per_leaf = |_: u64, counts: &[AtomicU64]| {
+        for c in counts {
+            if overflow {
+                return;
+            }
+            if c.fetch_add(1, Ordering::SeqCst) >= PIN_MAX {
+                c.fetch_sub(1, Ordering::SeqCst);
+                overflow = true;
+                return;
+            }
+            taken += 1;
+        }
+    };
+    // A run inside one existing leaf (the usual case): no leaf walk.
+    match sh.pins.chunk(first, n as usize) {
+        Some(counts) => per_leaf(first, counts),
+        None => {
+            sh.pins.chunks_or_init(first, n, per_leaf);
+        }
+    }
+    taken
 }
 
 #[cfg(test)]
