@@ -4,6 +4,7 @@
 //! two-level radix table allocates a 512-entry leaf only when a page in it is first touched, so
 //! a huge mapping costs a few pointers until it is used. Lookups are two acquire loads.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::OnceLock;
 
 const LEAF: usize = 512;
@@ -17,6 +18,9 @@ type Dir<T> = [OnceLock<Box<Leaf<T>>>; DIR];
 pub(crate) struct SparsePages<T> {
     len: u64,
     top: Box<[OnceLock<Box<Dir<T>>>]>,
+    /// A leaf was handed out (set before the caller can write through it): while clear,
+    /// every entry is at its default, found with one load.
+    used: AtomicBool,
 }
 
 impl<T: Default> SparsePages<T> {
@@ -27,6 +31,7 @@ impl<T: Default> SparsePages<T> {
         SparsePages {
             len,
             top: (0..ntop).map(|_| OnceLock::new()).collect(),
+            used: AtomicBool::new(false),
         }
     }
 
@@ -50,7 +55,15 @@ impl<T: Default> SparsePages<T> {
             .top
             .get(t)?
             .get_or_init(|| Box::new(std::array::from_fn(|_| OnceLock::new())));
-        Some(dir[d].get_or_init(|| Box::new(std::array::from_fn(|_| T::default()))))
+        let leaf = dir[d].get_or_init(|| Box::new(std::array::from_fn(|_| T::default())));
+        self.used.store(true, Ordering::Release);
+        Some(leaf)
+    }
+
+    /// No leaf was ever handed out: every entry is at its default.
+    #[inline]
+    pub(crate) fn unused(&self) -> bool {
+        !self.used.load(Ordering::Acquire)
     }
 
     /// The entry for page `idx`, if its leaf exists.

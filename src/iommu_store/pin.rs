@@ -338,6 +338,14 @@ pub(super) fn try_pin_runs(
     if let Some(p) = try_pin_fast(snap, runs) {
         return Ok(p);
     }
+    try_pin_general(snap, runs)
+}
+
+/// [`try_pin_runs`] without its fast path (which the caller has tried).
+pub(super) fn try_pin_general(
+    snap: &Snapshot,
+    runs: &[(u64, u64, Perm)],
+) -> Result<PinnedPages, Fail> {
     // Built at the first run, so a failure before it holds nothing (and a later failure
     // releases what it holds when dropped).
     let mut out: Option<PinnedPages> = None;
@@ -357,9 +365,11 @@ pub(super) fn try_pin_runs(
 
 /// The common case of [`try_pin_runs`], its outcome for a fraction of the work: one or two
 /// runs, each inside one mapping (and for write in one allocated leaf of its pin counts),
-/// with no storage keys recorded there (no key leaf). `None`, holding nothing, whenever anything else holds,
+/// with no storage keys recorded there (no key leaf); arguments need not be checked before.
+/// `None`, holding nothing, whenever anything else holds,
 /// failures included: the general path then redoes the attempt and gives its outcome.
-fn try_pin_fast(snap: &Snapshot, runs: &[(u64, u64, Perm)]) -> Option<PinnedPages> {
+#[inline(always)]
+pub(super) fn try_pin_fast(snap: &Snapshot, runs: &[(u64, u64, Perm)]) -> Option<PinnedPages> {
     let (&(iova, n, perm), rest) = runs.split_first()?;
     if rest.len() > 1 {
         return None;
@@ -384,8 +394,12 @@ fn try_pin_fast(snap: &Snapshot, runs: &[(u64, u64, Perm)]) -> Option<PinnedPage
 }
 
 /// One run of [`try_pin_fast`] as a segment (see there); `None` holding nothing.
-#[inline]
+#[inline(always)]
 fn pin_fast(snap: &Snapshot, iova: u64, n: u64, perm: Perm) -> Option<Segment> {
+    // The arguments as [`check_pin_args`] wants them (a run inside a mapping cannot wrap).
+    if iova % PAGE_SIZE != 0 || n.wrapping_sub(1) >= MAX_PIN_PAGES as u64 || perm.is_empty() {
+        return None;
+    }
     let b = &snap.find_region(GuestAddress(iova))?.0;
     let sh = &b.shared;
     // (The region found holds `iova`.)
@@ -400,7 +414,7 @@ fn pin_fast(snap: &Snapshot, iova: u64, n: u64, perm: Perm) -> Option<Segment> {
     } else {
         &[]
     };
-    if sh.keys.chunk(first, n as usize).is_some() {
+    if !sh.keys.unused() && sh.keys.chunk(first, n as usize).is_some() {
         return None;
     }
     // Add, then check: an unmap sets `dying` before reading `total`.

@@ -103,6 +103,7 @@ impl Shared {
     }
 
     /// Returns `n` page pins to the mapping's total and wakes a waiting unmap at zero.
+    #[inline]
     pub(crate) fn release_total(&self, n: u64) {
         let prev = self.total.fetch_sub(n, Ordering::SeqCst);
         if prev == n && self.dying.load(Ordering::SeqCst) {
