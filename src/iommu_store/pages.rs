@@ -35,12 +35,14 @@ impl<T: Default> SparsePages<T> {
         }
     }
 
+    #[inline]
     fn split(idx: u64) -> (usize, usize, usize) {
         let t = (idx / PER_DIR) as usize;
         let rem = (idx % PER_DIR) as usize;
         (t, rem / LEAF, rem % LEAF)
     }
 
+    #[inline]
     fn leaf(&self, idx: u64) -> Option<&Leaf<T>> {
         let (t, d, _) = Self::split(idx);
         self.top.get(t)?.get()?[d].get().map(|b| &**b)
@@ -113,6 +115,7 @@ impl<T: Default> SparsePages<T> {
 
     /// The entries of pages `first..first + n` when they lie in one allocated leaf; `None` when
     /// that leaf is not allocated (every entry at its default) or the run is not in one leaf.
+    #[inline]
     pub(crate) fn chunk(&self, first: u64, n: usize) -> Option<&[T]> {
         let start = (first % LEAF as u64) as usize;
         if first >= self.len || start + n > LEAF {
