@@ -570,6 +570,8 @@ fn pin_counts(sh: &Shared, first: u64, n: u64) -> u64 {
 
 #[cfg(test)]
 mod tests {
+    use vm_memory::GuestMemoryBackend;
+
     use crate::iommu_store::{Backing, IommuStore, Perm, StoreConfig, PAGE_SIZE};
 
     /// Pages are kept as runs and listed on request, with the storage keys as they were at
@@ -669,5 +671,117 @@ mod tests {
         assert_eq!(v.pin_runs(&runs).unwrap().len(), 4);
         assert!(v.pin_runs(&bad).is_err());
         assert_eq!(store.stats().pinned_pages, 0);
+    }
+
+    /// The fast path (one or two runs, a leaf of counts there for write, no keys) gives
+    /// what the general one gives: the same runs, counts, dirty pages and errors. Pins for
+    /// read keep no page dirty; pins for write do until released.
+    #[test]
+    fn fast_path_pins_as_the_general_path_does() {
+        let store = IommuStore::new(StoreConfig::default());
+        store
+            .map_dma(0x10000, 0x4000, Perm::READ_WRITE, Backing::Anonymous)
+            .unwrap();
+        store
+            .map_dma(0x20000, 0x2000, Perm::READ, Backing::Anonymous)
+            .unwrap();
+        // The first pin for write allocates the leaf of counts (general path); later ones
+        // find it.
+        drop(store.pin(0x10000, 1, Perm::WRITE).unwrap());
+        store.dirty_start().unwrap();
+        let runs = [(0x20000, 2, Perm::READ), (0x11000, 2, Perm::WRITE)];
+        let p = store.view().pin_runs(&runs).unwrap();
+        assert_eq!(p.len(), 4);
+        let got: Vec<_> = p.runs().map(|(iova, _, n, w)| (iova, n, w)).collect();
+        assert_eq!(got, [(0x20000, 2, false), (0x11000, 2, true)]);
+        let snap = store.snapshot();
+        let host = |iova: u64| {
+            let r = snap.find_region(vm_memory::GuestAddress(iova)).unwrap();
+            r.0.host_base() + (iova - r.0.shared.iova)
+        };
+        let hosts: Vec<_> = p.runs().map(|(_, h, _, _)| h).collect();
+        assert_eq!(hosts, [host(0x20000), host(0x11000)]);
+        assert_eq!(store.stats().pinned_pages, 4);
+        // Pages pinned for write are dirty and stay so while pinned; the others are not.
+        assert_eq!(
+            store.dirty_bitmap(0x10000, 0x4000, PAGE_SIZE).unwrap(),
+            [0b0110]
+        );
+        assert_eq!(
+            store.dirty_bitmap(0x10000, 0x4000, PAGE_SIZE).unwrap(),
+            [0b0110]
+        );
+        assert_eq!(store.dirty_bitmap(0x20000, 0x2000, PAGE_SIZE).unwrap(), [0]);
+        drop(p);
+        assert_eq!(store.stats().pinned_pages, 0);
+        assert_eq!(
+            store.dirty_bitmap(0x10000, 0x4000, PAGE_SIZE).unwrap(),
+            [0b0110]
+        );
+        assert_eq!(store.dirty_bitmap(0x10000, 0x4000, PAGE_SIZE).unwrap(), [0]);
+        store.dirty_stop().unwrap();
+
+        // Failures are the general path's, with nothing left pinned.
+        let v = store.view();
+        for bad in [
+            [(0x10000, 1, Perm::READ), (0x20000, 1, Perm::WRITE)],
+            [(0x10000, 1, Perm::WRITE), (0x11001, 1, Perm::READ)],
+            [(0x10000, 1, Perm::WRITE), (0x11000, 0, Perm::READ)],
+            [(0x10000, 513, Perm::READ), (0x20000, 1, Perm::READ)],
+            [(0x10000, 1, Perm::WRITE), (0x11000, 1, Perm::default())],
+            [(0x13000, 2, Perm::WRITE), (0x20000, 1, Perm::READ)],
+        ] {
+            let e = v.pin_runs(&bad).unwrap_err();
+            assert_eq!(e, store.pin_runs(&bad).unwrap_err(), "{bad:?}");
+            assert_eq!(store.stats().pinned_pages, 0, "{bad:?}");
+        }
+        assert_eq!(
+            v.pin_runs(&[(0x20000, 1, Perm::WRITE)])
+                .unwrap_err()
+                .errno(),
+            libc::EPERM
+        );
+        // A run crossing into the next mapping takes the general path.
+        store
+            .map_dma(0x14000, 0x1000, Perm::READ_WRITE, Backing::Anonymous)
+            .unwrap();
+        let p = store.view().pin_runs(&[(0x13000, 2, Perm::READ)]).unwrap();
+        assert_eq!(p.runs().count(), 2);
+        drop(p);
+        assert_eq!(store.stats().pinned_pages, 0);
+    }
+
+    /// A page count at its limit: the pin fails with EBUSY and takes nothing, through
+    /// either path.
+    #[test]
+    fn count_at_its_limit_is_ebusy_and_pins_nothing() {
+        use std::sync::atomic::Ordering;
+        let store = IommuStore::new(StoreConfig::default());
+        store
+            .map_dma(0x10000, 0x4000, Perm::READ_WRITE, Backing::Anonymous)
+            .unwrap();
+        drop(store.pin(0x10000, 4, Perm::WRITE).unwrap());
+        let snap = store.snapshot();
+        let r = snap.find_region(vm_memory::GuestAddress(0x10000)).unwrap();
+        let counts = &r.0.shared.pins;
+        counts
+            .get(2)
+            .unwrap()
+            .store(super::PIN_MAX, Ordering::SeqCst);
+        // One run (fast path tried first), then two runs with the full one second.
+        for runs in [
+            &[(0x10000, 4, Perm::WRITE)][..],
+            &[(0x10000, 1, Perm::WRITE), (0x11000, 3, Perm::WRITE)][..],
+        ] {
+            let e = store.view().pin_runs(runs).unwrap_err();
+            assert_eq!(e.errno(), libc::EBUSY, "{runs:?}");
+            assert_eq!(store.stats().pinned_pages, 0);
+            let now: Vec<_> = (0..4)
+                .map(|i| counts.get(i).unwrap().load(Ordering::SeqCst))
+                .collect();
+            assert_eq!(now, [0, 0, super::PIN_MAX, 0]);
+        }
+        // Pins for read are not counted per page: not limited by it.
+        assert_eq!(store.pin(0x12000, 1, Perm::READ).unwrap().len(), 1);
     }
 }
