@@ -49,6 +49,7 @@ impl Segment {
         self.n as u64
     }
 
+    #[inline]
     fn release(&self) {
         if self.write {
             self.unpin_write();
@@ -58,21 +59,16 @@ impl Segment {
     }
 
     /// The per-page half of releasing a run pinned for write.
+    #[inline(never)]
     fn unpin_write(&self) {
         let sh = &self.region.shared;
         let (first, n) = (self.first(), self.n());
         // A run inside one leaf (the usual case): its counts directly, no leaf walk.
         match sh.pins.chunk(first, n as usize) {
-            Some(counts) => {
-                for c in counts {
-                    c.fetch_sub(1, Ordering::SeqCst);
-                }
-            }
-            None => {
-                sh.pins.run_or_init(first, n, |_, c| {
-                    c.fetch_sub(1, Ordering::SeqCst);
-                });
-            }
+            Some(counts) => counts.iter().for_each(|c| {
+                c.fetch_sub(1, Ordering::SeqCst);
+            }),
+            None => unpin_counts_walk(sh, first, n),
         }
         if sh.globals.tracking.load(Ordering::SeqCst) {
             // The device may have stored until now.
@@ -538,6 +534,16 @@ fn pin_into(
         cur = cur.wrapping_add(n * PAGE_SIZE);
     }
     Ok(())
+}
+
+/// Drops a write pin from the counts of pages `first..first + n` of `sh`, leaf by leaf (a
+/// run across leaves: out of line).
+#[cold]
+#[inline(never)]
+fn unpin_counts_walk(sh: &Shared, first: u64, n: u64) {
+    sh.pins.run_or_init(first, n, |_, c| {
+        c.fetch_sub(1, Ordering::SeqCst);
+    });
 }
 
 /// Adds a write pin to the counts of pages `first..first + n` of `sh`, in order, up to the
