@@ -115,7 +115,7 @@ impl<T: Default> SparsePages<T> {
 
     /// The entries of pages `first..first + n` when they lie in one allocated leaf; `None` when
     /// that leaf is not allocated (every entry at its default) or the run is not in one leaf.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn chunk(&self, first: u64, n: usize) -> Option<&[T]> {
         let start = (first % LEAF as u64) as usize;
         if first >= self.len || start + n > LEAF {
