@@ -9,7 +9,7 @@ use std::sync::atomic::Ordering;
 
 use super::error::StoreError;
 use super::mapping;
-use super::region::{Backed, PIN_WRITE};
+use super::region::Backed;
 use super::types::{MAX_DIRTY_BITMAP_PAGES, PAGE_SIZE};
 use super::IommuStore;
 
@@ -17,7 +17,7 @@ fn write_pinned(b: &Backed, idx: u64) -> bool {
     b.shared
         .pins
         .get(idx)
-        .is_some_and(|c| c.load(Ordering::SeqCst) >= PIN_WRITE)
+        .is_some_and(|c| c.load(Ordering::SeqCst) > 0)
 }
 
 /// Copies the dirty bits of `old` into `new` (a VADDR update swaps the memory, not the
@@ -46,7 +46,7 @@ impl IommuStore {
             b.shared
                 .pins
                 .for_each_present(0, b.shared.size / PAGE_SIZE, |idx, c| {
-                    if c.load(Ordering::SeqCst) >= PIN_WRITE {
+                    if c.load(Ordering::SeqCst) > 0 {
                         b.dirty()
                             .set_addr_range((idx * PAGE_SIZE) as usize, PAGE_SIZE as usize);
                     }

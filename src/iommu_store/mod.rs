@@ -15,7 +15,8 @@
 //! * Each mapping's memory is a vm-memory `GuestRegionMmap<AtomicBitmap>` holding exactly the
 //!   mapped bytes; its `AtomicBitmap` is the dirty bitmap (stores through [`IommuStore::write`]
 //!   mark it as vm-memory writes do).
-//! * Pins are per-page atomic counts in the mapping, found through the snapshot; a pin holds
+//! * Pins are counted in their mapping (its total, found through the snapshot), pins for
+//!   write also per page (atomic counts: those pages stay dirty while pinned); a pin holds
 //!   an `Arc` of the mapping's memory, so no pointer to unmapped memory can survive.
 //! * Pin versus unmap: a pin adds to the mapping's pin total and *then* checks its `dying`
 //!   flag; an unmap sets `dying` and *then* reads the total (both sequentially consistent),

@@ -4,6 +4,7 @@
 //! two-level radix table allocates a 512-entry leaf only when a page in it is first touched, so
 //! a huge mapping costs a few pointers until it is used. Lookups are two acquire loads.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::OnceLock;
 
 const LEAF: usize = 512;
@@ -17,6 +18,9 @@ type Dir<T> = [OnceLock<Box<Leaf<T>>>; DIR];
 pub(crate) struct SparsePages<T> {
     len: u64,
     top: Box<[OnceLock<Box<Dir<T>>>]>,
+    /// A leaf was handed out (set before the caller can write through it): while clear,
+    /// every entry is at its default, found with one load.
+    used: AtomicBool,
 }
 
 impl<T: Default> SparsePages<T> {
@@ -27,15 +31,18 @@ impl<T: Default> SparsePages<T> {
         SparsePages {
             len,
             top: (0..ntop).map(|_| OnceLock::new()).collect(),
+            used: AtomicBool::new(false),
         }
     }
 
+    #[inline]
     fn split(idx: u64) -> (usize, usize, usize) {
         let t = (idx / PER_DIR) as usize;
         let rem = (idx % PER_DIR) as usize;
         (t, rem / LEAF, rem % LEAF)
     }
 
+    #[inline]
     fn leaf(&self, idx: u64) -> Option<&Leaf<T>> {
         let (t, d, _) = Self::split(idx);
         self.top.get(t)?.get()?[d].get().map(|b| &**b)
@@ -50,7 +57,15 @@ impl<T: Default> SparsePages<T> {
             .top
             .get(t)?
             .get_or_init(|| Box::new(std::array::from_fn(|_| OnceLock::new())));
-        Some(dir[d].get_or_init(|| Box::new(std::array::from_fn(|_| T::default()))))
+        let leaf = dir[d].get_or_init(|| Box::new(std::array::from_fn(|_| T::default())));
+        self.used.store(true, Ordering::Release);
+        Some(leaf)
+    }
+
+    /// No leaf was ever handed out: every entry is at its default.
+    #[inline]
+    pub(crate) fn unused(&self) -> bool {
+        !self.used.load(Ordering::Acquire)
     }
 
     /// The entry for page `idx`, if its leaf exists.
@@ -100,6 +115,7 @@ impl<T: Default> SparsePages<T> {
 
     /// The entries of pages `first..first + n` when they lie in one allocated leaf; `None` when
     /// that leaf is not allocated (every entry at its default) or the run is not in one leaf.
+    #[inline(always)]
     pub(crate) fn chunk(&self, first: u64, n: usize) -> Option<&[T]> {
         let start = (first % LEAF as u64) as usize;
         if first >= self.len || start + n > LEAF {

@@ -1,5 +1,6 @@
 //! Page pinning: the translator's hot path. No store lock is taken unless the snapshot is
-//! stale; each page costs one atomic add on its count.
+//! stale; a run costs one atomic add on its mapping's total, and for write one on each
+//! page's count.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -7,7 +8,7 @@ use std::sync::{Arc, OnceLock};
 use vm_memory::{GuestAddress, GuestMemoryBackend};
 
 use super::error::StoreError;
-use super::region::{Backed, PIN_MAX, PIN_ONE, PIN_WRITE};
+use super::region::{Backed, Shared, PIN_MAX};
 use super::types::{Perm, MAX_PIN_PAGES, PAGE_SIZE};
 use super::{IommuStore, Snapshot};
 
@@ -48,30 +49,33 @@ impl Segment {
         self.n as u64
     }
 
+    #[inline]
     fn release(&self) {
+        if self.write {
+            self.unpin_write();
+        }
+        // Last: an unmap waiting for the total to reach 0 sees the page counts cleared.
+        self.region.shared.release_total(self.n());
+    }
+
+    /// The per-page half of releasing a run pinned for write.
+    #[inline(never)]
+    fn unpin_write(&self) {
         let sh = &self.region.shared;
-        let dec = PIN_ONE + if self.write { PIN_WRITE } else { 0 };
         let (first, n) = (self.first(), self.n());
         // A run inside one leaf (the usual case): its counts directly, no leaf walk.
         match sh.pins.chunk(first, n as usize) {
-            Some(counts) => {
-                for c in counts {
-                    c.fetch_sub(dec, Ordering::SeqCst);
-                }
-            }
-            None => {
-                sh.pins.run_or_init(first, n, |_, c| {
-                    c.fetch_sub(dec, Ordering::SeqCst);
-                });
-            }
+            Some(counts) => counts.iter().for_each(|c| {
+                c.fetch_sub(1, Ordering::SeqCst);
+            }),
+            None => unpin_counts_walk(sh, first, n),
         }
-        if self.write && sh.globals.tracking.load(Ordering::SeqCst) {
+        if sh.globals.tracking.load(Ordering::SeqCst) {
             // The device may have stored until now.
             self.region
                 .dirty()
                 .set_addr_range((first * PAGE_SIZE) as usize, (n * PAGE_SIZE) as usize);
         }
-        sh.release_total(n);
     }
 }
 
@@ -327,6 +331,17 @@ pub(super) fn try_pin_runs(
     snap: &Snapshot,
     runs: &[(u64, u64, Perm)],
 ) -> Result<PinnedPages, Fail> {
+    if let Some(p) = try_pin_fast(snap, runs) {
+        return Ok(p);
+    }
+    try_pin_general(snap, runs)
+}
+
+/// [`try_pin_runs`] without its fast path (which the caller has tried).
+pub(super) fn try_pin_general(
+    snap: &Snapshot,
+    runs: &[(u64, u64, Perm)],
+) -> Result<PinnedPages, Fail> {
     // Built at the first run, so a failure before it holds nothing (and a later failure
     // releases what it holds when dropped).
     let mut out: Option<PinnedPages> = None;
@@ -344,6 +359,90 @@ pub(super) fn try_pin_runs(
     Ok(out)
 }
 
+/// The common case of [`try_pin_runs`], its outcome for a fraction of the work: one or two
+/// runs, each inside one mapping (and for write in one allocated leaf of its pin counts),
+/// with no storage keys recorded there (no key leaf); arguments need not be checked before.
+/// `None`, holding nothing, whenever anything else holds,
+/// failures included: the general path then redoes the attempt and gives its outcome.
+#[inline(always)]
+pub(super) fn try_pin_fast(snap: &Snapshot, runs: &[(u64, u64, Perm)]) -> Option<PinnedPages> {
+    let (&(iova, n, perm), rest) = runs.split_first()?;
+    if rest.len() > 1 {
+        return None;
+    }
+    let head = pin_fast(snap, iova, n, perm)?;
+    let second = match rest.first() {
+        None => None,
+        Some(&(iova, n2, perm)) => match pin_fast(snap, iova, n2, perm) {
+            Some(s) => Some(s),
+            None => {
+                head.release();
+                return None;
+            }
+        },
+    };
+    Some(PinnedPages {
+        len: (n + second.as_ref().map_or(0, Segment::n)) as usize,
+        head,
+        second,
+        extra: OnceLock::new(),
+    })
+}
+
+/// One run of [`try_pin_fast`] as a segment (see there); `None` holding nothing.
+#[inline(always)]
+fn pin_fast(snap: &Snapshot, iova: u64, n: u64, perm: Perm) -> Option<Segment> {
+    // The arguments as [`check_pin_args`] wants them (a run inside a mapping cannot wrap).
+    if iova % PAGE_SIZE != 0 || n.wrapping_sub(1) >= MAX_PIN_PAGES as u64 || perm.is_empty() {
+        return None;
+    }
+    let b = &snap.find_region(GuestAddress(iova))?.0;
+    let sh = &b.shared;
+    // (The region found holds `iova`.)
+    let off = iova - sh.iova;
+    if n > (sh.size - off) / PAGE_SIZE || !sh.perm.allows(perm) {
+        return None;
+    }
+    let first = off / PAGE_SIZE;
+    // Pins for read are counted in the total only.
+    let counts = if perm.write {
+        sh.pins.chunk(first, n as usize)?
+    } else {
+        &[]
+    };
+    if !sh.keys.unused() && sh.keys.chunk(first, n as usize).is_some() {
+        return None;
+    }
+    // Add, then check: an unmap sets `dying` before reading `total`.
+    sh.total.fetch_add(n, Ordering::SeqCst);
+    if sh.dying.load(Ordering::SeqCst) || !b.valid.load(Ordering::SeqCst) {
+        sh.release_total(n);
+        return None;
+    }
+    for (k, c) in counts.iter().enumerate() {
+        if c.fetch_add(1, Ordering::SeqCst) >= PIN_MAX {
+            // A count at its limit (never in practice): undo what this run took.
+            for c in &counts[..=k] {
+                c.fetch_sub(1, Ordering::SeqCst);
+            }
+            sh.release_total(n);
+            return None;
+        }
+    }
+    if perm.write && sh.globals.tracking.load(Ordering::SeqCst) {
+        b.dirty()
+            .set_addr_range(off as usize, (n * PAGE_SIZE) as usize);
+    }
+    Some(Segment {
+        region: Arc::clone(b),
+        iova,
+        host: b.host_base() + off,
+        // (n <= 512: one leaf.)
+        n: n as u32,
+        write: perm.write,
+    })
+}
+
 /// Pins `npages` pages from `iova` for `perm`, appending their runs to `out` and their
 /// storage keys (once any is recorded) to `keys_out`.
 fn pin_into(
@@ -354,7 +453,6 @@ fn pin_into(
     npages: u64,
     perm: Perm,
 ) -> Result<(), Fail> {
-    let inc = PIN_ONE + if perm.write { PIN_WRITE } else { 0 };
     let mut len = out.as_ref().map_or(0, |p| p.len);
     let mut cur = iova;
     let mut left = npages;
@@ -380,39 +478,18 @@ fn pin_into(
             return Err(Fail::Retry(cur));
         }
         let base = b.host_base();
-        let mut taken = 0u64;
-        let mut overflow = false;
-        // Pages pinned before this mapping.
-        let before = len;
-        let keys_out = &mut *keys_out;
-        // One leaf of pin counts (and of storage keys) at a time.
-        let mut per_leaf = |idx0: u64, counts: &[AtomicU64]| {
-            if overflow {
-                return;
-            }
-            let mut got = 0usize;
-            for c in counts {
-                if c.fetch_add(inc, Ordering::SeqCst) & 0xffff_ffff >= PIN_MAX {
-                    c.fetch_sub(inc, Ordering::SeqCst);
-                    overflow = true;
-                    break;
-                }
-                got += 1;
-            }
-            // Keys are recorded only once a leaf of them exists (else every key is 0).
-            if let Some(keys) = sh.keys.chunk(idx0, got) {
-                keys_out.resize(before + taken as usize, 0);
-                keys_out.extend(keys.iter().map(|k| k.load(Ordering::Relaxed)));
-            }
-            taken += got as u64;
+        // Pins for read are counted in the total only; pins for write also per page.
+        let taken = if perm.write {
+            pin_counts(sh, first, n)
+        } else {
+            n
         };
-        // A run inside one existing leaf (the usual case): no leaf walk.
-        match sh.pins.chunk(first, n as usize) {
-            Some(counts) => per_leaf(first, counts),
-            None => {
-                sh.pins.chunks_or_init(first, n, per_leaf);
-            }
-        }
+        // Keys are recorded only once a leaf of them exists (else every key is 0).
+        let before = len;
+        sh.keys.for_each_present(first, taken, |idx, k| {
+            keys_out.resize(before + (idx - first) as usize, 0);
+            keys_out.push(k.load(Ordering::Relaxed));
+        });
         if taken < n {
             // Return the untaken part of the total; the taken part goes with the segment.
             sh.release_total(n - taken);
@@ -459,8 +536,48 @@ fn pin_into(
     Ok(())
 }
 
+/// Drops a write pin from the counts of pages `first..first + n` of `sh`, leaf by leaf (a
+/// run across leaves: out of line).
+#[cold]
+#[inline(never)]
+fn unpin_counts_walk(sh: &Shared, first: u64, n: u64) {
+    sh.pins.run_or_init(first, n, |_, c| {
+        c.fetch_sub(1, Ordering::SeqCst);
+    });
+}
+
+/// Adds a write pin to the counts of pages `first..first + n` of `sh`, in order, up to the
+/// first at its limit; returns how many were taken.
+fn pin_counts(sh: &Shared, first: u64, n: u64) -> u64 {
+    let mut taken = 0u64;
+    let mut overflow = false;
+    let mut per_leaf = |_: u64, counts: &[AtomicU64]| {
+        for c in counts {
+            if overflow {
+                return;
+            }
+            if c.fetch_add(1, Ordering::SeqCst) >= PIN_MAX {
+                c.fetch_sub(1, Ordering::SeqCst);
+                overflow = true;
+                return;
+            }
+            taken += 1;
+        }
+    };
+    // A run inside one existing leaf (the usual case): no leaf walk.
+    match sh.pins.chunk(first, n as usize) {
+        Some(counts) => per_leaf(first, counts),
+        None => {
+            sh.pins.chunks_or_init(first, n, per_leaf);
+        }
+    }
+    taken
+}
+
 #[cfg(test)]
 mod tests {
+    use vm_memory::GuestMemoryBackend;
+
     use crate::iommu_store::{Backing, IommuStore, Perm, StoreConfig, PAGE_SIZE};
 
     /// Pages are kept as runs and listed on request, with the storage keys as they were at
@@ -560,5 +677,117 @@ mod tests {
         assert_eq!(v.pin_runs(&runs).unwrap().len(), 4);
         assert!(v.pin_runs(&bad).is_err());
         assert_eq!(store.stats().pinned_pages, 0);
+    }
+
+    /// The fast path (one or two runs, a leaf of counts there for write, no keys) gives
+    /// what the general one gives: the same runs, counts, dirty pages and errors. Pins for
+    /// read keep no page dirty; pins for write do until released.
+    #[test]
+    fn fast_path_pins_as_the_general_path_does() {
+        let store = IommuStore::new(StoreConfig::default());
+        store
+            .map_dma(0x10000, 0x4000, Perm::READ_WRITE, Backing::Anonymous)
+            .unwrap();
+        store
+            .map_dma(0x20000, 0x2000, Perm::READ, Backing::Anonymous)
+            .unwrap();
+        // The first pin for write allocates the leaf of counts (general path); later ones
+        // find it.
+        drop(store.pin(0x10000, 1, Perm::WRITE).unwrap());
+        store.dirty_start().unwrap();
+        let runs = [(0x20000, 2, Perm::READ), (0x11000, 2, Perm::WRITE)];
+        let p = store.view().pin_runs(&runs).unwrap();
+        assert_eq!(p.len(), 4);
+        let got: Vec<_> = p.runs().map(|(iova, _, n, w)| (iova, n, w)).collect();
+        assert_eq!(got, [(0x20000, 2, false), (0x11000, 2, true)]);
+        let snap = store.snapshot();
+        let host = |iova: u64| {
+            let r = snap.find_region(vm_memory::GuestAddress(iova)).unwrap();
+            r.0.host_base() + (iova - r.0.shared.iova)
+        };
+        let hosts: Vec<_> = p.runs().map(|(_, h, _, _)| h).collect();
+        assert_eq!(hosts, [host(0x20000), host(0x11000)]);
+        assert_eq!(store.stats().pinned_pages, 4);
+        // Pages pinned for write are dirty and stay so while pinned; the others are not.
+        assert_eq!(
+            store.dirty_bitmap(0x10000, 0x4000, PAGE_SIZE).unwrap(),
+            [0b0110]
+        );
+        assert_eq!(
+            store.dirty_bitmap(0x10000, 0x4000, PAGE_SIZE).unwrap(),
+            [0b0110]
+        );
+        assert_eq!(store.dirty_bitmap(0x20000, 0x2000, PAGE_SIZE).unwrap(), [0]);
+        drop(p);
+        assert_eq!(store.stats().pinned_pages, 0);
+        assert_eq!(
+            store.dirty_bitmap(0x10000, 0x4000, PAGE_SIZE).unwrap(),
+            [0b0110]
+        );
+        assert_eq!(store.dirty_bitmap(0x10000, 0x4000, PAGE_SIZE).unwrap(), [0]);
+        store.dirty_stop().unwrap();
+
+        // Failures are the general path's, with nothing left pinned.
+        let v = store.view();
+        for bad in [
+            [(0x10000, 1, Perm::READ), (0x20000, 1, Perm::WRITE)],
+            [(0x10000, 1, Perm::WRITE), (0x11001, 1, Perm::READ)],
+            [(0x10000, 1, Perm::WRITE), (0x11000, 0, Perm::READ)],
+            [(0x10000, 513, Perm::READ), (0x20000, 1, Perm::READ)],
+            [(0x10000, 1, Perm::WRITE), (0x11000, 1, Perm::default())],
+            [(0x13000, 2, Perm::WRITE), (0x20000, 1, Perm::READ)],
+        ] {
+            let e = v.pin_runs(&bad).unwrap_err();
+            assert_eq!(e, store.pin_runs(&bad).unwrap_err(), "{bad:?}");
+            assert_eq!(store.stats().pinned_pages, 0, "{bad:?}");
+        }
+        assert_eq!(
+            v.pin_runs(&[(0x20000, 1, Perm::WRITE)])
+                .unwrap_err()
+                .errno(),
+            libc::EPERM
+        );
+        // A run crossing into the next mapping takes the general path.
+        store
+            .map_dma(0x14000, 0x1000, Perm::READ_WRITE, Backing::Anonymous)
+            .unwrap();
+        let p = store.view().pin_runs(&[(0x13000, 2, Perm::READ)]).unwrap();
+        assert_eq!(p.runs().count(), 2);
+        drop(p);
+        assert_eq!(store.stats().pinned_pages, 0);
+    }
+
+    /// A page count at its limit: the pin fails with EBUSY and takes nothing, through
+    /// either path.
+    #[test]
+    fn count_at_its_limit_is_ebusy_and_pins_nothing() {
+        use std::sync::atomic::Ordering;
+        let store = IommuStore::new(StoreConfig::default());
+        store
+            .map_dma(0x10000, 0x4000, Perm::READ_WRITE, Backing::Anonymous)
+            .unwrap();
+        drop(store.pin(0x10000, 4, Perm::WRITE).unwrap());
+        let snap = store.snapshot();
+        let r = snap.find_region(vm_memory::GuestAddress(0x10000)).unwrap();
+        let counts = &r.0.shared.pins;
+        counts
+            .get(2)
+            .unwrap()
+            .store(super::PIN_MAX, Ordering::SeqCst);
+        // One run (fast path tried first), then two runs with the full one second.
+        for runs in [
+            &[(0x10000, 4, Perm::WRITE)][..],
+            &[(0x10000, 1, Perm::WRITE), (0x11000, 3, Perm::WRITE)][..],
+        ] {
+            let e = store.view().pin_runs(runs).unwrap_err();
+            assert_eq!(e.errno(), libc::EBUSY, "{runs:?}");
+            assert_eq!(store.stats().pinned_pages, 0);
+            let now: Vec<_> = (0..4)
+                .map(|i| counts.get(i).unwrap().load(Ordering::SeqCst))
+                .collect();
+            assert_eq!(now, [0, 0, super::PIN_MAX, 0]);
+        }
+        // Pins for read are not counted per page: not limited by it.
+        assert_eq!(store.pin(0x12000, 1, Perm::READ).unwrap().len(), 1);
     }
 }

@@ -13,11 +13,7 @@ use vm_memory::{
 use super::pages::SparsePages;
 use super::types::{Perm, PAGE_SIZE};
 
-/// One pin count unit in a page's counter (low 32 bits: all pins).
-pub(crate) const PIN_ONE: u64 = 1;
-/// One write-pin unit (high 32 bits: pins for write, which keep the page dirty).
-pub(crate) const PIN_WRITE: u64 = 1 << 32;
-/// Pins per page we refuse to exceed, so the low half can never carry into the high half.
+/// Pins for write per page we refuse to exceed (a page's count is its pins for write).
 pub(crate) const PIN_MAX: u64 = 0xffff_0000;
 
 /// Store-wide state that pins need when they are dropped.
@@ -73,7 +69,8 @@ pub(crate) struct Shared {
     pub(crate) iova: u64,
     pub(crate) size: u64,
     pub(crate) perm: Perm,
-    /// Per-page pin counts: `PIN_ONE` per pin plus `PIN_WRITE` per pin for write.
+    /// Per-page counts of pins for write (the pages kept dirty while pinned). Pins for read
+    /// are counted only in `total`: nothing needs them per page.
     pub(crate) pins: SparsePages<AtomicU64>,
     /// Per-page s390 storage keys (default 0).
     pub(crate) keys: SparsePages<AtomicU8>,
@@ -106,6 +103,7 @@ impl Shared {
     }
 
     /// Returns `n` page pins to the mapping's total and wakes a waiting unmap at zero.
+    #[inline]
     pub(crate) fn release_total(&self, n: u64) {
         let prev = self.total.fetch_sub(n, Ordering::SeqCst);
         if prev == n && self.dying.load(Ordering::SeqCst) {

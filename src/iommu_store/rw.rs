@@ -60,7 +60,7 @@ fn access(
     iova: u64,
     len: usize,
     need: Perm,
-    mut f: impl FnMut(&StoreRegion, u64, usize, usize) -> Result<(), StoreError>,
+    f: impl FnMut(&StoreRegion, u64, usize, usize) -> Result<(), StoreError>,
 ) -> Result<(), StoreError> {
     if len == 0 {
         return Ok(());
@@ -72,9 +72,23 @@ fn access(
         let sh = &r.0.shared;
         let off = iova - sh.iova;
         if sh.size - off >= len as u64 && sh.perm.allows(need) && r.0.valid.load(Ordering::SeqCst) {
+            let mut f = f;
             return f(r, off, 0, len);
         }
     }
+    access_pieces(snap, iova, len, need, f)
+}
+
+/// [`access`] of a range that is not all in one allowed mapping (out of line: the common
+/// case above stays small).
+#[inline(never)]
+fn access_pieces(
+    snap: &Snapshot,
+    iova: u64,
+    len: usize,
+    need: Perm,
+    mut f: impl FnMut(&StoreRegion, u64, usize, usize) -> Result<(), StoreError>,
+) -> Result<(), StoreError> {
     // Pass 1 checks everything, pass 2 copies: a fault transfers nothing.
     for pass in 0..2 {
         let mut done = 0usize;

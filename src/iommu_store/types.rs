@@ -62,13 +62,16 @@ impl Perm {
     };
 
     /// True when neither read nor write is set.
+    #[inline]
     pub fn is_empty(self) -> bool {
-        !self.read && !self.write
+        // (Non-short-circuit operators: no branches on the pin path.)
+        !(self.read | self.write)
     }
 
     /// True when every access in `need` is allowed by `self`.
+    #[inline]
     pub fn allows(self, need: Perm) -> bool {
-        (self.read || !need.read) && (self.write || !need.write)
+        !((need.read & !self.read) | (need.write & !self.write))
     }
 }
 
@@ -98,4 +101,25 @@ pub struct StoreStats {
     pub invalid_vaddrs: usize,
     /// Whether dirty-page tracking is started.
     pub dirty_tracking: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Perm;
+
+    /// `allows` and `is_empty` over every pair: a permission allows exactly its subsets.
+    #[test]
+    fn perm_allows_exactly_its_subsets() {
+        let all = [Perm::default(), Perm::READ, Perm::WRITE, Perm::READ_WRITE];
+        for have in all {
+            assert_eq!(have.is_empty(), !have.read && !have.write);
+            for need in all {
+                let subset = (!need.read || have.read) && (!need.write || have.write);
+                assert_eq!(have.allows(need), subset, "{have:?} {need:?}");
+            }
+        }
+        assert!(!Perm::READ.allows(Perm::READ_WRITE));
+        assert!(Perm::READ_WRITE.allows(Perm::WRITE));
+        assert!(Perm::default().is_empty() && !Perm::WRITE.is_empty());
+    }
 }

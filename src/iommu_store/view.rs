@@ -7,7 +7,7 @@ use vm_memory::GuestMemoryLoadGuard;
 
 use super::error::StoreError;
 use super::keys::storage_key_in;
-use super::pin::{check_pin_args, try_pin, try_pin_runs};
+use super::pin::{check_pin_args, try_pin, try_pin_fast, try_pin_general};
 use super::rw::read_in;
 use super::types::Perm;
 use super::{IommuStore, PinnedPages, Snapshot};
@@ -54,11 +54,15 @@ impl StoreView<'_> {
 
     /// [`IommuStore::pin_runs`].
     pub(crate) fn pin_runs(&self, runs: &[(u64, u64, Perm)]) -> Result<PinnedPages, StoreError> {
+        // (The fast path checks the arguments itself.)
+        if let Some(p) = try_pin_fast(&self.snap, runs) {
+            return Ok(p);
+        }
         for &(iova, n, perm) in runs {
             check_pin_args(iova, n as usize, perm)?;
         }
         // A failed attempt holds nothing: redo it as a plain pin would.
-        try_pin_runs(&self.snap, runs).or_else(|_| self.store.pin_runs(runs))
+        try_pin_general(&self.snap, runs).or_else(|_| self.store.pin_runs(runs))
     }
 }
 
