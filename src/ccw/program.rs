@@ -7,7 +7,7 @@ use std::sync::{Arc, OnceLock};
 use crate::ccw::{Ccw1, CCW_SIZE};
 use crate::css::{AccessFault, ChannelMemory};
 use crate::iommu_store::{PinnedPages, PAGE_SIZE};
-use crate::orb::{Orb, Scsw};
+use crate::orb::{actl, stctl, Orb, Scsw};
 
 /// One guest page this program may transfer data to or from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -101,7 +101,9 @@ impl ScswMapper {
     /// Rewrites a status the channel stored for the host program into what the guest's
     /// program would have stored: the CCW address back to guest storage (the address
     /// designates the CCW after the last one executed, so "one past the end" of a segment
-    /// counts), and the residual count of a MIDAW CCW the translator split.
+    /// counts), and the residual count of a MIDAW CCW the translator split, where the count
+    /// means one (primary or suspended status: an intermediate status alone, such as a
+    /// PCI's, carries no residual count, and the guest's channel stores zero there).
     pub fn to_guest_scsw(&self, host: &Scsw) -> Scsw {
         let mut s = *host;
         if host.cpa == self.host_cpa {
@@ -112,7 +114,11 @@ impl ScswMapper {
             .and_then(|a| self.origin(a))
         {
             s.cpa = o.guest.wrapping_add(CCW_SIZE as u32);
-            s.count = (host.count as u32 + o.residual_extra).min(u16::MAX as u32) as u16;
+            let counted = host.flags.stctl() & stctl::PRIMARY != 0
+                || host.flags.actl() & actl::SUSPENDED != 0;
+            if counted {
+                s.count = (host.count as u32 + o.residual_extra).min(u16::MAX as u32) as u16;
+            }
         }
         s.flags = s
             .flags
@@ -605,15 +611,39 @@ mod tests {
         for h in [0xf8, 0x104, 0x128, 0] {
             assert_eq!(at(h), None, "{h:#x}");
         }
-        // A status stored after the expansion's first CCW: guest CPA after the guest CCW,
-        // residual of the rest added.
+        // A final status stored after the expansion's first CCW: guest CPA after the guest
+        // CCW, residual of the rest added; the same for a suspended CCW's count.
         let s = Scsw {
             cpa: 0x120,
             count: 5,
             ..Scsw::default()
         };
-        let g = m.to_guest_scsw(&s);
+        let primary = Scsw {
+            flags: s.flags.with_stctl(stctl::PRIMARY | stctl::STATUS_PENDING),
+            ..s
+        };
+        let g = m.to_guest_scsw(&primary);
         assert_eq!((g.cpa, g.count), (0x2010, 305));
+        let suspended = Scsw {
+            flags: s
+                .flags
+                .with_actl(actl::SUSPENDED)
+                .with_stctl(stctl::INTERMEDIATE | stctl::STATUS_PENDING),
+            ..s
+        };
+        assert_eq!(m.to_guest_scsw(&suspended).count, 305);
+        // A PCI's intermediate status has no residual count: it stays what the channel
+        // stored (zero), as the guest's channel stores it (found by the translate fuzzer).
+        let pci = Scsw {
+            flags: s
+                .flags
+                .with_actl(actl::SUBCHANNEL_ACTIVE | actl::DEVICE_ACTIVE)
+                .with_stctl(stctl::INTERMEDIATE | stctl::STATUS_PENDING),
+            count: 0,
+            ..s
+        };
+        let g = m.to_guest_scsw(&pci);
+        assert_eq!((g.cpa, g.count), (0x2010, 0));
     }
 
     /// The one-page lookup of `read`/`write` answers as the general check does, for every
