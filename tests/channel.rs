@@ -177,6 +177,10 @@ fn ccw_address_checks() {
     // Unmapped storage: addressing -> program check.
     o.cpa = 0x20_0000;
     assert_pc(run_to_completion(&o, &m, &mut d, 10)[0], 0x20_0008);
+    // Address 0 (QEMU's rule, which the translator applies too), even with a valid CCW there.
+    put(&m, 0, &c1(0x03, f(), 0, 0));
+    o.cpa = 0;
+    assert_pc(run_to_completion(&o, &m, &mut d, 10)[0], 8);
     assert!(d.commands().is_empty());
 }
 
@@ -209,6 +213,13 @@ fn tic_rules() {
     // TIC target unmapped: CPA = TIC + 8 (Hercules).
     prog(&m, PROG as u64, &[c1(0x08, f(), 0, 0x20_0000)]);
     assert_pc(run(&m, &mut d, ctl()), 0x1008);
+    // TIC to address 0, an invalid CCW address even when a CCW is there: TIC + 8, as the
+    // translator reports it (found by the translate fuzzer: the channel ran the CCW at 0).
+    put(&m, 0, &c1(0x03, f(), 0, 0));
+    prog(&m, PROG as u64, &[c1(0x08, f(), 0, 0)]);
+    let mut d0 = LoopbackDevice::new();
+    assert_pc(run(&m, &mut d0, ctl()), 0x1008);
+    assert!(d0.commands().is_empty());
     // TIC to TIC.
     prog(&m, PROG as u64, &[c1(0x08, f(), 0, 0x1800)]);
     prog(&m, 0x1800, &[c1(0x08, f(), 0, 0x1900)]);

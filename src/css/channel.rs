@@ -709,10 +709,11 @@ impl Core {
         self.transfers.push(Transfer { addr, len, input });
     }
 
-    /// Fetches the CCW at `at` (alignment and addressing limit checked).
+    /// Fetches the CCW at `at` (alignment and addressing limit checked; address 0 is a
+    /// program check, as in QEMU and in the translator).
     #[inline(always)]
     fn fetch_ccw(&self, mem: &Storage<'_>, at: u32) -> Result<Ccw1, u8> {
-        if at & 7 != 0 || at as u64 > self.limit() {
+        if at == 0 || at & 7 != 0 || at as u64 > self.limit() {
             return Err(cstat::PROGRAM_CHECK);
         }
         let b = mem
