@@ -6,7 +6,7 @@ use vccw::ccw::{
     TranslateError as E,
 };
 use vccw::iommu_store::{Backing, IommuStore, Perm, StoreConfig};
-use vccw::orb::{cstat, dstat, Orb, OrbControls, Scsw};
+use vccw::orb::{cstat, dstat, stctl, Orb, OrbControls, Scsw, ScswFlags};
 
 const PROG: u64 = 0x10000;
 
@@ -564,9 +564,10 @@ fn scattered_midaw_list_becomes_data_chained_ccws_out_of_line() {
     assert_eq!(e[3].cmd, 0x08);
     assert_eq!(e[3].cda, p.base() + 8, "back to the slot after");
     assert_eq!(p.pin_count(), 2);
-    // Residual of the guest CCW: a status after the first piece with 12 bytes left
+    // Residual of the guest CCW: a final status after the first piece with 12 bytes left
     // counts the 1024 bytes of the later pieces too.
     let host = Scsw {
+        flags: ScswFlags::new().with_stctl(stctl::PRIMARY | stctl::STATUS_PENDING),
         cpa: c[0].cda + 8,
         count: 12,
         ..Default::default()
