@@ -28,6 +28,24 @@ fn vol() -> Vol {
     }
 }
 
+/// Two new volumes: one whose device reads its image through the mapping, and a device on
+/// the other that reads through `pread` (the two must agree on everything), with that
+/// volume (its directory lives as long as it does).
+fn mapped_and_plain() -> (Vol, Vol, Dasd3390) {
+    let mapped = vol();
+    let plain = vol();
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&plain.path)
+        .unwrap();
+    let img = CkdImage::from_backing(Box::new(file), CkdOpenOptions::default()).unwrap();
+    let plain_dev = Dasd3390::new(img, 0).unwrap();
+    assert!(mapped.dev.image().is_mapped());
+    assert!(!plain_dev.image().is_mapped());
+    (mapped, plain, plain_dev)
+}
+
 /// One channel program's commands, chained one after the other.
 struct Prog<'a> {
     dev: &'a mut Dasd3390,
@@ -1014,19 +1032,8 @@ fn mapped_and_pread_images_behave_alike() {
         out.push(p.io(0x86, vec![0; 60]));
         out
     }
-    let mapped = vol();
-    let plain = vol();
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&plain.path)
-        .unwrap();
-    let img = CkdImage::from_backing(Box::new(file), CkdOpenOptions::default()).unwrap();
-    let mut plain_dev = Dasd3390::new(img, 0).unwrap();
-    let mut mapped_dev = mapped.dev;
-    assert!(mapped_dev.image().is_mapped());
-    assert!(!plain_dev.image().is_mapped());
-    let a = script(&mut mapped_dev);
+    let (mut mapped, plain, mut plain_dev) = mapped_and_plain();
+    let a = script(&mut mapped.dev);
     let b = script(&mut plain_dev);
     assert_eq!(a, b);
     // Spot checks: the data written is what Read Key and Data and the LR reads return.
@@ -1130,18 +1137,8 @@ fn writes_are_read_at_once_and_multitrack_reads_agree() {
         out.push(step(&mut p, 0x86, vec![0; 4096])); // 28: no record found
         out
     }
-    let mapped = vol();
-    let plain = vol();
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&plain.path)
-        .unwrap();
-    let img = CkdImage::from_backing(Box::new(file), CkdOpenOptions::default()).unwrap();
-    let mut plain_dev = Dasd3390::new(img, 0).unwrap();
-    let mut mapped_dev = mapped.dev;
-    assert!(mapped_dev.image().is_mapped());
-    let a = script(&mut mapped_dev);
+    let (mut mapped, _plain, mut plain_dev) = mapped_and_plain();
+    let a = script(&mut mapped.dev);
     let b = script(&mut plain_dev);
     assert_eq!(a, b);
     let data = |i: usize, byte: u8| {
