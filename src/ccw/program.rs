@@ -333,8 +333,27 @@ impl HostProgram {
         self.pins.iter().map(|p| p.runs().count()).sum()
     }
 
-    #[inline]
+    /// The pinned page holding `host`, if any (writable if any pin of it is). A program of
+    /// one pin (every small one) is answered inline; anything else out of line.
+    #[inline(always)]
     fn page_of(&self, host: u64) -> Option<PageRef> {
+        if let (Some(first), true) = (&self.pins.first, self.pins.rest.is_empty()) {
+            // (`page_at` answers for a pin of at most two runs, which are disjoint.)
+            if let Some(a) = first.page_at(host).filter(|_| self.pages.get().is_none()) {
+                return a.map(|(iova, host, writable, key)| PageRef {
+                    host,
+                    iova,
+                    writable,
+                    key,
+                });
+            }
+        }
+        self.page_of_pins(host)
+    }
+
+    /// [`Self::page_of`] for everything but a one-pin program's usual lookup.
+    #[inline(never)]
+    fn page_of_pins(&self, host: u64) -> Option<PageRef> {
         if self.pins.rest.len() <= 1 && self.pages.get().is_none() {
             // At most two pins of at most two runs each (every small program, and the
             // general passes' usual control-data pin and data pin): ask them directly, as
@@ -394,24 +413,46 @@ impl HostProgram {
         (host - p.host < PAGE_SIZE).then_some(*p)
     }
 
-    /// Resolves `[addr, addr + len)` to pieces of pinned pages, checking access and key.
-    /// Out of line: `read` and `write` answer the usual piece without it, and so save no
-    /// registers for it.
-    #[inline(never)]
+    /// Checks that every byte of `[addr, addr + len)` lies in a page this program pinned,
+    /// for storing if `store`, with a storage key `key` may use. The usual piece (a CCW's
+    /// data inside one page) is decided inline with one [`Self::page_of`]; a longer one page
+    /// by page, out of line (so `read` and `write` save no registers for it).
+    #[inline(always)]
     fn check_pages(&self, addr: u64, len: usize, key: u8, store: bool) -> Result<(), AccessFault> {
+        if len != 0 && addr % PAGE_SIZE + len as u64 <= PAGE_SIZE {
+            return self.check_page(addr, key, store).map(|_| ());
+        }
+        self.check_pages_walk(addr, len, key, store)
+    }
+
+    /// The page holding `a`, if the program may use it so (see [`Self::check_pages`]).
+    #[inline(always)]
+    fn check_page(&self, a: u64, key: u8, store: bool) -> Result<PageRef, AccessFault> {
+        let p = self.page_of(a).ok_or(AccessFault::Addressing(a))?;
+        if store && !p.writable {
+            return Err(AccessFault::Addressing(a));
+        }
+        if !key_allows(key, p.key, store) {
+            return Err(AccessFault::Protection(a));
+        }
+        Ok(p)
+    }
+
+    /// [`Self::check_pages`] page by page, for any piece.
+    #[inline(never)]
+    fn check_pages_walk(
+        &self,
+        addr: u64,
+        len: usize,
+        key: u8,
+        store: bool,
+    ) -> Result<(), AccessFault> {
         let mut a = addr;
         let end = addr
             .checked_add(len as u64)
             .ok_or(AccessFault::Addressing(addr))?;
         while a < end {
-            let p = self.page_of(a).ok_or(AccessFault::Addressing(a))?;
-            if store && !p.writable {
-                return Err(AccessFault::Addressing(a));
-            }
-            if !key_allows(key, p.key, store) {
-                return Err(AccessFault::Protection(a));
-            }
-            a = p.host + PAGE_SIZE;
+            a = self.check_page(a, key, store)?.host + PAGE_SIZE;
         }
         Ok(())
     }
@@ -445,12 +486,7 @@ impl ChannelMemory for HostProgram {
             }
             return Ok(());
         }
-        match single_pin_page(self, addr, buf.len()) {
-            Some(Some((_, skey))) if key_allows(key, skey, false) => {}
-            Some(Some(_)) => return Err(AccessFault::Protection(addr)),
-            Some(None) => return Err(AccessFault::Addressing(addr)),
-            None => self.check_pages(addr, buf.len(), key, false)?,
-        }
+        self.check_pages(addr, buf.len(), key, false)?;
         // The usual small sizes (control data) are fixed-size copies: no call.
         let (src, dst, n) = (addr as *const u8, buf.as_mut_ptr(), buf.len());
         // SAFETY: check_pages proved every byte of [addr, addr + len) lies in a page this
@@ -471,12 +507,7 @@ impl ChannelMemory for HostProgram {
             // The channel never stores into its own program.
             return Err(AccessFault::Addressing(addr));
         }
-        match single_pin_page(self, addr, data.len()) {
-            Some(Some((true, skey))) if key_allows(key, skey, true) => {}
-            Some(Some((true, _))) => return Err(AccessFault::Protection(addr)),
-            Some(_) => return Err(AccessFault::Addressing(addr)),
-            None => self.check_pages(addr, data.len(), key, true)?,
-        }
+        self.check_pages(addr, data.len(), key, true)?;
         // SAFETY: as in `read`, and every page was pinned for writing (checked above).
         unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), addr as *mut u8, data.len()) };
         Ok(())
@@ -486,21 +517,6 @@ impl ChannelMemory for HostProgram {
         // `read` answers a fetch inside the image from it, whatever the key.
         Some((self.base as u64, &self.image))
     }
-}
-
-/// For a piece `[addr, addr + len)` inside one page of a program holding a single pin of at
-/// most two runs and no page list (every small program): the page's (writable, key) if the
-/// pin holds it, `Some(None)` if not, as `HostProgram::page_of` would answer; `None` for
-/// anything else (ask `check_pages`). One lookup, inline: the piece a channel moves is
-/// usually a CCW's data inside one page.
-#[inline]
-fn single_pin_page(p: &HostProgram, addr: u64, len: usize) -> Option<Option<(bool, u8)>> {
-    let in_one_page = len != 0 && (addr % PAGE_SIZE) + len as u64 <= PAGE_SIZE;
-    if !in_one_page || !p.pins.rest.is_empty() || p.pages.get().is_some() {
-        return None;
-    }
-    let found = p.pins.first.as_ref()?.page_at(addr)?;
-    Some(found.map(|(_, _, writable, key)| (writable, key)))
 }
 
 impl fmt::Debug for HostProgram {
@@ -707,13 +723,13 @@ mod tests {
                         let mut buf = vec![0u8; len];
                         assert_eq!(
                             p.read(a, &mut buf, key),
-                            p.check_pages(a, len, key, false),
+                            p.check_pages_walk(a, len, key, false),
                             "read {a:#x}+{len} key {key}"
                         );
                         let data = vec![0x22u8; len];
                         assert_eq!(
                             p.write(a, &data, key),
-                            p.check_pages(a, len, key, true),
+                            p.check_pages_walk(a, len, key, true),
                             "write {a:#x}+{len} key {key}"
                         );
                         cases += 1;
